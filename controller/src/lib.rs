@@ -1,0 +1,2 @@
+//! The per-host controller daemon's logic.
+#![forbid(unsafe_code)]

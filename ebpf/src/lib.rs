@@ -1,0 +1,2 @@
+// Exists so that `cargo check` of the host target has a library to look at.
+#![no_std]

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# scripts/setup.sh — install everything this project needs on a fresh Debian 12 machine
+# (root, no systemd). Idempotent: every step checks before it acts, so a second run is a
+# few seconds of checks. Called first by scripts/demo.sh and scripts/test.sh.
+#
+# Installs: system packages (LLVM 22 for bpf-linker, libvirt daemon/clients/dev, QEMU,
+# Debian's 6.12 kernel image for the ublk guest, busybox-static, fio, iperf3, nftables,
+# bpftool, ...), the nightly toolchain's rust-src (eBPF build-std), bpf-linker, and the
+# `libvirt-qemu` account libvirtd insists on when libvirt-daemon-system (systemd) is absent.
+set -euo pipefail
+
+BPF_LINKER_VERSION=0.13.0
+LLVM_MAJOR=22                       # must equal the LLVM major of the nightly rustc
+GUEST_KVER=6.12.107+deb12-amd64     # Debian's 6.12: ublk_drv, drbd, nbd, bonding as modules
+NIGHTLY=nightly                     # aya-build runs `rustup run nightly cargo build ...`
+
+log() { printf '[setup] %s\n' "$*"; }
+[ "$(id -u)" -eq 0 ] || { echo "[setup] must run as root (installs packages)" >&2; exit 1; }
+export DEBIAN_FRONTEND=noninteractive
+
+pkgs=(
+  "llvm-${LLVM_MAJOR}-dev"                       # libLLVM for bpf-linker
+  iproute2 iputils-ping ethtool bpftool nftables iperf3 tcpdump  # network lab
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkgconf
+  qemu-system-x86 qemu-utils qemu-block-extra
+  "linux-image-${GUEST_KVER}-unsigned"           # guest kernel (ublk guest + libvirt guests)
+  busybox-static cpio gzip xz-utils zstd kmod util-linux fio procps psmisc jq
+  drbd-utils                                      # DRBD peer for the mirror benchmark
+)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "apt-get install ${missing[*]}"
+  apt-get update -qq
+  # iperf3's debconf question (start as a daemon?) must not block a non-interactive run.
+  echo "iperf3 iperf3/start_daemon boolean false" | debconf-set-selections
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# libvirt's QEMU driver refuses to start without its compiled-in default account, which
+# only libvirt-daemon-system (and with it systemd units) would create.
+getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
+getent passwd libvirt-qemu >/dev/null \
+  || useradd -r -g libvirt-qemu -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+
+# bpffs for pinned maps (not mounted by default on this kind of machine).
+mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+
+# Rust: nightly + rust-src builds the eBPF crate (-Z build-std=core, bpfel-unknown-none).
+if ! rustup toolchain list | grep -q "^${NIGHTLY}"; then
+  rustup toolchain install "${NIGHTLY}" --profile minimal --component rust-src
+fi
+rustup component list --toolchain "${NIGHTLY}" --installed | grep -q '^rust-src' \
+  || rustup component add rust-src --toolchain "${NIGHTLY}"
+rustc_llvm=$(rustc +"${NIGHTLY}" -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+if [ "${rustc_llvm}" != "${LLVM_MAJOR}" ]; then
+  echo "[setup] rustc +${NIGHTLY} uses LLVM ${rustc_llvm} but bpf-linker is built for LLVM ${LLVM_MAJOR}" >&2
+  exit 1
+fi
+
+have_linker() {
+  command -v bpf-linker >/dev/null 2>&1 \
+    && bpf-linker --version 2>/dev/null | grep -q " ${BPF_LINKER_VERSION}$" \
+    && ldd "$(command -v bpf-linker)" | grep -q "/usr/lib/llvm-${LLVM_MAJOR}/lib/libLLVM"
+}
+if ! have_linker; then
+  log "cargo install bpf-linker ${BPF_LINKER_VERSION} (llvm-${LLVM_MAJOR}); about one minute"
+  # A plain `cargo install bpf-linker` picks /usr/bin/llvm-config (LLVM 14) and fails to link.
+  LLVM_PREFIX="/usr/lib/llvm-${LLVM_MAJOR}" cargo install bpf-linker \
+    --version "${BPF_LINKER_VERSION}" --locked --force \
+    --no-default-features --features "llvm-${LLVM_MAJOR}"
+fi
+log "ready: $(bpf-linker --version), $(rustc +"${NIGHTLY}" --version), libvirtd $(libvirtd --version | awk '{print $NF}'), guest kernel ${GUEST_KVER}"
