@@ -3,11 +3,61 @@
 //!
 //! - [`netns`]: network namespaces, entering one from a thread, running commands in one.
 //! - [`topology`]: a two-host lab (management, app NIC on a switch, AL1/AL2, clients).
-//! - [`faults`]: link down, silent loss with carrier up, killing a host's processes, failing disks.
+//! - [`faults`]: link down, silent loss with carrier up, killing a host's processes.
 //! - [`libvirt`]: a real libvirtd per lab host and small TCG guests.
 //! - [`ublk_guest`]: the QEMU guest booting Debian's 6.12 kernel (ublk_drv).
 //! - [`wait`]: `wait_until(timeout, condition)` instead of sleeps.
+//!
+//! Privileged tests call [`require_root`] first: without root they fail with the reason
+//! (scripts/test.sh only runs them as root; plain `cargo test` leaves them ignored).
 
+pub mod faults;
 pub mod libvirt;
-pub mod wait;
+pub mod netns;
+pub mod topology;
 pub mod ublk_guest;
+pub mod wait;
+
+pub use topology::Lab;
+pub use wait::wait_until;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("{cmd} exited with {status}: {stderr}")]
+    Command { cmd: String, status: String, stderr: String },
+    #[error("cannot run {cmd}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Timeout(#[from] wait::Timeout),
+}
+
+/// Panics with a clear reason unless the test runs as root (needed for namespaces, BPF,
+/// libvirtd, FUSE).
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this privileged test needs root (namespaces, BPF, libvirtd); run it through scripts/test.sh as root"
+    );
+}
+
+/// Absolute path of a binary of this workspace in the same target profile as the running
+/// test (`target/debug/<name>`); panics with a hint when it has not been built.
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    // The test executable lives in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
+    let bin = profile_dir.join(name);
+    assert!(bin.exists(), "{} is not built: run `cargo build` first (scripts/test.sh does)", bin.display());
+    bin
+}
