@@ -79,11 +79,11 @@ fn libvirt(socket: &Path) -> Check {
         name: "libvirt",
         needed_for: "levels 1 and 2",
         ok: r.is_ok(),
+        fix: r.is_err().then_some("start libvirtd, or pass --libvirt-socket PATH"),
         detail: match r {
             Ok(_) => format!("libvirtd answers on {}", socket.display()),
             Err(e) => format!("cannot connect to libvirtd at {}: {e}", socket.display()),
         },
-        fix: r.is_err().then_some("start libvirtd, or pass --libvirt-socket PATH"),
     }
 }
 
