@@ -8,7 +8,7 @@ use aya::{
 use ebpf_common::{Counters, MAP_IFACE_RX, PROG_XDP_COUNT};
 
 /// The eBPF object built by build.rs, embedded in the binary.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/eac-ebpf"));
+pub(crate) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/eac-ebpf"));
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -33,6 +33,14 @@ pub enum Error {
     },
     #[error("no interface named {0:?} in this network namespace")]
     NoSuchInterface(String),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad configuration: {0}")]
+    Config(String),
 }
 
 /// `xdp_count` attached to one interface: counts every frame it receives.
@@ -85,7 +93,7 @@ impl CountProgram {
     }
 }
 
-fn ifindex(name: &str) -> Result<u32, Error> {
+pub(crate) fn ifindex(name: &str) -> Result<u32, Error> {
     let c = std::ffi::CString::new(name).map_err(|_| Error::NoSuchInterface(name.to_owned()))?;
     // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };

@@ -4,6 +4,7 @@
 //! - [`netns`]: network namespaces, entering one from a thread, running commands in one.
 //! - [`topology`]: a two-host lab (management, app NIC on a switch, AL1/AL2, clients).
 //! - [`faults`]: link down, silent loss with carrier up, killing a host's processes.
+//! - [`faulty_disk`]: a backing disk (FUSE) that starts failing I/O on command.
 //! - [`libvirt`]: a real libvirtd per lab host and small TCG guests.
 //! - [`ublk_guest`]: the QEMU guest booting Debian's 6.12 kernel (ublk_drv).
 //! - [`wait`]: `wait_until(timeout, condition)` instead of sleeps.
@@ -12,6 +13,7 @@
 //! (scripts/test.sh only runs them as root; plain `cargo test` leaves them ignored).
 
 pub mod faults;
+pub mod faulty_disk;
 pub mod libvirt;
 pub mod netns;
 pub mod topology;
@@ -60,4 +62,27 @@ pub fn workspace_bin(name: &str) -> std::path::PathBuf {
     let bin = profile_dir.join(name);
     assert!(bin.exists(), "{} is not built: run `cargo build` first (scripts/test.sh does)", bin.display());
     bin
+}
+
+/// A directory for pinned BPF objects, `/sys/fs/bpf/eac/<name>`, removed on drop.
+#[derive(Debug)]
+pub struct BpfPinDir(std::path::PathBuf);
+
+impl BpfPinDir {
+    pub fn new(name: &str) -> Self {
+        Self(std::path::Path::new("/sys/fs/bpf/eac").join(name))
+    }
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for BpfPinDir {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&self.0) {
+                eprintln!("lab: could not remove {}: {e}", self.0.display());
+            }
+        }
+    }
 }

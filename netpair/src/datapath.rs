@@ -1,0 +1,264 @@
+//! The netpair data path: the eBPF programs on one host's application NIC, availability
+//! links and guest ports, and the maps userspace drives them through.
+//!
+//! Attachments are links owned by [`Datapath`] (TCX for TC programs on kernels ≥ 6.6, driver
+//! or generic XDP): dropping it detaches everything. Maps are pinned under the instance's
+//! pin directory (e.g. `/sys/fs/bpf/eac/netpair-a/GUEST_STATS`) for `bpftool`.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId},
+    util::nr_cpus,
+};
+use ebpf_common::{
+    CFG_AL_IFINDEX, CFG_APP_IFINDEX, CFG_PARTNER_STEERING, GuestEntry, GuestStats, MAP_CONFIG,
+    MAP_GUEST_STATS, MAP_GUESTS, MAP_STEERED_PORTS, MacKey, PROG_TC_AL_INGRESS, PROG_TC_APP_EGRESS,
+    PROG_TC_APP_INGRESS, PROG_TC_GUEST_INGRESS, PROG_XDP_APP, ROLE_LOCAL, ROLE_PARTNER,
+    STEERED_PORTS_MAX,
+};
+
+use crate::{Error, Mac, xdp::ifindex};
+
+/// Where a protected guest runs, seen from this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The guest runs here, plugged into our bridge through `port`.
+    Local,
+    /// The guest runs on the partner; we lend it our application NIC when its path fails.
+    Partner,
+}
+
+/// One host's data path.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    al_ifindexes: Vec<(String, u32)>,
+    guest_links: HashMap<Mac, (String, SchedClassifierLinkId)>,
+}
+
+impl Datapath {
+    /// Loads the programs, pins the maps under `pin_dir` (created if needed; existing pinned
+    /// maps are reused), and attaches: XDP + TC ingress + TC egress on `app_iface`, TC ingress
+    /// on every availability link. The first AL carries steered frames until
+    /// [`Datapath::use_al`] says otherwise.
+    pub fn attach(pin_dir: &Path, app_iface: &str, al_ifaces: &[&str]) -> Result<Self, Error> {
+        std::fs::create_dir_all(pin_dir)
+            .map_err(|source| Error::Io { what: format!("create {}", pin_dir.display()), source })?;
+        let app_ifindex = ifindex(app_iface)?;
+        let al_ifindexes = al_ifaces
+            .iter()
+            .map(|n| Ok(((*n).to_owned(), ifindex(n)?)))
+            .collect::<Result<Vec<_>, Error>>()?;
+        let ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(crate::xdp::EBPF_OBJECT)
+            .map_err(Error::Load)?;
+        let mut dp = Self { ebpf, pin_dir: pin_dir.to_owned(), al_ifindexes, guest_links: HashMap::new() };
+
+        let xdp: &mut Xdp = program(&mut dp.ebpf, PROG_XDP_APP)?;
+        xdp.load().map_err(|source| Error::Program { name: PROG_XDP_APP, source })?;
+        if let Err(e) = xdp.attach(app_iface, XdpMode::Driver) {
+            tracing::info!(app_iface, error = %e, "driver-mode XDP refused; using generic mode");
+            xdp.attach(app_iface, XdpMode::Skb).map_err(|source| Error::Program { name: PROG_XDP_APP, source })?;
+        }
+        for name in [PROG_TC_APP_INGRESS, PROG_TC_APP_EGRESS, PROG_TC_AL_INGRESS, PROG_TC_GUEST_INGRESS] {
+            let p: &mut SchedClassifier = program(&mut dp.ebpf, name)?;
+            p.load().map_err(|source| Error::Program { name, source })?;
+        }
+        attach_tc(&mut dp.ebpf, PROG_TC_APP_INGRESS, app_iface, TcAttachType::Ingress)?;
+        attach_tc(&mut dp.ebpf, PROG_TC_APP_EGRESS, app_iface, TcAttachType::Egress)?;
+        for al in al_ifaces {
+            attach_tc(&mut dp.ebpf, PROG_TC_AL_INGRESS, al, TcAttachType::Ingress)?;
+        }
+        dp.set_config(CFG_APP_IFINDEX, app_ifindex)?;
+        let first_al = dp.al_ifindexes.first().map(|(_, i)| *i).unwrap_or(0);
+        dp.set_config(CFG_AL_IFINDEX, first_al)?;
+        tracing::info!(app_iface, ?al_ifaces, pin_dir = %pin_dir.display(), "netpair data path attached");
+        Ok(dp)
+    }
+
+    /// The directory holding the pinned maps.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Protects a guest: counts its frames, and (LOCAL) watches its port so its frames can
+    /// be steered. `port` is required for [`Role::Local`].
+    pub fn add_guest(&mut self, mac: Mac, role: Role, port: Option<&str>) -> Result<(), Error> {
+        let guest_ifindex = match (role, port) {
+            (Role::Local, Some(p)) => ifindex(p)?,
+            (Role::Local, None) => return Err(Error::Config(format!("local guest {mac} needs its port"))),
+            (Role::Partner, _) => 0,
+        };
+        let entry = GuestEntry {
+            role: if role == Role::Local { ROLE_LOCAL } else { ROLE_PARTNER },
+            steer: 0,
+            guest_ifindex,
+            _pad: 0,
+        };
+        let key = MacKey::new(mac.0);
+        let cpus = nr_cpus().map_err(|(what, source)| Error::Io { what: what.to_owned(), source })?;
+        let zero = PerCpuValues::try_from(vec![GuestStats::default(); cpus])
+            .map_err(|source| Error::Io { what: "per-CPU values".into(), source })?;
+        self.stats_map_mut()?
+            .insert(key, zero, 0)
+            .map_err(|source| Error::Map { name: MAP_GUEST_STATS, source })?;
+        self.guests_map_mut()?.insert(key, entry, 0).map_err(|source| Error::Map { name: MAP_GUESTS, source })?;
+        if let (Role::Local, Some(p)) = (role, port) {
+            let link = attach_tc(&mut self.ebpf, PROG_TC_GUEST_INGRESS, p, TcAttachType::Ingress)?;
+            self.guest_links.insert(mac, (p.to_owned(), link));
+        }
+        tracing::info!(%mac, ?role, port, "guest protected");
+        Ok(())
+    }
+
+    /// Stops protecting a guest (steering off, counters removed, port program detached).
+    pub fn remove_guest(&mut self, mac: Mac) -> Result<(), Error> {
+        let _ = self.set_steer(mac, false);
+        let key = MacKey::new(mac.0);
+        let _ = self.guests_map_mut()?.remove(&key);
+        let _ = self.stats_map_mut()?.remove(&key);
+        if let Some((port, link)) = self.guest_links.remove(&mac) {
+            let p: &mut SchedClassifier = program(&mut self.ebpf, PROG_TC_GUEST_INGRESS)?;
+            if let Err(e) = p.detach(link) {
+                tracing::warn!(%mac, port, error = %e, "detaching the guest port program failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns steering of one guest through the partner's NIC on or off.
+    pub fn set_steer(&mut self, mac: Mac, on: bool) -> Result<(), Error> {
+        let key = MacKey::new(mac.0);
+        let mut entry = self
+            .guests_map()?
+            .get(&key, 0)
+            .map_err(|source| Error::Map { name: MAP_GUESTS, source })?;
+        entry.steer = u32::from(on);
+        self.guests_map_mut()?.insert(key, entry, 0).map_err(|source| Error::Map { name: MAP_GUESTS, source })?;
+        self.refresh_steering_tables()
+    }
+
+    /// Makes `al_iface` the availability link steered frames take.
+    pub fn use_al(&mut self, al_iface: &str) -> Result<(), Error> {
+        let idx = self
+            .al_ifindexes
+            .iter()
+            .find(|(n, _)| n == al_iface)
+            .map(|(_, i)| *i)
+            .ok_or_else(|| Error::Config(format!("{al_iface} is not an availability link of this data path")))?;
+        self.set_config(CFG_AL_IFINDEX, idx)
+    }
+
+    /// Every protected guest with its steering state and counters.
+    pub fn guests(&self) -> Result<Vec<(Mac, GuestEntry, GuestStats)>, Error> {
+        let guests = self.guests_map()?;
+        let stats = self.stats_map()?;
+        let mut out = Vec::new();
+        for item in guests.iter() {
+            let (key, entry) = item.map_err(|source| Error::Map { name: MAP_GUESTS, source })?;
+            let s = stats.get(&key, 0).map(|v| GuestStats::sum(v.iter())).unwrap_or_default();
+            out.push((Mac(key.addr), entry, s));
+        }
+        Ok(out)
+    }
+
+    /// Counters of one guest (summed over CPUs).
+    pub fn stats(&self, mac: Mac) -> Result<GuestStats, Error> {
+        let v = self
+            .stats_map()?
+            .get(&MacKey::new(mac.0), 0)
+            .map_err(|source| Error::Map { name: MAP_GUEST_STATS, source })?;
+        Ok(GuestStats::sum(v.iter()))
+    }
+
+    /// Recomputes STEERED_PORTS (local steered guests' ports) and CFG_PARTNER_STEERING.
+    fn refresh_steering_tables(&mut self) -> Result<(), Error> {
+        let guests = self.guests()?;
+        let ports: Vec<u32> = guests
+            .iter()
+            .filter(|(_, e, _)| e.role == ROLE_LOCAL && e.steer == 1)
+            .map(|(_, e, _)| e.guest_ifindex)
+            .collect();
+        if ports.len() > STEERED_PORTS_MAX as usize {
+            tracing::warn!(n = ports.len(), max = STEERED_PORTS_MAX, "more steered guests than broadcast slots");
+        }
+        let partner = guests.iter().any(|(_, e, _)| e.role == ROLE_PARTNER && e.steer == 1);
+        let mut slots: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, MAP_STEERED_PORTS)?;
+        for i in 0..STEERED_PORTS_MAX {
+            let v = ports.get(i as usize).copied().unwrap_or(0);
+            slots.set(i, v, 0).map_err(|source| Error::Map { name: MAP_STEERED_PORTS, source })?;
+        }
+        self.set_config(CFG_PARTNER_STEERING, u32::from(partner))
+    }
+
+    fn set_config(&mut self, index: u32, value: u32) -> Result<(), Error> {
+        let mut cfg: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, MAP_CONFIG)?;
+        cfg.set(index, value, 0).map_err(|source| Error::Map { name: MAP_CONFIG, source })
+    }
+
+    fn guests_map(&self) -> Result<BpfHashMap<&MapData, MacKey, GuestEntry>, Error> {
+        let m = self.ebpf.map(MAP_GUESTS).ok_or(Error::MissingMap(MAP_GUESTS))?;
+        BpfHashMap::try_from(m).map_err(|source| Error::Map { name: MAP_GUESTS, source })
+    }
+    fn guests_map_mut(&mut self) -> Result<BpfHashMap<&mut MapData, MacKey, GuestEntry>, Error> {
+        map_mut(&mut self.ebpf, MAP_GUESTS)
+    }
+    fn stats_map(&self) -> Result<PerCpuHashMap<&MapData, MacKey, GuestStats>, Error> {
+        let m = self.ebpf.map(MAP_GUEST_STATS).ok_or(Error::MissingMap(MAP_GUEST_STATS))?;
+        PerCpuHashMap::try_from(m).map_err(|source| Error::Map { name: MAP_GUEST_STATS, source })
+    }
+    fn stats_map_mut(&mut self) -> Result<PerCpuHashMap<&mut MapData, MacKey, GuestStats>, Error> {
+        map_mut(&mut self.ebpf, MAP_GUEST_STATS)
+    }
+
+    /// Runs one program once on a crafted frame with `BPF_PROG_TEST_RUN` (nothing is sent,
+    /// except what `bpf_clone_redirect` transmits) and returns its verdict: an `xdp_action`
+    /// for XDP programs, a `TC_ACT_*` code (as `u32`) for TC programs.
+    pub fn test_run(&mut self, prog: &'static str, frame: &[u8]) -> Result<u32, Error> {
+        use aya::programs::{TestRun, TestRunOptions};
+        let opts = TestRunOptions { data_in: Some(frame), ..Default::default() };
+        let p = self.ebpf.program_mut(prog).ok_or(Error::MissingProgram(prog))?;
+        let r = match p {
+            aya::programs::Program::Xdp(x) => x.test_run(opts),
+            aya::programs::Program::SchedClassifier(c) => c.test_run(opts),
+            _ => return Err(Error::Config(format!("{prog} is neither XDP nor TC"))),
+        };
+        r.map(|r| r.return_value).map_err(|source| Error::Program { name: prog, source })
+    }
+
+    /// The eBPF object, for callers that need more (aya-log).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(Error::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| Error::Program { name, source })
+}
+
+fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf.map_mut(name).ok_or(Error::MissingMap(name))?;
+    T::try_from(m).map_err(|source| Error::Map { name, source })
+}
+
+fn attach_tc(ebpf: &mut Ebpf, name: &'static str, iface: &str, at: TcAttachType) -> Result<SchedClassifierLinkId, Error> {
+    let p: &mut SchedClassifier = program(ebpf, name)?;
+    p.attach(iface, at).map_err(|source| Error::Program { name, source })
+}
