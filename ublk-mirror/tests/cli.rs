@@ -1,0 +1,40 @@
+//! The `ublk-mirror` binary on the host (no guest): failures an operator sees.
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ublk-mirror");
+const MESSAGE: &str =
+    "ublk_drv is not loaded: modprobe ublk_drv (kernel ≥ 6.0 with CONFIG_BLK_DEV_UBLK)";
+
+#[test]
+fn features_without_the_driver_fails_with_the_operator_message() {
+    let out = Command::new(BIN)
+        .args(["features", "--control", "/nonexistent/ublk-control"])
+        .env_remove("UBLK_CONTROL")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(eac_common::EXIT_USAGE), "{stderr}");
+    assert!(stderr.contains(MESSAGE), "{stderr}");
+    assert!(stderr.contains("/nonexistent/ublk-control"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn features_on_this_host() {
+    let out = Command::new(BIN)
+        .args(["features", "--json"])
+        .env_remove("UBLK_CONTROL")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if Path::new("/dev/ublk-control").exists() {
+        eprintln!("this host has ublk_drv: checking the success path instead");
+        assert!(out.status.success(), "{stderr}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(v["features"].is_u64(), "{v}");
+    } else {
+        assert_eq!(out.status.code(), Some(eac_common::EXIT_USAGE), "{stderr}");
+        assert!(stderr.contains(MESSAGE), "{stderr}");
+    }
+}
