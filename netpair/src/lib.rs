@@ -5,7 +5,9 @@
 //!   guest ports; per-guest counters and steering through the partner's NIC.
 //! - [`xdp`]: loading the eBPF object; the plain frame counter used by the lab smoke test.
 
+pub mod config;
 pub mod datapath;
+pub mod decide;
 pub mod xdp;
 
 pub use datapath::{Datapath, Role};

@@ -1,0 +1,246 @@
+//! The netpair daemon's configuration file (TOML), validated before anything is attached.
+//!
+//! ```toml
+//! host = "a"                                  # this host's name in the pool
+//! pool_secret_file = "/etc/eac/pool.secret"   # shared by every host of the pool
+//! app_iface = "app0"                          # the application NIC (bridge port)
+//! app_ip = "10.250.1.1"                       # our address, source of path probes
+//! probe_targets = ["10.250.1.100"]            # e.g. the gateway; answered ARP = path works
+//! pin_dir = "/sys/fs/bpf/eac/netpair"         # optional
+//! control_socket = "/run/eac/netpair.sock"    # optional
+//!
+//! [[availability_link]]                       # two, straight to the partner
+//! iface = "al1"
+//! local = "10.250.2.1:7301"
+//! peer = "10.250.2.2:7301"
+//!
+//! [[guest]]
+//! name = "web"
+//! mac = "52:54:00:fb:01:0a"
+//! ip = "10.250.1.10"                          # announced with gratuitous ARP
+//! ipv6 = "fd00::10"                           # optional, announced with unsolicited NA
+//! role = "local"                              # runs here ("partner": runs on the partner)
+//! port = "vg0"                                # local guests: the guest's port on our bridge
+//!
+//! [timing]                                    # optional; milliseconds
+//! probe_interval = 10
+//! probe_loss = 40          # no probe reply for this long: our path is failing
+//! heal_hold = 1000         # our path must work this long before traffic returns
+//! observation_interval = 10
+//! peer_timeout = 100       # no word from the partner for this long: its evidence is stale
+//! ```
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::{Mac, Role};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub host: String,
+    pub pool_secret_file: PathBuf,
+    pub app_iface: String,
+    pub app_ip: Ipv4Addr,
+    #[serde(default)]
+    pub probe_targets: Vec<Ipv4Addr>,
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    #[serde(rename = "availability_link")]
+    pub availability_links: Vec<AvailabilityLink>,
+    #[serde(default, rename = "guest")]
+    pub guests: Vec<Guest>,
+    #[serde(default)]
+    pub timing: Timing,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AvailabilityLink {
+    pub iface: String,
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Guest {
+    pub name: String,
+    pub mac: Mac,
+    pub ip: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    pub role: Role,
+    pub port: Option<String>,
+}
+
+/// Timers, in milliseconds.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timing {
+    pub probe_interval: u64,
+    pub probe_loss: u64,
+    pub heal_hold: u64,
+    pub observation_interval: u64,
+    pub peer_timeout: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self { probe_interval: 10, probe_loss: 40, heal_hold: 1000, observation_interval: 10, peer_timeout: 100 }
+    }
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/eac/netpair")
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/eac/netpair.sock")
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let c: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        c.validate().map_err(|message| ConfigError::Invalid { path: path.to_owned(), message })?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.host.is_empty() || self.host.len() > 64 {
+            return Err("host must be 1 to 64 characters".into());
+        }
+        if self.availability_links.is_empty() || self.availability_links.len() > 2 {
+            return Err(format!("expected 1 or 2 [[availability_link]], found {}", self.availability_links.len()));
+        }
+        if self.availability_links.iter().any(|l| l.iface == self.app_iface) {
+            return Err(format!("{} cannot be both the application NIC and an availability link", self.app_iface));
+        }
+        let t = &self.timing;
+        if t.probe_interval == 0 || t.observation_interval == 0 {
+            return Err("timing: intervals must be > 0".into());
+        }
+        if t.probe_loss < 2 * t.probe_interval {
+            return Err(format!(
+                "timing: probe_loss ({} ms) must be at least two probe intervals ({} ms)",
+                t.probe_loss,
+                2 * t.probe_interval
+            ));
+        }
+        if t.peer_timeout < 2 * t.observation_interval {
+            return Err("timing: peer_timeout must be at least two observation intervals".into());
+        }
+        let mut macs = std::collections::HashSet::new();
+        for g in &self.guests {
+            if !macs.insert(g.mac) {
+                return Err(format!("guest {}: MAC {} listed twice", g.name, g.mac));
+            }
+            if g.mac.0[0] & 1 == 1 {
+                return Err(format!("guest {}: {} is a multicast MAC", g.name, g.mac));
+            }
+            match (g.role, &g.port) {
+                (Role::Local, None) => return Err(format!("guest {}: a local guest needs `port`", g.name)),
+                (Role::Partner, Some(_)) => {
+                    return Err(format!("guest {}: `port` is only for local guests", g.name));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The pool secret (file contents, surrounding whitespace removed); at least 16 bytes.
+    pub fn pool_secret(&self) -> Result<Vec<u8>, ConfigError> {
+        let raw = std::fs::read(&self.pool_secret_file)
+            .map_err(|source| ConfigError::Read { path: self.pool_secret_file.clone(), source })?;
+        let s = raw.trim_ascii().to_vec();
+        if s.len() < 16 {
+            return Err(ConfigError::Invalid {
+                path: self.pool_secret_file.clone(),
+                message: format!("the pool secret is {} bytes; at least 16 are required", s.len()),
+            });
+        }
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+host = "a"
+pool_secret_file = "/etc/eac/pool.secret"
+app_iface = "app0"
+app_ip = "10.250.1.1"
+probe_targets = ["10.250.1.100"]
+[[availability_link]]
+iface = "al1"
+local = "10.250.2.1:7301"
+peer = "10.250.2.2:7301"
+[[availability_link]]
+iface = "al2"
+local = "10.250.3.1:7301"
+peer = "10.250.3.2:7301"
+[[guest]]
+name = "web"
+mac = "52:54:00:fb:01:0a"
+ip = "10.250.1.10"
+role = "local"
+port = "vg0"
+"#;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), s)
+    }
+
+    #[test]
+    fn a_good_config_parses_with_default_timing() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.availability_links.len(), 2);
+        assert_eq!(c.guests[0].role, Role::Local);
+        assert_eq!(c.timing.probe_loss, 40);
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let cases = [
+            (GOOD.replace("role = \"local\"", "role = \"primary\""), "unknown variant"),
+            (GOOD.replace("port = \"vg0\"", ""), "needs `port`"),
+            (GOOD.replace("52:54:00:fb:01:0a", "53:54:00:fb:01:0a"), "multicast"),
+            (GOOD.replace("52:54:00:fb:01:0a", "not-a-mac"), "not a MAC"),
+            (GOOD.replace("iface = \"al1\"", "iface = \"app0\""), "both the application NIC"),
+            (GOOD.replace("host = \"a\"", "host = \"a\"\nbogus = 1"), "unknown field"),
+            (format!("{GOOD}\n[timing]\nprobe_loss = 5\n"), "at least two probe intervals"),
+        ];
+        for (text, want) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "expected {want:?} in {e:?}");
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The joint path decision: when does a guest's traffic go through the partner's NIC?
+//!
+//! Pure logic over explicit times (milliseconds on a monotonic clock), so every timeline is
+//! a unit test. The daemon feeds it what it knows — our carrier, when our last path probe
+//! was answered, the partner's latest observation and when it arrived — and applies the
+//! changes it returns.
+//!
+//! Rules (docs/architecture.md, "netpair"):
+//! - Our path is **bad** on carrier loss, or when no probe reply came for `probe_loss` ms.
+//! - A local guest is steered through the partner only when our path is bad **and** the
+//!   partner's evidence agrees: its observation is fresh (it reached us over an AL within
+//!   `peer_timeout`), it has carrier and its own probes are answered. Losing the ALs alone
+//!   therefore never moves traffic: it only makes the partner's evidence stale.
+//! - Traffic returns once our path has been good for `heal_hold` ms (hysteresis against a
+//!   flapping link), or at once if the partner's path fails while ours works, or if the
+//!   partner becomes unreachable (steering through it is then impossible).
+//! - We lend our NIC to a partner's guest exactly while the partner's fresh observation asks
+//!   for it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::{Mac, Role, config::Timing};
+
+/// What the partner told us in its latest observation, and when it arrived.
+#[derive(Clone, Debug, Default)]
+pub struct PartnerView {
+    pub received_ms: u64,
+    pub carrier: bool,
+    pub probe_ok: bool,
+    /// Guests the partner runs and asks us to lend our NIC to.
+    pub requests: BTreeSet<Mac>,
+}
+
+/// Everything the judge looks at, at one moment.
+#[derive(Clone, Debug)]
+pub struct Evidence {
+    pub now_ms: u64,
+    pub own_carrier: bool,
+    /// When our last probe reply arrived (None: never). Ignored when no probe targets exist.
+    pub own_last_probe_reply_ms: Option<u64>,
+    pub partner: Option<PartnerView>,
+}
+
+/// A decision to apply: steer (or stop steering) one guest, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub mac: Mac,
+    pub role: Role,
+    pub steer: bool,
+    pub why: String,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct GuestDecision {
+    pub role: Role,
+    pub steering: bool,
+    pub since_ms: u64,
+    pub why: String,
+}
+
+#[derive(Debug)]
+pub struct Judge {
+    timing: Timing,
+    probes: bool,
+    started_ms: u64,
+    /// Since when our path has been continuously good (None: it is bad now).
+    own_good_since: Option<u64>,
+    guests: BTreeMap<Mac, GuestDecision>,
+}
+
+impl Judge {
+    pub fn new(timing: Timing, probes_configured: bool, now_ms: u64) -> Self {
+        Self { timing, probes: probes_configured, started_ms: now_ms, own_good_since: Some(now_ms), guests: BTreeMap::new() }
+    }
+
+    pub fn add_guest(&mut self, mac: Mac, role: Role, now_ms: u64) {
+        self.guests
+            .insert(mac, GuestDecision { role, steering: false, since_ms: now_ms, why: "protected".into() });
+    }
+
+    pub fn guests(&self) -> &BTreeMap<Mac, GuestDecision> {
+        &self.guests
+    }
+
+    /// Is our own path working, as we report it to the partner?
+    pub fn own_path_ok(&self, ev: &Evidence) -> bool {
+        self.own_path_problem(ev).is_none()
+    }
+
+    /// Why our path is bad, or None when it works.
+    fn own_path_problem(&self, ev: &Evidence) -> Option<String> {
+        if !ev.own_carrier {
+            return Some("carrier lost on the application NIC".into());
+        }
+        if self.probes {
+            let last = ev.own_last_probe_reply_ms.unwrap_or(self.started_ms);
+            let age = ev.now_ms.saturating_sub(last);
+            if age > self.timing.probe_loss {
+                return Some(format!("no probe reply for {age} ms (limit {} ms)", self.timing.probe_loss));
+            }
+        }
+        None
+    }
+
+    /// The partner's path as far as we know: Err(reason) if unknown or bad.
+    fn partner_path<'e>(&self, ev: &'e Evidence) -> Result<&'e PartnerView, String> {
+        let Some(p) = &ev.partner else { return Err("no word from the partner yet".into()) };
+        let age = ev.now_ms.saturating_sub(p.received_ms);
+        if age > self.timing.peer_timeout {
+            return Err(format!("no word from the partner for {age} ms over the availability links"));
+        }
+        if !p.carrier {
+            return Err("the partner has no carrier either".into());
+        }
+        if !p.probe_ok {
+            return Err("the partner's probes are not answered either".into());
+        }
+        Ok(p)
+    }
+
+    /// Re-evaluates every guest; returns the changes to apply, in MAC order.
+    pub fn evaluate(&mut self, ev: &Evidence) -> Vec<Change> {
+        let problem = self.own_path_problem(ev);
+        match (&problem, self.own_good_since) {
+            (None, None) => self.own_good_since = Some(ev.now_ms),
+            (Some(_), Some(_)) => self.own_good_since = None,
+            _ => {}
+        }
+        let partner = self.partner_path(ev);
+        let partner_fresh = ev.partner.as_ref().is_some_and(|p| ev.now_ms.saturating_sub(p.received_ms) <= self.timing.peer_timeout);
+        let own_good_for = self.own_good_since.map(|s| ev.now_ms.saturating_sub(s));
+        let mut changes = Vec::new();
+        for (mac, g) in self.guests.iter_mut() {
+            let verdict: Option<(bool, String)> = match g.role {
+                Role::Local if !g.steering => match (&problem, &partner) {
+                    (Some(why), Ok(_)) => Some((true, format!("{why}; the partner's path works"))),
+                    _ => None,
+                },
+                Role::Local => match (&problem, &partner, own_good_for) {
+                    (_, _, Some(good)) if good >= self.timing.heal_hold => {
+                        Some((false, format!("our path has worked for {good} ms")))
+                    }
+                    (None, Err(why), _) => Some((false, format!("{why}; our path works"))),
+                    (_, Err(why), _) if !partner_fresh => Some((false, format!("{why}: cannot steer through it"))),
+                    _ => None,
+                },
+                Role::Partner => {
+                    let asked = partner_fresh && ev.partner.as_ref().is_some_and(|p| p.requests.contains(mac));
+                    match (asked, g.steering) {
+                        (true, false) => Some((true, "the partner asks to use our NIC".into())),
+                        (false, true) if !partner_fresh => {
+                            Some((false, "the partner went silent over the availability links".into()))
+                        }
+                        (false, true) => Some((false, "the partner no longer asks to use our NIC".into())),
+                        _ => None,
+                    }
+                }
+            };
+            if let Some((steer, why)) = verdict {
+                if steer != g.steering {
+                    g.steering = steer;
+                    g.since_ms = ev.now_ms;
+                    g.why = why.clone();
+                    changes.push(Change { mac: *mac, role: g.role, steer, why });
+                }
+            }
+        }
+        changes
+    }
+
+    /// Local guests we currently ask the partner to carry.
+    pub fn requests(&self) -> BTreeSet<Mac> {
+        self.guests.iter().filter(|(_, g)| g.role == Role::Local && g.steering).map(|(m, _)| *m).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: Mac = Mac([0x52, 0x54, 0, 0xfb, 1, 0x0a]);
+    const P: Mac = Mac([0x52, 0x54, 0, 0xfb, 1, 0x0b]);
+
+    fn judge() -> Judge {
+        let mut j = Judge::new(Timing::default(), true, 0);
+        j.add_guest(G, Role::Local, 0);
+        j.add_guest(P, Role::Partner, 0);
+        j
+    }
+
+    fn partner(at: u64, ok: bool, requests: &[Mac]) -> Option<PartnerView> {
+        Some(PartnerView { received_ms: at, carrier: true, probe_ok: ok, requests: requests.iter().copied().collect() })
+    }
+
+    fn ev(now: u64, carrier: bool, last_reply: u64, p: Option<PartnerView>) -> Evidence {
+        Evidence { now_ms: now, own_carrier: carrier, own_last_probe_reply_ms: Some(last_reply), partner: p }
+    }
+
+    fn steers(c: &[Change], mac: Mac) -> Option<bool> {
+        c.iter().find(|c| c.mac == mac).map(|c| c.steer)
+    }
+
+    #[test]
+    fn healthy_paths_move_nothing() {
+        let mut j = judge();
+        for t in (0..2000).step_by(10) {
+            assert!(j.evaluate(&ev(t, true, t, partner(t, true, &[]))).is_empty());
+        }
+    }
+
+    #[test]
+    fn silent_loss_steers_once_probes_time_out_and_partner_agrees() {
+        let mut j = judge();
+        j.evaluate(&ev(1000, true, 1000, partner(1000, true, &[])));
+        // Replies stop at 1000; 40 ms later the path is not yet declared bad.
+        assert!(j.evaluate(&ev(1040, true, 1000, partner(1040, true, &[]))).is_empty());
+        let c = j.evaluate(&ev(1041, true, 1000, partner(1041, true, &[])));
+        assert_eq!(steers(&c, G), Some(true), "{c:?}");
+        assert!(c[0].why.contains("no probe reply"), "{}", c[0].why);
+        assert_eq!(j.requests(), [G].into_iter().collect());
+    }
+
+    #[test]
+    fn carrier_loss_steers_at_once() {
+        let mut j = judge();
+        let c = j.evaluate(&ev(500, false, 500, partner(495, true, &[])));
+        assert_eq!(steers(&c, G), Some(true));
+        assert!(c[0].why.contains("carrier"));
+    }
+
+    #[test]
+    fn no_steering_without_the_partners_agreement() {
+        let mut j = judge();
+        // Partner's probes fail too: the fault is upstream of both; nothing moves.
+        assert!(j.evaluate(&ev(2000, true, 1000, partner(2000, false, &[]))).is_empty());
+        // Partner silent (both ALs down) while our probes fail: nothing moves.
+        assert!(j.evaluate(&ev(3000, true, 1000, partner(2000, true, &[]))).is_empty());
+        // Never heard from the partner at all.
+        assert!(j.evaluate(&ev(4000, false, 1000, None)).is_empty());
+    }
+
+    #[test]
+    fn losing_the_availability_links_alone_moves_nothing() {
+        let mut j = judge();
+        for t in (0..3000).step_by(10) {
+            // Partner last heard at 100; our own path is fine throughout.
+            assert!(j.evaluate(&ev(t, true, t, partner(100.min(t), true, &[]))).is_empty(), "t={t}");
+        }
+    }
+
+    #[test]
+    fn traffic_returns_after_the_hold_time_not_before() {
+        let mut j = judge();
+        assert_eq!(steers(&j.evaluate(&ev(100, false, 100, partner(100, true, &[]))), G), Some(true));
+        // Carrier back at 200; flaps at 700; back at 800.
+        assert!(j.evaluate(&ev(200, true, 200, partner(200, true, &[]))).is_empty());
+        assert!(j.evaluate(&ev(700, false, 700, partner(700, true, &[]))).is_empty());
+        assert!(j.evaluate(&ev(800, true, 800, partner(800, true, &[]))).is_empty());
+        assert!(j.evaluate(&ev(1799, true, 1799, partner(1799, true, &[]))).is_empty(), "hold not over");
+        let c = j.evaluate(&ev(1800, true, 1800, partner(1800, true, &[])));
+        assert_eq!(steers(&c, G), Some(false));
+        assert!(c[0].why.contains("1000 ms"));
+    }
+
+    #[test]
+    fn traffic_returns_at_once_when_the_partner_path_fails_and_ours_works() {
+        let mut j = judge();
+        j.evaluate(&ev(100, false, 100, partner(100, true, &[])));
+        let c = j.evaluate(&ev(150, true, 150, partner(150, false, &[])));
+        assert_eq!(steers(&c, G), Some(false));
+    }
+
+    #[test]
+    fn steering_stops_when_the_partner_goes_silent() {
+        let mut j = judge();
+        j.evaluate(&ev(100, false, 100, partner(100, true, &[])));
+        let c = j.evaluate(&ev(300, false, 100, partner(100, true, &[])));
+        assert_eq!(steers(&c, G), Some(false), "{c:?}");
+        assert!(c[0].why.contains("cannot steer"), "{}", c[0].why);
+    }
+
+    #[test]
+    fn we_lend_our_nic_exactly_while_the_partner_asks() {
+        let mut j = judge();
+        assert!(j.evaluate(&ev(100, true, 100, partner(100, true, &[]))).is_empty());
+        let c = j.evaluate(&ev(110, true, 110, partner(110, true, &[P])));
+        assert_eq!(steers(&c, P), Some(true));
+        assert!(j.evaluate(&ev(120, true, 120, partner(120, true, &[P]))).is_empty());
+        let c = j.evaluate(&ev(130, true, 130, partner(130, true, &[])));
+        assert_eq!(steers(&c, P), Some(false));
+        // Asked again, then the partner goes silent: we stop lending.
+        j.evaluate(&ev(140, true, 140, partner(140, true, &[P])));
+        let c = j.evaluate(&ev(400, true, 400, partner(140, true, &[P])));
+        assert_eq!(steers(&c, P), Some(false));
+    }
+
+    #[test]
+    fn without_probe_targets_only_carrier_counts() {
+        let mut j = Judge::new(Timing::default(), false, 0);
+        j.add_guest(G, Role::Local, 0);
+        let none = Evidence { now_ms: 10_000, own_carrier: true, own_last_probe_reply_ms: None, partner: partner(10_000, true, &[]) };
+        assert!(j.evaluate(&none).is_empty());
+        let down = Evidence { own_carrier: false, ..none };
+        assert_eq!(steers(&j.evaluate(&down), G), Some(true));
+    }
+}
