@@ -7,7 +7,11 @@
 
 pub mod config;
 pub mod datapath;
+pub mod packet;
+pub mod proto;
+pub mod daemon;
 pub mod decide;
+pub mod link;
 pub mod xdp;
 
 pub use datapath::{Datapath, Role};

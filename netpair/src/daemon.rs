@@ -1,0 +1,502 @@
+//! The netpair daemon: one per host. It attaches the data path, watches link state
+//! (rtnetlink), probes its own application path (ARP), exchanges observations with the
+//! partner over both availability links (authenticated, [`crate::proto`]), lets the
+//! [`Judge`] decide, applies the decisions to the data path, announces guests where they
+//! move (gratuitous ARP / unsolicited NA), and answers `status` on a unix control socket.
+//!
+//! Everything runs on one task: a `select!` over timers, sockets and link events. Time is
+//! tokio time, so the loop can be driven on paused time.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use serde_json::json;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UdpSocket, UnixListener},
+    time::{Instant, MissedTickBehavior},
+};
+
+use crate::{
+    Datapath, Error, Mac, Role,
+    config::{Config, Guest},
+    decide::{Change, Evidence, Judge, PartnerView},
+    link,
+    packet::{Announcer, AsyncArpProber},
+    proto::{Body, GuestObservation, Observation, Opener, Sealer},
+};
+
+/// How many events `status` keeps.
+const EVENTS_KEPT: usize = 64;
+
+#[derive(Clone, Debug, serde::Serialize)]
+struct Event {
+    at_ms: u64,
+    level: &'static str,
+    what: String,
+}
+
+struct Al {
+    iface: String,
+    sock: UdpSocket,
+    peer: SocketAddr,
+    carrier: bool,
+    last_heard_ms: Option<u64>,
+}
+
+struct PartnerState {
+    host: String,
+    view: PartnerView,
+    guests: BTreeMap<Mac, GuestObservation>,
+    probe_age_ms: u32,
+}
+
+struct State {
+    cfg: Config,
+    start: Instant,
+    dp: Datapath,
+    judge: Judge,
+    app_carrier: bool,
+    last_probe_reply_ms: Option<u64>,
+    als: Vec<Al>,
+    active_al: Option<usize>,
+    partner: Option<PartnerState>,
+    partner_fresh: bool,
+    own_ok: bool,
+    sealer: Sealer,
+    opener: Opener,
+    announcer: Announcer,
+    events: VecDeque<Event>,
+}
+
+impl State {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn event(&mut self, level: &'static str, what: String) {
+        match level {
+            "error" => tracing::error!("{what}"),
+            "warn" => tracing::warn!("{what}"),
+            _ => tracing::info!("{what}"),
+        }
+        if self.events.len() == EVENTS_KEPT {
+            self.events.pop_front();
+        }
+        let at_ms = self.now_ms();
+        self.events.push_back(Event { at_ms, level, what });
+    }
+
+    fn guest(&self, mac: Mac) -> Option<&Guest> {
+        self.cfg.guests.iter().find(|g| g.mac == mac)
+    }
+
+    fn evidence(&self) -> Evidence {
+        Evidence {
+            now_ms: self.now_ms(),
+            own_carrier: self.app_carrier,
+            own_last_probe_reply_ms: self.last_probe_reply_ms,
+            partner: self.partner.as_ref().map(|p| p.view.clone()),
+        }
+    }
+
+    /// Re-judges; applies and announces changes; reports redundancy transitions.
+    fn evaluate(&mut self) {
+        let ev = self.evidence();
+        let own_ok = self.judge.own_path_ok(&ev);
+        if own_ok != self.own_ok {
+            self.own_ok = own_ok;
+            if own_ok {
+                self.event("info", format!("application path on {} works again", self.cfg.app_iface));
+            } else {
+                let why = if !ev.own_carrier { "carrier lost".to_owned() } else { "probes unanswered".to_owned() };
+                self.event("warn", format!("application path on {} failing: {why}", self.cfg.app_iface));
+            }
+        }
+        let fresh = ev.partner.as_ref().is_some_and(|p| ev.now_ms.saturating_sub(p.received_ms) <= self.cfg.timing.peer_timeout);
+        if fresh != self.partner_fresh {
+            self.partner_fresh = fresh;
+            if fresh {
+                self.event("info", "partner reachable over the availability links".into());
+            } else {
+                self.event(
+                    "error",
+                    "loss of redundancy: partner silent on every availability link; traffic stays where it is".into(),
+                );
+            }
+        }
+        let changes = self.judge.evaluate(&ev);
+        if !changes.is_empty() {
+            self.apply(changes);
+        }
+    }
+
+    fn apply(&mut self, changes: Vec<Change>) {
+        for c in changes {
+            let name = self.guest(c.mac).map(|g| g.name.clone()).unwrap_or_default();
+            if let Err(e) = self.dp.set_steer(c.mac, c.steer) {
+                self.event("error", format!("guest {name} ({}): cannot change steering: {}", c.mac, eac_common::error_chain(&e)));
+                continue;
+            }
+            let what = match (c.role, c.steer) {
+                (Role::Local, true) => "traffic now through the partner's NIC",
+                (Role::Local, false) => "traffic back on our NIC",
+                (Role::Partner, true) => "lending our NIC to the partner's guest",
+                (Role::Partner, false) => "no longer lending our NIC",
+            };
+            self.event("warn", format!("path change: guest {name} ({}): {what}: {}", c.mac, c.why));
+            // The switch must learn the guest's MAC on the port its traffic now uses.
+            if matches!((c.role, c.steer), (Role::Partner, true) | (Role::Local, false)) {
+                self.announce(c.mac);
+            }
+        }
+        self.send_observation();
+    }
+
+    fn announce(&mut self, mac: Mac) {
+        let Some(g) = self.guest(mac).cloned() else { return };
+        if let Some(ip) = g.ip {
+            if let Err(e) = self.announcer.ipv4(mac.0, ip) {
+                self.event("error", format!("guest {}: {e}", g.name));
+            }
+        }
+        if let Some(ip6) = g.ipv6 {
+            if let Err(e) = self.announcer.ipv6(mac.0, ip6) {
+                self.event("error", format!("guest {}: {e}", g.name));
+            }
+        }
+    }
+
+    fn observation(&self) -> Observation {
+        let now = self.now_ms();
+        let requests = self.judge.requests();
+        let stats: BTreeMap<Mac, ebpf_common::GuestStats> =
+            self.dp.guests().unwrap_or_default().into_iter().map(|(m, _, s)| (m, s)).collect();
+        let mono_now_ns = mono_ns();
+        Observation {
+            app_carrier: self.app_carrier,
+            probe_ok: self.own_ok,
+            probe_age_ms: self.last_probe_reply_ms.map_or(u32::MAX, |t| now.saturating_sub(t).min(u64::from(u32::MAX - 1)) as u32),
+            guests: self
+                .cfg
+                .guests
+                .iter()
+                .map(|g| {
+                    let s = stats.get(&g.mac).copied().unwrap_or_default();
+                    GuestObservation {
+                        mac: g.mac.0,
+                        rx_packets: s.rx_packets,
+                        tx_packets: s.tx_packets,
+                        last_rx_age_ms: if s.last_rx_ns == 0 {
+                            u32::MAX
+                        } else {
+                            (mono_now_ns.saturating_sub(s.last_rx_ns) / 1_000_000).min(u64::from(u32::MAX - 1)) as u32
+                        },
+                        steering_requested: requests.contains(&g.mac),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Sends our observation over every availability link that has carrier.
+    fn send_observation(&mut self) {
+        let datagram = self.sealer.seal(Body::Observation(self.observation()));
+        for al in &self.als {
+            if !al.carrier {
+                continue;
+            }
+            if let Err(e) = al.sock.try_send_to(&datagram, al.peer) {
+                tracing::debug!(iface = al.iface, error = %e, "observation not sent");
+            }
+        }
+    }
+
+    fn on_datagram(&mut self, al_index: usize, from: SocketAddr, bytes: &[u8]) {
+        let msg = match self.opener.open(from, bytes) {
+            Ok(m) => m,
+            Err(e) if e.is_duplicate() => return, // the same message over the other AL
+            Err(e) => {
+                tracing::warn!(%from, iface = self.als[al_index].iface, reason = %e, "pairing message rejected");
+                return;
+            }
+        };
+        let now = self.now_ms();
+        self.als[al_index].last_heard_ms = Some(now);
+        let Body::Observation(o) = msg.body;
+        let guests: BTreeMap<Mac, GuestObservation> = o.guests.into_iter().map(|g| (Mac(g.mac), g)).collect();
+        let requests = guests.values().filter(|g| g.steering_requested).map(|g| Mac(g.mac)).collect();
+        self.partner = Some(PartnerState {
+            host: msg.host,
+            view: PartnerView { received_ms: now, carrier: o.app_carrier, probe_ok: o.probe_ok, requests },
+            guests,
+            probe_age_ms: o.probe_age_ms,
+        });
+        self.evaluate();
+    }
+
+    fn on_link(&mut self, l: link::LinkState) {
+        if l.name == self.cfg.app_iface {
+            if l.carrier != self.app_carrier {
+                self.app_carrier = l.carrier;
+                self.evaluate();
+            }
+            return;
+        }
+        let Some(i) = self.als.iter().position(|a| a.iface == l.name) else { return };
+        if self.als[i].carrier == l.carrier {
+            return;
+        }
+        self.als[i].carrier = l.carrier;
+        if l.carrier {
+            self.event("info", format!("availability link {} up", l.name));
+        } else {
+            self.event("warn", format!("loss of redundancy: availability link {} down", l.name));
+        }
+        self.choose_al();
+    }
+
+    /// Steered frames take the first availability link that has carrier.
+    fn choose_al(&mut self) {
+        let best = self.als.iter().position(|a| a.carrier);
+        if best == self.active_al {
+            return;
+        }
+        self.active_al = best;
+        if let Some(i) = best {
+            let name = self.als[i].iface.clone();
+            match self.dp.use_al(&name) {
+                Ok(()) => self.event("info", format!("steering uses availability link {name}")),
+                Err(e) => self.event("error", format!("cannot switch steering to {name}: {}", eac_common::error_chain(&e))),
+            }
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let now = self.now_ms();
+        let stats: BTreeMap<Mac, ebpf_common::GuestStats> =
+            self.dp.guests().unwrap_or_default().into_iter().map(|(m, _, s)| (m, s)).collect();
+        let guests: Vec<_> = self
+            .cfg
+            .guests
+            .iter()
+            .map(|g| {
+                let d = self.judge.guests().get(&g.mac);
+                let steering = d.is_some_and(|d| d.steering);
+                let s = stats.get(&g.mac).copied().unwrap_or_default();
+                let p = self.partner.as_ref().and_then(|p| p.guests.get(&g.mac));
+                let active_path = match (g.role, steering) {
+                    (Role::Local, false) => "own NIC",
+                    (Role::Local, true) => "partner NIC (over the availability link)",
+                    (Role::Partner, false) => "partner's own NIC",
+                    (Role::Partner, true) => "our NIC (lent)",
+                };
+                json!({
+                    "name": g.name, "mac": g.mac, "role": g.role, "active_path": active_path, "steering": steering,
+                    "last_decision": d.map(|d| json!({"ms_ago": now.saturating_sub(d.since_ms), "why": d.why})),
+                    "counters": {
+                        "here": {"rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes, "tx_packets": s.tx_packets,
+                                 "tx_bytes": s.tx_bytes, "to_al_packets": s.to_al_packets, "from_al_packets": s.from_al_packets},
+                        "partner": p.map(|p| json!({"rx_packets": p.rx_packets, "tx_packets": p.tx_packets, "last_rx_age_ms": p.last_rx_age_ms})),
+                    },
+                })
+            })
+            .collect();
+        json!({
+            "host": self.cfg.host,
+            "uptime_ms": now,
+            "app": {"iface": self.cfg.app_iface, "carrier": self.app_carrier, "path_ok": self.own_ok,
+                    "probe_targets": self.cfg.probe_targets,
+                    "last_probe_reply_ms_ago": self.last_probe_reply_ms.map(|t| now.saturating_sub(t))},
+            "availability_links": self.als.iter().enumerate().map(|(i, a)| json!({
+                "iface": a.iface, "peer": a.peer.to_string(), "carrier": a.carrier, "active": self.active_al == Some(i),
+                "last_heard_ms_ago": a.last_heard_ms.map(|t| now.saturating_sub(t)),
+            })).collect::<Vec<_>>(),
+            "partner": self.partner.as_ref().map(|p| json!({
+                "host": p.host, "reachable": self.partner_fresh, "heard_ms_ago": now.saturating_sub(p.view.received_ms),
+                "carrier": p.view.carrier, "path_ok": p.view.probe_ok, "probe_age_ms": p.probe_age_ms,
+            })),
+            "guests": guests,
+            "pin_dir": self.dp.pin_dir(),
+            "events": self.events.iter().rev().take(20).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` uses.
+fn mono_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Runs the daemon until `shutdown` completes; detaches everything on the way out.
+pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
+    let secret = cfg.pool_secret().map_err(|e| Error::Config(eac_common::error_chain(&e)))?;
+    let start = Instant::now();
+    let al_names: Vec<&str> = cfg.availability_links.iter().map(|a| a.iface.as_str()).collect();
+    let mut dp = Datapath::attach(&cfg.pin_dir, &cfg.app_iface, &al_names)?;
+    for g in &cfg.guests {
+        dp.add_guest(g.mac, g.role, g.port.as_deref())?;
+    }
+    start_bpf_logger(&mut dp);
+
+    let (links, mut link_rx) = link::watch().await?;
+    let carrier = |name: &str| links.iter().any(|l| l.name == name && l.carrier);
+    let mut als = Vec::new();
+    for a in &cfg.availability_links {
+        let sock = UdpSocket::bind(a.local)
+            .await
+            .map_err(|source| Error::Io { what: format!("bind {} on {}", a.local, a.iface), source })?;
+        als.push(Al { iface: a.iface.clone(), sock, peer: a.peer, carrier: carrier(&a.iface), last_heard_ms: None });
+    }
+    let prober = if cfg.probe_targets.is_empty() {
+        None
+    } else {
+        Some(AsyncArpProber::new(&cfg.app_iface, cfg.app_ip).map_err(|source| Error::Io {
+            what: format!("ARP probe socket on {}", cfg.app_iface),
+            source,
+        })?)
+    };
+    let announcer = Announcer::new(&cfg.app_iface)
+        .map_err(|source| Error::Io { what: format!("announcement socket on {}", cfg.app_iface), source })?;
+    let control = bind_control(&cfg.control_socket)?;
+
+    let mut judge = Judge::new(cfg.timing, prober.is_some(), 0);
+    for g in &cfg.guests {
+        judge.add_guest(g.mac, g.role, 0);
+    }
+    let sealer = Sealer::new(&secret, &cfg.host).map_err(|e| Error::Config(e.to_string()))?;
+    let opener = Opener::new(&secret).map_err(|e| Error::Config(e.to_string()))?.with_local_host(&cfg.host);
+    let mut st = State {
+        app_carrier: carrier(&cfg.app_iface),
+        cfg,
+        start,
+        dp,
+        judge,
+        last_probe_reply_ms: None,
+        als,
+        active_al: None,
+        partner: None,
+        partner_fresh: false,
+        own_ok: true,
+        sealer,
+        opener,
+        announcer,
+        events: VecDeque::new(),
+    };
+    st.choose_al();
+    st.event("info", format!("netpair started on host {} ({} guests)", st.cfg.host, st.cfg.guests.len()));
+
+    let mut probe_tick = tokio::time::interval(Duration::from_millis(st.cfg.timing.probe_interval));
+    probe_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut obs_tick = tokio::time::interval(Duration::from_millis(st.cfg.timing.observation_interval));
+    obs_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let targets = st.cfg.probe_targets.clone();
+    let (mut buf0, mut buf1) = (vec![0u8; 9000], vec![0u8; 9000]);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = probe_tick.tick() => {
+                if let Some(p) = &prober {
+                    for t in &targets {
+                        if let Err(e) = p.send_probe(*t) {
+                            tracing::debug!(target = %t, error = %e, "probe not sent");
+                        }
+                    }
+                }
+                st.evaluate();
+            }
+            _ = obs_tick.tick() => st.send_observation(),
+            r = async { match &prober { Some(p) => p.recv_replies().await, None => std::future::pending().await } } => {
+                match r {
+                    Ok(replies) if replies.iter().any(|(ip, _)| targets.contains(ip)) => {
+                        st.last_probe_reply_ms = Some(st.now_ms());
+                        st.evaluate();
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "reading probe replies"),
+                }
+            }
+            Some(l) = link_rx.recv() => st.on_link(l),
+            r = st.als[0].sock.recv_from(&mut buf0) => match r {
+                Ok((n, from)) => st.on_datagram(0, from, &buf0[..n]),
+                Err(e) => tracing::debug!(error = %e, "AL socket"),
+            },
+            r = async { match st.als.get(1) { Some(a) => a.sock.recv_from(&mut buf1).await, None => std::future::pending().await } } => match r {
+                Ok((n, from)) => st.on_datagram(1, from, &buf1[..n]),
+                Err(e) => tracing::debug!(error = %e, "AL socket"),
+            },
+            Ok((stream, _)) = control.accept() => {
+                let status = st.status();
+                tokio::spawn(serve_control(stream, status));
+            }
+        }
+    }
+    st.event("info", "netpair stopping: detaching the data path".into());
+    let _ = std::fs::remove_file(&st.cfg.control_socket);
+    Ok(())
+}
+
+fn bind_control(path: &std::path::Path) -> Result<UnixListener, Error> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io { what: format!("create {}", dir.display()), source })?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(Error::Config(format!("{} is in use: is another netpair running?", path.display())));
+    }
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path).map_err(|source| Error::Io { what: format!("bind {}", path.display()), source })?;
+    // Root only: the socket reveals the pool's topology.
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    Ok(l)
+}
+
+/// One request line per connection: `status` → one JSON document.
+async fn serve_control(stream: tokio::net::UnixStream, status: serde_json::Value) {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut r = BufReader::new(r.take(256));
+    let reply = match r.read_line(&mut line).await {
+        Ok(_) if line.trim() == "status" => status.to_string(),
+        Ok(_) => json!({"error": format!("unknown request {:?}; known: status", line.trim())}).to_string(),
+        Err(e) => json!({"error": e.to_string()}).to_string(),
+    };
+    let _ = w.write_all(reply.as_bytes()).await;
+    let _ = w.write_all(b"\n").await;
+}
+
+/// Asks a running daemon for its status.
+pub async fn query_status(socket: &std::path::Path) -> Result<serde_json::Value, Error> {
+    let io = |what: &str, source| Error::Io { what: format!("{what} {}", socket.display()), source };
+    let mut s = tokio::net::UnixStream::connect(socket).await.map_err(|e| io("connect to", e))?;
+    s.write_all(b"status\n").await.map_err(|e| io("write to", e))?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).await.map_err(|e| io("read from", e))?;
+    serde_json::from_str(&line).map_err(|e| Error::Config(format!("bad status reply: {e}")))
+}
+
+/// Forwards the programs' aya-log records into our log (they are lost unless polled).
+fn start_bpf_logger(dp: &mut Datapath) {
+    match aya_log::EbpfLogger::init(dp.ebpf_mut()) {
+        Err(e) => tracing::warn!(error = %e, "eBPF logger unavailable; in-program diagnostics will be lost"),
+        // SAFETY: the logger owns its ring-buffer fd, which stays open for as long as the
+        // AsyncFd (and so the registration) lives.
+        Ok(logger) => match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+            Err(e) => tracing::warn!(error = %e, "eBPF logger not registered"),
+            Ok(mut fd) => {
+                tokio::spawn(async move {
+                    while let Ok(mut guard) = fd.readable_mut().await {
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                });
+            }
+        },
+    }
+}
