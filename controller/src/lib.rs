@@ -1,2 +1,4 @@
 //! The per-host controller daemon's logic.
 #![forbid(unsafe_code)]
+
+pub mod libvirt;

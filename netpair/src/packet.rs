@@ -103,7 +103,13 @@ pub fn parse_arp(frame: &[u8]) -> Option<Arp> {
     }
     let mac_at = |i: usize| -> [u8; 6] { [a[i], a[i + 1], a[i + 2], a[i + 3], a[i + 4], a[i + 5]] };
     let ip_at = |i: usize| Ipv4Addr::new(a[i], a[i + 1], a[i + 2], a[i + 3]);
-    Some(Arp { op: u16_at(6), sender_mac: mac_at(8), sender_ip: ip_at(14), target_mac: mac_at(18), target_ip: ip_at(24) })
+    Some(Arp {
+        op: u16_at(6),
+        sender_mac: mac_at(8),
+        sender_ip: ip_at(14),
+        target_mac: mac_at(18),
+        target_ip: ip_at(24),
+    })
 }
 
 /// The (sender IP, sender MAC) of an ARP reply; `None` for anything else.
@@ -208,7 +214,8 @@ impl RawSocket {
         // Protocol 0: nothing is queued until bind() names the protocol and the interface, so
         // no frame from another interface slips in between.
         // SAFETY: socket(2) takes no pointers; the result is checked before use.
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+        let raw =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
         if raw < 0 {
             return Err(ctx("AF_PACKET socket (needs CAP_NET_RAW)", io::Error::last_os_error()));
         }
@@ -459,9 +466,9 @@ impl Announcer {
 
     /// An unsolicited NA for `guest_ip6` at `guest_mac` ([`build_unsolicited_na`]).
     pub fn ipv6(&self, guest_mac: [u8; 6], guest_ip6: Ipv6Addr) -> io::Result<()> {
-        self.sock.send(&build_unsolicited_na(guest_mac, guest_ip6)).map_err(|e| {
-            io::Error::new(e.kind(), format!("unsolicited NA for {guest_ip6} on {}: {e}", self.iface))
-        })
+        self.sock
+            .send(&build_unsolicited_na(guest_mac, guest_ip6))
+            .map_err(|e| io::Error::new(e.kind(), format!("unsolicited NA for {guest_ip6} on {}: {e}", self.iface)))
     }
 }
 

@@ -218,9 +218,7 @@ fn check_secret(secret: &[u8]) -> Result<(), ProtoError> {
 
 fn check_host(host: &str) -> Result<(), ProtoError> {
     if host.is_empty() || host.len() > MAX_HOST_LEN {
-        return Err(ProtoError::Config(format!(
-            "host name {host:?} must be 1 to {MAX_HOST_LEN} bytes long"
-        )));
+        return Err(ProtoError::Config(format!("host name {host:?} must be 1 to {MAX_HOST_LEN} bytes long")));
     }
     Ok(())
 }
@@ -245,7 +243,11 @@ pub struct Sealer {
 impl fmt::Debug for Sealer {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         // Never print the keyed state.
-        f.debug_struct("Sealer").field("host", &self.host).field("session", &self.session).field("seq", &self.seq).finish()
+        f.debug_struct("Sealer")
+            .field("host", &self.host)
+            .field("session", &self.session)
+            .field("seq", &self.seq)
+            .finish()
     }
 }
 
@@ -286,7 +288,11 @@ impl Sealer {
     pub fn seal_at(&mut self, sent_mono_ns: u64, body: Body) -> Vec<u8> {
         match &body {
             Body::Observation(o) => {
-                assert!(o.guests.len() <= MAX_GUESTS, "{} guests in one observation (at most {MAX_GUESTS})", o.guests.len())
+                assert!(
+                    o.guests.len() <= MAX_GUESTS,
+                    "{} guests in one observation (at most {MAX_GUESTS})",
+                    o.guests.len()
+                )
             }
         }
         let msg = Message { host: self.host.clone(), sent_mono_ns, body };
@@ -433,10 +439,7 @@ impl Opener {
             return Err(ProtoError::Malformed(format!("{} trailing bytes after the body", body.len() - used)));
         }
         if msg.host.is_empty() || msg.host.len() > MAX_HOST_LEN {
-            return Err(ProtoError::Malformed(format!(
-                "host name of {} bytes (1 to {MAX_HOST_LEN})",
-                msg.host.len()
-            )));
+            return Err(ProtoError::Malformed(format!("host name of {} bytes (1 to {MAX_HOST_LEN})", msg.host.len())));
         }
         Ok((session, seq, msg))
     }
