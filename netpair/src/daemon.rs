@@ -216,6 +216,11 @@ impl State {
     }
 
     fn on_datagram(&mut self, al_index: usize, from: SocketAddr, bytes: &[u8]) {
+        if from.ip() != self.als[al_index].peer.ip() {
+            tracing::warn!(%from, iface = self.als[al_index].iface, expected = %self.als[al_index].peer.ip(),
+                "pairing message rejected: not from the configured partner address");
+            return;
+        }
         let msg = match self.opener.open(from, bytes) {
             Ok(m) => m,
             Err(e) if e.is_duplicate() => return, // the same message over the other AL
@@ -365,9 +370,10 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         .map_err(|source| Error::Io { what: format!("announcement socket on {}", cfg.app_iface), source })?;
     let control = bind_control(&cfg.control_socket)?;
 
-    let mut judge = Judge::new(cfg.timing, prober.is_some(), 0);
+    let now0 = start.elapsed().as_millis() as u64;
+    let mut judge = Judge::new(cfg.timing, prober.is_some(), now0);
     for g in &cfg.guests {
-        judge.add_guest(g.mac, g.role, 0);
+        judge.add_guest(g.mac, g.role, now0);
     }
     let sealer = Sealer::new(&secret, &cfg.host).map_err(|e| Error::Config(e.to_string()))?;
     let opener = Opener::new(&secret).map_err(|e| Error::Config(e.to_string()))?.with_local_host(&cfg.host);

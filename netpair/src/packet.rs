@@ -250,7 +250,33 @@ impl RawSocket {
         }
 
         if let Some(protocol) = receive {
-            let sa = sockaddr_ll(ifindex, protocol, [0; 6]);
+            // Bound to one ethertype, a packet socket only sees frames the stack delivers
+            // after the rx_handler; on a bridge port (our application NIC) the bridge consumes
+            // them first. So tap ETH_P_ALL — which runs before the bridge — and let a classic
+            // BPF filter in the kernel keep only `protocol`, attached before bind so no other
+            // frame is ever queued.
+            let filter = [
+                libc::sock_filter { code: 0x28, jt: 0, jf: 0, k: 12 }, // ldh [12]  (ethertype)
+                libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: u32::from(protocol) }, // jeq protocol
+                libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0x0004_0000 }, // ret: accept
+                libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0 },           // ret: drop
+            ];
+            let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
+            // SAFETY: setsockopt copies the sock_fprog and the filter array it points to, both
+            // live locals, during the call.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_ATTACH_FILTER,
+                    (&prog as *const libc::sock_fprog).cast(),
+                    size_of::<libc::sock_fprog>() as libc::socklen_t,
+                )
+            };
+            if r < 0 {
+                return Err(ctx("attach socket filter", io::Error::last_os_error()));
+            }
+            let sa = sockaddr_ll(ifindex, libc::ETH_P_ALL as u16, [0; 6]);
             // SAFETY: bind reads a sockaddr_ll of the given size from a live local.
             let r = unsafe {
                 libc::bind(

@@ -17,6 +17,7 @@ pub mod faulty_disk;
 pub mod libvirt;
 pub mod netns;
 pub mod topology;
+pub mod traffic;
 pub mod ublk_guest;
 pub mod wait;
 

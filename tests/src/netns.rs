@@ -69,6 +69,15 @@ impl Netns {
         c
     }
 
+    /// A command that runs in the namespace but keeps the machine's mounts (`nsenter --net`),
+    /// unlike [`Netns::command`], whose `ip netns exec` remounts /sys and so hides
+    /// /sys/fs/bpf. Daemons that pin BPF objects run this way.
+    pub fn command_keep_mounts(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
+        c
+    }
+
     /// Runs `PROGRAM ARGS` inside the namespace; fails unless it exits 0.
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<String, Error> {
         run(self.command(program).args(args))
@@ -95,6 +104,28 @@ impl Netns {
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
+    }
+
+    /// Like [`Netns::enter`], but the thread keeps running: returns its handle.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<T>, Error> {
+        let file = File::open(self.path())
+            .map_err(|source| Error::Io { what: format!("open {}", self.path().display()), source })?;
+        let name = self.name.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let h = std::thread::spawn(move || {
+            let r = nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET);
+            let ok = r.is_ok();
+            let _ = tx.send(r.map_err(|e| Error::Io { what: format!("setns {name}"), source: e.into() }));
+            if !ok {
+                panic!("setns failed");
+            }
+            f()
+        });
+        rx.recv().map_err(|_| Error::Io { what: "namespace thread".into(), source: std::io::Error::other("exited") })??;
+        Ok(h)
     }
 
     /// Processes running in the namespace.

@@ -1,0 +1,302 @@
+//! netpair in the lab, against the real kernel: a guest on host a keeps a TCP stream from a
+//! client through faults of a's application path, by steering through host b's NIC; faults
+//! of the availability links move nothing. Each test prints the measured traffic gap.
+//! Privileged: run by scripts/test.sh as root.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use eac_lab::{BpfPinDir, Lab, faults, require_root, topology, traffic::TcpStreamProbe, wait_until, workspace_bin};
+
+const GUEST_MAC: &str = "52:54:00:fb:01:0a";
+const GUEST_IP: &str = "10.250.1.10";
+const SECRET: &str = "lab-pool-secret-0123456789abcdef";
+
+/// A netpair daemon running in a lab host's namespace; SIGTERM and reaped on drop.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+    _pin: BpfPinDir,
+}
+
+impl Daemon {
+    fn status(&self) -> Option<serde_json::Value> {
+        let mut s = UnixStream::connect(&self.socket).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+        s.write_all(b"status\n").ok()?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).ok()?;
+        serde_json::from_str(&line).ok()
+    }
+
+    fn steering(&self) -> Option<bool> {
+        self.status()?["guests"][0]["steering"].as_bool()
+    }
+
+    fn partner_reachable(&self) -> bool {
+        self.status().is_some_and(|s| s["partner"]["reachable"] == true)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_daemon(lab: &Lab, host: &str, role: &str) -> Daemon {
+    let h = lab.host(host);
+    let peer = lab.hosts.iter().find(|p| p.name != host).unwrap();
+    let dir = lab.dir();
+    let secret = dir.join("pool.secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    let pin = BpfPinDir::new(&format!("{}-netpair", h.ns.name()));
+    let socket = dir.join(format!("netpair-{host}.sock"));
+    let port = if role == "local" { "port = \"vg0\"\n" } else { "" };
+    let cfg = format!(
+        r#"host = "{host}"
+pool_secret_file = "{secret}"
+app_iface = "{app}"
+app_ip = "{app_ip}"
+probe_targets = ["{client}"]
+pin_dir = "{pin}"
+control_socket = "{socket}"
+[[availability_link]]
+iface = "al1"
+local = "{l1}:7301"
+peer = "{p1}:7301"
+[[availability_link]]
+iface = "al2"
+local = "{l2}:7301"
+peer = "{p2}:7301"
+[[guest]]
+name = "web"
+mac = "{GUEST_MAC}"
+ip = "{GUEST_IP}"
+role = "{role}"
+{port}"#,
+        secret = secret.display(),
+        app = topology::APP_IF,
+        app_ip = h.app_ip(),
+        client = lab.clients[0].ip,
+        pin = pin.path().display(),
+        socket = socket.display(),
+        l1 = h.al_ip(1),
+        p1 = peer.al_ip(1),
+        l2 = h.al_ip(2),
+        p2 = peer.al_ip(2),
+    );
+    let cfg_path = dir.join(format!("netpair-{host}.toml"));
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let log = dir.join(format!("netpair-{host}.log"));
+    let child = h
+        .ns
+        .command_keep_mounts(workspace_bin("netpair").to_str().unwrap())
+        .args(["run", "--config", cfg_path.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Daemon { child, socket, log, _pin: pin }
+}
+
+struct Setup {
+    a: Daemon,
+    b: Daemon,
+    lab: Lab,
+}
+
+fn setup(tag: &str) -> Setup {
+    require_root();
+    let mut lab = Lab::two_hosts(tag, 1).unwrap();
+    lab.add_guest_ns("a", GUEST_MAC, GUEST_IP).unwrap();
+    let a = start_daemon(&lab, "a", "local");
+    let b = start_daemon(&lab, "b", "partner");
+    wait_until(Duration::from_secs(10), "both daemons hear their partner", || {
+        a.partner_reachable() && b.partner_reachable()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n--- a:\n{}\n--- b:\n{}", a.log(), b.log()));
+    wait_until(Duration::from_secs(5), "both paths judged healthy", || {
+        a.status().is_some_and(|s| s["app"]["path_ok"] == true) && b.status().is_some_and(|s| s["app"]["path_ok"] == true)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n--- a: {:?}\n{}\n--- b: {:?}\n{}", a.status(), a.log(), b.status(), b.log()));
+    Setup { a, b, lab }
+}
+
+/// Runs a stream client → guest, applies `fault` and waits for the expected steering; then
+/// `heal` and waits for traffic to come home. Returns (fault gap, heal gap).
+fn fault_and_heal(s: &Setup, name: &str, fault: impl FnOnce() -> Box<dyn std::any::Any>, expect_steer: bool) -> (Duration, Duration) {
+    let guest = &s.lab.guests[0];
+    let probe = TcpStreamProbe::start(&guest.ns, GUEST_IP, 5001, &s.lab.clients[0].ns).unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // steady state before the fault
+    let t_fault = Instant::now();
+    let guard = fault();
+    if expect_steer {
+        let took = wait_until(Duration::from_secs(5), "a steers and b lends its NIC", || {
+            s.a.steering() == Some(true) && s.b.steering() == Some(true)
+        })
+        .unwrap_or_else(|e| panic!("{e}\n--- a:\n{}\n--- b:\n{}", s.a.log(), s.b.log()));
+        println!("{name}: steering on both hosts {took:?} after the fault");
+    }
+    wait_until(Duration::from_secs(5), "stream flowing after the fault", || {
+        probe.flowing_after(Instant::now() - Duration::from_millis(20))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n--- a:\n{}\n--- b:\n{}", s.a.log(), s.b.log()));
+    std::thread::sleep(Duration::from_millis(1500));
+    let fault_gap = probe.max_gap_since(t_fault);
+    if !expect_steer {
+        assert_eq!(s.a.steering(), Some(false), "{name}: a must not steer");
+        assert_eq!(s.b.steering(), Some(false), "{name}: b must not lend");
+    }
+    let t_heal = Instant::now();
+    drop(guard);
+    if expect_steer {
+        let took = wait_until(Duration::from_secs(5), "traffic back on a's own NIC", || {
+            s.a.steering() == Some(false) && s.b.steering() == Some(false)
+        })
+        .unwrap();
+        println!("{name}: traffic home {took:?} after healing (hold time 1 s)");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let heal_gap = probe.max_gap_since(t_heal);
+    let report = probe.stop();
+    assert!(report.errors.is_empty(), "{name}: the TCP stream broke: {:?}", report.errors);
+    assert!(report.bytes_received > 0);
+    println!(
+        "{name}: TCP gap during the fault {:.0} ms, when healing {:.0} ms; {} bytes sent, {} received, no reset",
+        fault_gap.as_secs_f64() * 1e3,
+        heal_gap.as_secs_f64() * 1e3,
+        report.bytes_sent,
+        report.bytes_received
+    );
+    (fault_gap, heal_gap)
+}
+
+struct OnDrop<F: FnMut()>(F);
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF and network namespaces; run by scripts/test.sh"]
+fn app_nic_down_steers_through_the_partner() {
+    let s = setup("np-down");
+    let ns = s.lab.host("a").ns.name().to_owned();
+    let (gap, _) = fault_and_heal(
+        &s,
+        "a's app NIC down",
+        || {
+            faults::link_down(&s.lab.host("a").ns, topology::APP_IF).unwrap();
+            Box::new(OnDrop(move || {
+                let _ = Command::new("ip").args(["-n", &ns, "link", "set", topology::APP_IF, "up"]).status();
+            }))
+        },
+        true,
+    );
+    assert!(gap < Duration::from_secs(1), "gap {gap:?}");
+    let st = s.a.status().unwrap();
+    assert!(st["events"].to_string().contains("path change"), "{st}");
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF, nftables and network namespaces; run by scripts/test.sh"]
+fn silent_loss_on_the_switch_port_steers_through_the_partner() {
+    let s = setup("np-loss");
+    let (gap, _) = fault_and_heal(
+        &s,
+        "silent loss on a's switch port",
+        || Box::new(s.lab.silent_loss_on_switch_port("a").unwrap()),
+        true,
+    );
+    assert!(gap < Duration::from_secs(1), "gap {gap:?}");
+    // While steering, b's counters saw the guest's frames cross the availability link.
+    let b = s.b.status().unwrap();
+    let here = &b["guests"][0]["counters"]["here"];
+    assert!(here["to_al_packets"].as_u64().unwrap() > 0, "{b}");
+    assert!(here["from_al_packets"].as_u64().unwrap() > 0, "{b}");
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF and network namespaces; run by scripts/test.sh"]
+fn one_availability_link_down_moves_nothing() {
+    let s = setup("np-al1");
+    let ns = s.lab.host("a").ns.name().to_owned();
+    let (gap, _) = fault_and_heal(
+        &s,
+        "AL1 down",
+        || {
+            faults::link_down(&s.lab.host("a").ns, "al1").unwrap();
+            Box::new(OnDrop(move || {
+                let _ = Command::new("ip").args(["-n", &ns, "link", "set", "al1", "up"]).status();
+            }))
+        },
+        false,
+    );
+    assert!(gap < Duration::from_millis(200), "nothing moved, yet the stream stalled {gap:?}");
+    assert!(s.a.partner_reachable(), "AL2 still carries the pairing");
+    assert!(s.a.status().unwrap()["events"].to_string().contains("loss of redundancy: availability link al1 down"));
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF and network namespaces; run by scripts/test.sh"]
+fn both_availability_links_down_moves_nothing_and_is_reported() {
+    let s = setup("np-al12");
+    let ns = s.lab.host("a").ns.name().to_owned();
+    let (gap, _) = fault_and_heal(
+        &s,
+        "AL1 and AL2 down",
+        || {
+            faults::link_down(&s.lab.host("a").ns, "al1").unwrap();
+            faults::link_down(&s.lab.host("a").ns, "al2").unwrap();
+            Box::new(OnDrop(move || {
+                for l in ["al1", "al2"] {
+                    let _ = Command::new("ip").args(["-n", &ns, "link", "set", l, "up"]).status();
+                }
+            }))
+        },
+        false,
+    );
+    assert!(gap < Duration::from_millis(200), "nothing moved, yet the stream stalled {gap:?}");
+    let events = s.a.status().unwrap()["events"].to_string();
+    assert!(events.contains("partner silent on every availability link"), "{events}");
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF and network namespaces; run by scripts/test.sh"]
+fn garbage_and_wrong_secret_pairing_messages_are_rejected_with_a_reason() {
+    let s = setup("np-junk");
+    let a = s.lab.host("a");
+    let b_al1 = format!("{}:7301", s.lab.host("b").al_ip(1));
+    a.ns.enter(|| {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.send_to(b"garbage that is not a pairing message", &b_al1).unwrap();
+        sock.send_to(&[0u8; 9000], &b_al1).unwrap();
+    })
+    .unwrap();
+    wait_until(Duration::from_secs(5), "b logs the rejections", || s.b.log().matches("pairing message rejected").count() >= 2)
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.b.log()));
+    assert!(s.b.partner_reachable(), "b still hears a");
+    let _ = Path::new("");
+}
