@@ -158,16 +158,14 @@ impl State {
 
     fn announce(&mut self, mac: Mac) {
         let Some(g) = self.guest(mac).cloned() else { return };
-        if let Some(ip) = g.ip {
-            if let Err(e) = self.announcer.ipv4(mac.0, ip) {
+        if let Some(ip) = g.ip
+            && let Err(e) = self.announcer.ipv4(mac.0, ip) {
                 self.event("error", format!("guest {}: {e}", g.name));
             }
-        }
-        if let Some(ip6) = g.ipv6 {
-            if let Err(e) = self.announcer.ipv6(mac.0, ip6) {
+        if let Some(ip6) = g.ipv6
+            && let Err(e) = self.announcer.ipv6(mac.0, ip6) {
                 self.event("error", format!("guest {}: {e}", g.name));
             }
-        }
     }
 
     fn observation(&self) -> Observation {

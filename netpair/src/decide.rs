@@ -156,14 +156,13 @@ impl Judge {
                     }
                 }
             };
-            if let Some((steer, why)) = verdict {
-                if steer != g.steering {
+            if let Some((steer, why)) = verdict
+                && steer != g.steering {
                     g.steering = steer;
                     g.since_ms = ev.now_ms;
                     g.why = why.clone();
                     changes.push(Change { mac: *mac, role: g.role, steer, why });
                 }
-            }
         }
         changes
     }

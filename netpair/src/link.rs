@@ -47,11 +47,10 @@ pub async fn watch() -> Result<(Vec<LinkState>, mpsc::UnboundedReceiver<LinkStat
                 }
                 _ => None,
             };
-            if let Some(s) = change {
-                if tx.send(s).is_err() {
+            if let Some(s) = change
+                && tx.send(s).is_err() {
                     break;
                 }
-            }
         }
     });
     let links: Vec<LinkMessage> = handle

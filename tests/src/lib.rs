@@ -80,10 +80,9 @@ impl BpfPinDir {
 
 impl Drop for BpfPinDir {
     fn drop(&mut self) {
-        if self.0.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&self.0) {
+        if self.0.exists()
+            && let Err(e) = std::fs::remove_dir_all(&self.0) {
                 eprintln!("lab: could not remove {}: {e}", self.0.display());
             }
-        }
     }
 }
