@@ -189,11 +189,7 @@ impl Error {
             Some(ErrorNumber::OperationInvalid) => ErrorKind::InvalidState,
             Some(ErrorNumber::ResourceBusy) => ErrorKind::Busy,
             // QEMU's own image locking only shows in the message text.
-            Some(ErrorNumber::InternalError)
-                if e.message().contains("Failed to get \"write\" lock") =>
-            {
-                ErrorKind::Busy
-            }
+            Some(ErrorNumber::InternalError) if e.message().contains("Failed to get \"write\" lock") => ErrorKind::Busy,
             Some(ErrorNumber::NoConnect) => ErrorKind::ConnectionLost,
             _ => ErrorKind::Other,
         }
@@ -249,14 +245,11 @@ impl Hypervisor {
     /// `<uuid>` in the XML: redefining the same name without one fails. Blocking; the first
     /// define on a fresh libvirtd takes seconds (QEMU capabilities probe).
     pub fn define(&self, xml: &str) -> Result<String> {
-        let dom = self
-            .conn
-            .define_domain_xml(xml)
-            .map_err(|source| Error::Define {
-                uri: self.uri.clone(),
-                name: xml_name(xml).unwrap_or("<no name in XML>").to_owned(),
-                source,
-            })?;
+        let dom = self.conn.define_domain_xml(xml).map_err(|source| Error::Define {
+            uri: self.uri.clone(),
+            name: xml_name(xml).unwrap_or("<no name in XML>").to_owned(),
+            source,
+        })?;
         dom.name().map_err(|source| Error::Operation {
             op: Op::GetState,
             uri: self.uri.clone(),
@@ -368,10 +361,7 @@ impl Hypervisor {
 }
 
 fn map_state(
-    (state, reason): (
-        virt::domain::DomainStateEnum,
-        virt::domain::DomainStateReasonEnum,
-    ),
+    (state, reason): (virt::domain::DomainStateEnum, virt::domain::DomainStateReasonEnum),
 ) -> (DomainState, String) {
     use virt::domain::{DomainShutoffReason, DomainState as V, DomainStateReason as R};
     use virt::enumutil::Enum;
@@ -450,12 +440,7 @@ mod tests {
 
         hv.start(&name).unwrap();
         assert_eq!(hv.state(&name).unwrap(), DomainState::Running);
-        let row = hv
-            .list()
-            .unwrap()
-            .into_iter()
-            .find(|d| d.name == name)
-            .expect("listed");
+        let row = hv.list().unwrap().into_iter().find(|d| d.name == name).expect("listed");
         assert_eq!(row.uuid, uuid);
         assert_eq!(row.state, DomainState::Running);
 
@@ -504,8 +489,7 @@ mod tests {
         let e = hv.destroy(&name).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidState, "{e:?}");
         assert!(
-            e.to_string()
-                .starts_with(&format!("cannot destroy domain '{name}'")),
+            e.to_string().starts_with(&format!("cannot destroy domain '{name}'")),
             "{e}"
         );
         hv.undefine(&name).unwrap();
@@ -514,9 +498,7 @@ mod tests {
     #[test]
     fn bad_xml_is_a_define_error_naming_the_domain() {
         let hv = hv();
-        let e = hv
-            .define("<domain type='test'><name>eac-ut-broken</name>")
-            .unwrap_err();
+        let e = hv.define("<domain type='test'><name>eac-ut-broken</name>").unwrap_err();
         assert!(
             matches!(e, Error::Define { ref name, .. } if name == "eac-ut-broken"),
             "{e:?}"

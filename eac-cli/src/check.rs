@@ -38,14 +38,22 @@ pub fn run(p: &Probe<'_>) -> Vec<Check> {
             name: "root",
             needed_for: "all",
             ok: p.euid_is_root,
-            detail: if p.euid_is_root { "running as root".into() } else { "not root".into() },
+            detail: if p.euid_is_root {
+                "running as root".into()
+            } else {
+                "not root".into()
+            },
             fix: (!p.euid_is_root).then_some("run as root: the stack loads BPF programs and creates block devices"),
         },
         Check {
             name: "bpffs",
             needed_for: "level 2 (netpair)",
             ok: bpffs,
-            detail: if bpffs { "/sys/fs/bpf is a bpf filesystem".into() } else { "/sys/fs/bpf is not mounted".into() },
+            detail: if bpffs {
+                "/sys/fs/bpf is a bpf filesystem".into()
+            } else {
+                "/sys/fs/bpf is not mounted".into()
+            },
             fix: (!bpffs).then_some("mount -t bpf bpf /sys/fs/bpf"),
         },
         exists(
@@ -93,7 +101,11 @@ fn exists(name: &'static str, needed_for: &'static str, path: &Path, what: &str,
         name,
         needed_for,
         ok,
-        detail: if ok { format!("found {what}") } else { format!("missing {what}") },
+        detail: if ok {
+            format!("found {what}")
+        } else {
+            format!("missing {what}")
+        },
         fix: (!ok).then_some(fix),
     }
 }
@@ -116,8 +128,18 @@ mod tests {
     #[test]
     fn a_bare_host_fails_every_check_with_a_fix() {
         let root = fixture(&[("proc/mounts", "proc /proc proc rw 0 0\n")]);
-        let checks = run(&Probe { root: &root, libvirt_socket: &root.join("nope"), euid_is_root: false });
-        assert!(checks.iter().filter(|c| c.name != "io_uring").all(|c| !c.ok && c.fix.is_some()), "{checks:#?}");
+        let checks = run(&Probe {
+            root: &root,
+            libvirt_socket: &root.join("nope"),
+            euid_is_root: false,
+        });
+        assert!(
+            checks
+                .iter()
+                .filter(|c| c.name != "io_uring")
+                .all(|c| !c.ok && c.fix.is_some()),
+            "{checks:#?}"
+        );
         std::fs::remove_dir_all(root).unwrap();
     }
 
@@ -131,7 +153,11 @@ mod tests {
         ]);
         let sock = root.join("libvirt-sock");
         let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-        let checks = run(&Probe { root: &root, libvirt_socket: &sock, euid_is_root: true });
+        let checks = run(&Probe {
+            root: &root,
+            libvirt_socket: &sock,
+            euid_is_root: true,
+        });
         assert!(checks.iter().all(|c| c.ok && c.fix.is_none()), "{checks:#?}");
         std::fs::remove_dir_all(root).unwrap();
     }

@@ -41,7 +41,9 @@ fn main() {
     eac_common::init_logging();
     let cli = Cli::parse();
     let code = match cli.cmd {
-        Cmd::Host { cmd: HostCmd::Check { libvirt_socket } } => {
+        Cmd::Host {
+            cmd: HostCmd::Check { libvirt_socket },
+        } => {
             let checks = check::run(&check::Probe {
                 root: std::path::Path::new("/"),
                 libvirt_socket: &libvirt_socket,
@@ -51,13 +53,23 @@ fn main() {
                 println!("{}", serde_json::json!({ "checks": checks }));
             } else {
                 for c in &checks {
-                    println!("{:4} {:9} {:24} {}", if c.ok { "ok" } else { "FAIL" }, c.name, c.needed_for, c.detail);
+                    println!(
+                        "{:4} {:9} {:24} {}",
+                        if c.ok { "ok" } else { "FAIL" },
+                        c.name,
+                        c.needed_for,
+                        c.detail
+                    );
                     if let Some(fix) = c.fix {
                         println!("{:39}fix: {fix}", "");
                     }
                 }
             }
-            if checks.iter().all(|c| c.ok) { 0 } else { eac_common::EXIT_TRANSIENT }
+            if checks.iter().all(|c| c.ok) {
+                0
+            } else {
+                eac_common::EXIT_TRANSIENT
+            }
         }
     };
     std::process::exit(code);
@@ -67,6 +79,10 @@ fn is_root() -> bool {
     // /proc/self/status "Uid: real effective ..." — avoids unsafe geteuid().
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false)
 }

@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use ebpf_common::{
-    CFG_AL_IFINDEX, CFG_APP_IFINDEX, CFG_MAX, CFG_PARTNER_STEERING, Counters, GUESTS_MAX, GuestEntry,
-    GuestStats, IFACE_RX_MAX, MacKey, ROLE_LOCAL, ROLE_PARTNER, STEERED_PORTS_MAX,
+    CFG_AL_IFINDEX, CFG_APP_IFINDEX, CFG_MAX, CFG_PARTNER_STEERING, Counters, GUESTS_MAX, GuestEntry, GuestStats,
+    IFACE_RX_MAX, MacKey, ROLE_LOCAL, ROLE_PARTNER, STEERED_PORTS_MAX,
 };
 
 /// Ingress ifindex → frames and bytes received (see `ebpf_common::MAP_IFACE_RX`).
@@ -128,7 +128,9 @@ pub fn xdp_app(ctx: XdpContext) -> u32 {
 /// go over the AL to the host it runs on, and broadcasts are copied there too.
 #[classifier]
 pub fn tc_app_ingress(ctx: TcContext) -> i32 {
-    let Ok(dst) = ctx.load::<[u8; 6]>(0) else { return TC_ACT_OK };
+    let Ok(dst) = ctx.load::<[u8; 6]>(0) else {
+        return TC_ACT_OK;
+    };
     let al = config(CFG_AL_IFINDEX);
     if al == 0 {
         return TC_ACT_OK;
@@ -151,7 +153,9 @@ pub fn tc_app_ingress(ctx: TcContext) -> i32 {
 /// Application NIC, egress: counts frames sent by protected guests.
 #[classifier]
 pub fn tc_app_egress(ctx: TcContext) -> i32 {
-    let Ok(src) = ctx.load::<[u8; 6]>(6) else { return TC_ACT_OK };
+    let Ok(src) = ctx.load::<[u8; 6]>(6) else {
+        return TC_ACT_OK;
+    };
     let len = ctx.len() as u64;
     with_stats(src, |s| {
         s.tx_packets += 1;
@@ -167,8 +171,12 @@ pub fn tc_app_egress(ctx: TcContext) -> i32 {
 /// AL's own stack, which carries our pairing and replication traffic).
 #[classifier]
 pub fn tc_al_ingress(ctx: TcContext) -> i32 {
-    let Ok(dst) = ctx.load::<[u8; 6]>(0) else { return TC_ACT_OK };
-    let Ok(src) = ctx.load::<[u8; 6]>(6) else { return TC_ACT_OK };
+    let Ok(dst) = ctx.load::<[u8; 6]>(0) else {
+        return TC_ACT_OK;
+    };
+    let Ok(src) = ctx.load::<[u8; 6]>(6) else {
+        return TC_ACT_OK;
+    };
     if let Some(g) = guest(src) {
         if g.role == ROLE_PARTNER && g.steer == 1 {
             let app = config(CFG_APP_IFINDEX);
@@ -200,8 +208,12 @@ pub fn tc_al_ingress(ctx: TcContext) -> i32 {
 /// over the AL (broadcasts are copied, and still reach our bridge).
 #[classifier]
 pub fn tc_guest_ingress(ctx: TcContext) -> i32 {
-    let Ok(dst) = ctx.load::<[u8; 6]>(0) else { return TC_ACT_OK };
-    let Ok(src) = ctx.load::<[u8; 6]>(6) else { return TC_ACT_OK };
+    let Ok(dst) = ctx.load::<[u8; 6]>(0) else {
+        return TC_ACT_OK;
+    };
+    let Ok(src) = ctx.load::<[u8; 6]>(6) else {
+        return TC_ACT_OK;
+    };
     match guest(src) {
         Some(g) if g.role == ROLE_LOCAL && g.steer == 1 => {
             let al = config(CFG_AL_IFINDEX);

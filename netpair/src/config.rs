@@ -106,7 +106,13 @@ pub struct Timing {
 
 impl Default for Timing {
     fn default() -> Self {
-        Self { probe_interval: 10, probe_loss: 40, heal_hold: 1000, observation_interval: 10, peer_timeout: 100 }
+        Self {
+            probe_interval: 10,
+            probe_loss: 40,
+            heal_hold: 1000,
+            observation_interval: 10,
+            peer_timeout: 100,
+        }
     }
 }
 
@@ -120,14 +126,22 @@ fn default_control_socket() -> PathBuf {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(path, &text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let c: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
-        c.validate().map_err(|message| ConfigError::Invalid { path: path.to_owned(), message })?;
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        c.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
         Ok(c)
     }
 
@@ -136,10 +150,16 @@ impl Config {
             return Err("host must be 1 to 64 characters".into());
         }
         if self.availability_links.is_empty() || self.availability_links.len() > 2 {
-            return Err(format!("expected 1 or 2 [[availability_link]], found {}", self.availability_links.len()));
+            return Err(format!(
+                "expected 1 or 2 [[availability_link]], found {}",
+                self.availability_links.len()
+            ));
         }
         if self.availability_links.iter().any(|l| l.iface == self.app_iface) {
-            return Err(format!("{} cannot be both the application NIC and an availability link", self.app_iface));
+            return Err(format!(
+                "{} cannot be both the application NIC and an availability link",
+                self.app_iface
+            ));
         }
         let t = &self.timing;
         if t.probe_interval == 0 || t.observation_interval == 0 {
@@ -176,8 +196,10 @@ impl Config {
 
     /// The pool secret (file contents, surrounding whitespace removed); at least 16 bytes.
     pub fn pool_secret(&self) -> Result<Vec<u8>, ConfigError> {
-        let raw = std::fs::read(&self.pool_secret_file)
-            .map_err(|source| ConfigError::Read { path: self.pool_secret_file.clone(), source })?;
+        let raw = std::fs::read(&self.pool_secret_file).map_err(|source| ConfigError::Read {
+            path: self.pool_secret_file.clone(),
+            source,
+        })?;
         let s = raw.trim_ascii().to_vec();
         if s.len() < 16 {
             return Err(ConfigError::Invalid {
@@ -230,13 +252,22 @@ port = "vg0"
     #[test]
     fn bad_configs_say_what_is_wrong() {
         let cases = [
-            (GOOD.replace("role = \"local\"", "role = \"primary\""), "unknown variant"),
+            (
+                GOOD.replace("role = \"local\"", "role = \"primary\""),
+                "unknown variant",
+            ),
             (GOOD.replace("port = \"vg0\"", ""), "needs `port`"),
             (GOOD.replace("52:54:00:fb:01:0a", "53:54:00:fb:01:0a"), "multicast"),
             (GOOD.replace("52:54:00:fb:01:0a", "not-a-mac"), "not a MAC"),
-            (GOOD.replace("iface = \"al1\"", "iface = \"app0\""), "both the application NIC"),
+            (
+                GOOD.replace("iface = \"al1\"", "iface = \"app0\""),
+                "both the application NIC",
+            ),
             (GOOD.replace("host = \"a\"", "host = \"a\"\nbogus = 1"), "unknown field"),
-            (format!("{GOOD}\n[timing]\nprobe_loss = 5\n"), "at least two probe intervals"),
+            (
+                format!("{GOOD}\n[timing]\nprobe_loss = 5\n"),
+                "at least two probe intervals",
+            ),
         ];
         for (text, want) in cases {
             let e = parse(&text).unwrap_err().to_string();

@@ -110,13 +110,26 @@ impl State {
         if own_ok != self.own_ok {
             self.own_ok = own_ok;
             if own_ok {
-                self.event("info", format!("application path on {} works again", self.cfg.app_iface));
+                self.event(
+                    "info",
+                    format!("application path on {} works again", self.cfg.app_iface),
+                );
             } else {
-                let why = if !ev.own_carrier { "carrier lost".to_owned() } else { "probes unanswered".to_owned() };
-                self.event("warn", format!("application path on {} failing: {why}", self.cfg.app_iface));
+                let why = if !ev.own_carrier {
+                    "carrier lost".to_owned()
+                } else {
+                    "probes unanswered".to_owned()
+                };
+                self.event(
+                    "warn",
+                    format!("application path on {} failing: {why}", self.cfg.app_iface),
+                );
             }
         }
-        let fresh = ev.partner.as_ref().is_some_and(|p| ev.now_ms.saturating_sub(p.received_ms) <= self.cfg.timing.peer_timeout);
+        let fresh = ev
+            .partner
+            .as_ref()
+            .is_some_and(|p| ev.now_ms.saturating_sub(p.received_ms) <= self.cfg.timing.peer_timeout);
         if fresh != self.partner_fresh {
             self.partner_fresh = fresh;
             if fresh {
@@ -138,7 +151,14 @@ impl State {
         for c in changes {
             let name = self.guest(c.mac).map(|g| g.name.clone()).unwrap_or_default();
             if let Err(e) = self.dp.set_steer(c.mac, c.steer) {
-                self.event("error", format!("guest {name} ({}): cannot change steering: {}", c.mac, eac_common::error_chain(&e)));
+                self.event(
+                    "error",
+                    format!(
+                        "guest {name} ({}): cannot change steering: {}",
+                        c.mac,
+                        eac_common::error_chain(&e)
+                    ),
+                );
                 continue;
             }
             let what = match (c.role, c.steer) {
@@ -147,7 +167,10 @@ impl State {
                 (Role::Partner, true) => "lending our NIC to the partner's guest",
                 (Role::Partner, false) => "no longer lending our NIC",
             };
-            self.event("warn", format!("path change: guest {name} ({}): {what}: {}", c.mac, c.why));
+            self.event(
+                "warn",
+                format!("path change: guest {name} ({}): {what}: {}", c.mac, c.why),
+            );
             // The switch must learn the guest's MAC on the port its traffic now uses.
             if matches!((c.role, c.steer), (Role::Partner, true) | (Role::Local, false)) {
                 self.announce(c.mac);
@@ -159,25 +182,34 @@ impl State {
     fn announce(&mut self, mac: Mac) {
         let Some(g) = self.guest(mac).cloned() else { return };
         if let Some(ip) = g.ip
-            && let Err(e) = self.announcer.ipv4(mac.0, ip) {
-                self.event("error", format!("guest {}: {e}", g.name));
-            }
+            && let Err(e) = self.announcer.ipv4(mac.0, ip)
+        {
+            self.event("error", format!("guest {}: {e}", g.name));
+        }
         if let Some(ip6) = g.ipv6
-            && let Err(e) = self.announcer.ipv6(mac.0, ip6) {
-                self.event("error", format!("guest {}: {e}", g.name));
-            }
+            && let Err(e) = self.announcer.ipv6(mac.0, ip6)
+        {
+            self.event("error", format!("guest {}: {e}", g.name));
+        }
     }
 
     fn observation(&self) -> Observation {
         let now = self.now_ms();
         let requests = self.judge.requests();
-        let stats: BTreeMap<Mac, ebpf_common::GuestStats> =
-            self.dp.guests().unwrap_or_default().into_iter().map(|(m, _, s)| (m, s)).collect();
+        let stats: BTreeMap<Mac, ebpf_common::GuestStats> = self
+            .dp
+            .guests()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(m, _, s)| (m, s))
+            .collect();
         let mono_now_ns = mono_ns();
         Observation {
             app_carrier: self.app_carrier,
             probe_ok: self.own_ok,
-            probe_age_ms: self.last_probe_reply_ms.map_or(u32::MAX, |t| now.saturating_sub(t).min(u64::from(u32::MAX - 1)) as u32),
+            probe_age_ms: self
+                .last_probe_reply_ms
+                .map_or(u32::MAX, |t| now.saturating_sub(t).min(u64::from(u32::MAX - 1)) as u32),
             guests: self
                 .cfg
                 .guests
@@ -231,10 +263,19 @@ impl State {
         self.als[al_index].last_heard_ms = Some(now);
         let Body::Observation(o) = msg.body;
         let guests: BTreeMap<Mac, GuestObservation> = o.guests.into_iter().map(|g| (Mac(g.mac), g)).collect();
-        let requests = guests.values().filter(|g| g.steering_requested).map(|g| Mac(g.mac)).collect();
+        let requests = guests
+            .values()
+            .filter(|g| g.steering_requested)
+            .map(|g| Mac(g.mac))
+            .collect();
         self.partner = Some(PartnerState {
             host: msg.host,
-            view: PartnerView { received_ms: now, carrier: o.app_carrier, probe_ok: o.probe_ok, requests },
+            view: PartnerView {
+                received_ms: now,
+                carrier: o.app_carrier,
+                probe_ok: o.probe_ok,
+                requests,
+            },
             guests,
             probe_age_ms: o.probe_age_ms,
         });
@@ -249,7 +290,9 @@ impl State {
             }
             return;
         }
-        let Some(i) = self.als.iter().position(|a| a.iface == l.name) else { return };
+        let Some(i) = self.als.iter().position(|a| a.iface == l.name) else {
+            return;
+        };
         if self.als[i].carrier == l.carrier {
             return;
         }
@@ -273,15 +316,23 @@ impl State {
             let name = self.als[i].iface.clone();
             match self.dp.use_al(&name) {
                 Ok(()) => self.event("info", format!("steering uses availability link {name}")),
-                Err(e) => self.event("error", format!("cannot switch steering to {name}: {}", eac_common::error_chain(&e))),
+                Err(e) => self.event(
+                    "error",
+                    format!("cannot switch steering to {name}: {}", eac_common::error_chain(&e)),
+                ),
             }
         }
     }
 
     fn status(&self) -> serde_json::Value {
         let now = self.now_ms();
-        let stats: BTreeMap<Mac, ebpf_common::GuestStats> =
-            self.dp.guests().unwrap_or_default().into_iter().map(|(m, _, s)| (m, s)).collect();
+        let stats: BTreeMap<Mac, ebpf_common::GuestStats> = self
+            .dp
+            .guests()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(m, _, s)| (m, s))
+            .collect();
         let guests: Vec<_> = self
             .cfg
             .guests
@@ -338,7 +389,9 @@ fn mono_ns() -> u64 {
 
 /// Runs the daemon until `shutdown` completes; detaches everything on the way out.
 pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), Error> {
-    let secret = cfg.pool_secret().map_err(|e| Error::Config(eac_common::error_chain(&e)))?;
+    let secret = cfg
+        .pool_secret()
+        .map_err(|e| Error::Config(eac_common::error_chain(&e)))?;
     let start = Instant::now();
     let al_names: Vec<&str> = cfg.availability_links.iter().map(|a| a.iface.as_str()).collect();
     let mut dp = Datapath::attach(&cfg.pin_dir, &cfg.app_iface, &al_names)?;
@@ -351,21 +404,32 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let carrier = |name: &str| links.iter().any(|l| l.name == name && l.carrier);
     let mut als = Vec::new();
     for a in &cfg.availability_links {
-        let sock = UdpSocket::bind(a.local)
-            .await
-            .map_err(|source| Error::Io { what: format!("bind {} on {}", a.local, a.iface), source })?;
-        als.push(Al { iface: a.iface.clone(), sock, peer: a.peer, carrier: carrier(&a.iface), last_heard_ms: None });
+        let sock = UdpSocket::bind(a.local).await.map_err(|source| Error::Io {
+            what: format!("bind {} on {}", a.local, a.iface),
+            source,
+        })?;
+        als.push(Al {
+            iface: a.iface.clone(),
+            sock,
+            peer: a.peer,
+            carrier: carrier(&a.iface),
+            last_heard_ms: None,
+        });
     }
     let prober = if cfg.probe_targets.is_empty() {
         None
     } else {
-        Some(AsyncArpProber::new(&cfg.app_iface, cfg.app_ip).map_err(|source| Error::Io {
-            what: format!("ARP probe socket on {}", cfg.app_iface),
-            source,
-        })?)
+        Some(
+            AsyncArpProber::new(&cfg.app_iface, cfg.app_ip).map_err(|source| Error::Io {
+                what: format!("ARP probe socket on {}", cfg.app_iface),
+                source,
+            })?,
+        )
     };
-    let announcer = Announcer::new(&cfg.app_iface)
-        .map_err(|source| Error::Io { what: format!("announcement socket on {}", cfg.app_iface), source })?;
+    let announcer = Announcer::new(&cfg.app_iface).map_err(|source| Error::Io {
+        what: format!("announcement socket on {}", cfg.app_iface),
+        source,
+    })?;
     let control = bind_control(&cfg.control_socket)?;
 
     let now0 = start.elapsed().as_millis() as u64;
@@ -374,7 +438,9 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         judge.add_guest(g.mac, g.role, now0);
     }
     let sealer = Sealer::new(&secret, &cfg.host).map_err(|e| Error::Config(e.to_string()))?;
-    let opener = Opener::new(&secret).map_err(|e| Error::Config(e.to_string()))?.with_local_host(&cfg.host);
+    let opener = Opener::new(&secret)
+        .map_err(|e| Error::Config(e.to_string()))?
+        .with_local_host(&cfg.host);
     let mut st = State {
         app_carrier: carrier(&cfg.app_iface),
         cfg,
@@ -393,7 +459,14 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         events: VecDeque::new(),
     };
     st.choose_al();
-    st.event("info", format!("netpair started on host {} ({} guests)", st.cfg.host, st.cfg.guests.len()));
+    st.event(
+        "info",
+        format!(
+            "netpair started on host {} ({} guests)",
+            st.cfg.host,
+            st.cfg.guests.len()
+        ),
+    );
 
     let mut probe_tick = tokio::time::interval(Duration::from_millis(st.cfg.timing.probe_interval));
     probe_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -448,13 +521,22 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
 
 fn bind_control(path: &std::path::Path) -> Result<UnixListener, Error> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io { what: format!("create {}", dir.display()), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            what: format!("create {}", dir.display()),
+            source,
+        })?;
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(Error::Config(format!("{} is in use: is another netpair running?", path.display())));
+        return Err(Error::Config(format!(
+            "{} is in use: is another netpair running?",
+            path.display()
+        )));
     }
     let _ = std::fs::remove_file(path);
-    let l = UnixListener::bind(path).map_err(|source| Error::Io { what: format!("bind {}", path.display()), source })?;
+    let l = UnixListener::bind(path).map_err(|source| Error::Io {
+        what: format!("bind {}", path.display()),
+        source,
+    })?;
     // Root only: the socket reveals the pool's topology.
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
@@ -477,11 +559,19 @@ async fn serve_control(stream: tokio::net::UnixStream, status: serde_json::Value
 
 /// Asks a running daemon for its status.
 pub async fn query_status(socket: &std::path::Path) -> Result<serde_json::Value, Error> {
-    let io = |what: &str, source| Error::Io { what: format!("{what} {}", socket.display()), source };
-    let mut s = tokio::net::UnixStream::connect(socket).await.map_err(|e| io("connect to", e))?;
+    let io = |what: &str, source| Error::Io {
+        what: format!("{what} {}", socket.display()),
+        source,
+    };
+    let mut s = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| io("connect to", e))?;
     s.write_all(b"status\n").await.map_err(|e| io("write to", e))?;
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).await.map_err(|e| io("read from", e))?;
+    BufReader::new(s)
+        .read_line(&mut line)
+        .await
+        .map_err(|e| io("read from", e))?;
     serde_json::from_str(&line).map_err(|e| Error::Config(format!("bad status reply: {e}")))
 }
 
@@ -491,16 +581,18 @@ fn start_bpf_logger(dp: &mut Datapath) {
         Err(e) => tracing::warn!(error = %e, "eBPF logger unavailable; in-program diagnostics will be lost"),
         // SAFETY: the logger owns its ring-buffer fd, which stays open for as long as the
         // AsyncFd (and so the registration) lives.
-        Ok(logger) => match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
-            Err(e) => tracing::warn!(error = %e, "eBPF logger not registered"),
-            Ok(mut fd) => {
-                tokio::spawn(async move {
-                    while let Ok(mut guard) = fd.readable_mut().await {
-                        guard.get_inner_mut().flush();
-                        guard.clear_ready();
-                    }
-                });
+        Ok(logger) => {
+            match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+                Err(e) => tracing::warn!(error = %e, "eBPF logger not registered"),
+                Ok(mut fd) => {
+                    tokio::spawn(async move {
+                        while let Ok(mut guard) = fd.readable_mut().await {
+                            guard.get_inner_mut().flush();
+                            guard.clear_ready();
+                        }
+                    });
+                }
             }
-        },
+        }
     }
 }

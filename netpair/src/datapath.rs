@@ -17,10 +17,9 @@ use aya::{
     util::nr_cpus,
 };
 use ebpf_common::{
-    CFG_AL_IFINDEX, CFG_APP_IFINDEX, CFG_PARTNER_STEERING, GuestEntry, GuestStats, MAP_CONFIG,
-    MAP_GUEST_STATS, MAP_GUESTS, MAP_STEERED_PORTS, MacKey, PROG_TC_AL_INGRESS, PROG_TC_APP_EGRESS,
-    PROG_TC_APP_INGRESS, PROG_TC_GUEST_INGRESS, PROG_XDP_APP, ROLE_LOCAL, ROLE_PARTNER,
-    STEERED_PORTS_MAX,
+    CFG_AL_IFINDEX, CFG_APP_IFINDEX, CFG_PARTNER_STEERING, GuestEntry, GuestStats, MAP_CONFIG, MAP_GUEST_STATS,
+    MAP_GUESTS, MAP_STEERED_PORTS, MacKey, PROG_TC_AL_INGRESS, PROG_TC_APP_EGRESS, PROG_TC_APP_INGRESS,
+    PROG_TC_GUEST_INGRESS, PROG_XDP_APP, ROLE_LOCAL, ROLE_PARTNER, STEERED_PORTS_MAX,
 };
 
 use crate::{Error, Mac, xdp::ifindex};
@@ -49,8 +48,10 @@ impl Datapath {
     /// on every availability link. The first AL carries steered frames until
     /// [`Datapath::use_al`] says otherwise.
     pub fn attach(pin_dir: &Path, app_iface: &str, al_ifaces: &[&str]) -> Result<Self, Error> {
-        std::fs::create_dir_all(pin_dir)
-            .map_err(|source| Error::Io { what: format!("create {}", pin_dir.display()), source })?;
+        std::fs::create_dir_all(pin_dir).map_err(|source| Error::Io {
+            what: format!("create {}", pin_dir.display()),
+            source,
+        })?;
         let app_ifindex = ifindex(app_iface)?;
         let al_ifindexes = al_ifaces
             .iter()
@@ -60,15 +61,31 @@ impl Datapath {
             .default_map_pin_directory(pin_dir)
             .load(crate::xdp::EBPF_OBJECT)
             .map_err(Error::Load)?;
-        let mut dp = Self { ebpf, pin_dir: pin_dir.to_owned(), al_ifindexes, guest_links: HashMap::new() };
+        let mut dp = Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            al_ifindexes,
+            guest_links: HashMap::new(),
+        };
 
         let xdp: &mut Xdp = program(&mut dp.ebpf, PROG_XDP_APP)?;
-        xdp.load().map_err(|source| Error::Program { name: PROG_XDP_APP, source })?;
+        xdp.load().map_err(|source| Error::Program {
+            name: PROG_XDP_APP,
+            source,
+        })?;
         if let Err(e) = xdp.attach(app_iface, XdpMode::Driver) {
             tracing::info!(app_iface, error = %e, "driver-mode XDP refused; using generic mode");
-            xdp.attach(app_iface, XdpMode::Skb).map_err(|source| Error::Program { name: PROG_XDP_APP, source })?;
+            xdp.attach(app_iface, XdpMode::Skb).map_err(|source| Error::Program {
+                name: PROG_XDP_APP,
+                source,
+            })?;
         }
-        for name in [PROG_TC_APP_INGRESS, PROG_TC_APP_EGRESS, PROG_TC_AL_INGRESS, PROG_TC_GUEST_INGRESS] {
+        for name in [
+            PROG_TC_APP_INGRESS,
+            PROG_TC_APP_EGRESS,
+            PROG_TC_AL_INGRESS,
+            PROG_TC_GUEST_INGRESS,
+        ] {
             let p: &mut SchedClassifier = program(&mut dp.ebpf, name)?;
             p.load().map_err(|source| Error::Program { name, source })?;
         }
@@ -104,13 +121,26 @@ impl Datapath {
             _pad: 0,
         };
         let key = MacKey::new(mac.0);
-        let cpus = nr_cpus().map_err(|(what, source)| Error::Io { what: what.to_owned(), source })?;
-        let zero = PerCpuValues::try_from(vec![GuestStats::default(); cpus])
-            .map_err(|source| Error::Io { what: "per-CPU values".into(), source })?;
+        let cpus = nr_cpus().map_err(|(what, source)| Error::Io {
+            what: what.to_owned(),
+            source,
+        })?;
+        let zero = PerCpuValues::try_from(vec![GuestStats::default(); cpus]).map_err(|source| Error::Io {
+            what: "per-CPU values".into(),
+            source,
+        })?;
         self.stats_map_mut()?
             .insert(key, zero, 0)
-            .map_err(|source| Error::Map { name: MAP_GUEST_STATS, source })?;
-        self.guests_map_mut()?.insert(key, entry, 0).map_err(|source| Error::Map { name: MAP_GUESTS, source })?;
+            .map_err(|source| Error::Map {
+                name: MAP_GUEST_STATS,
+                source,
+            })?;
+        self.guests_map_mut()?
+            .insert(key, entry, 0)
+            .map_err(|source| Error::Map {
+                name: MAP_GUESTS,
+                source,
+            })?;
         if let (Role::Local, Some(p)) = (role, port) {
             let link = attach_tc(&mut self.ebpf, PROG_TC_GUEST_INGRESS, p, TcAttachType::Ingress)?;
             self.guest_links.insert(mac, (p.to_owned(), link));
@@ -137,12 +167,17 @@ impl Datapath {
     /// Turns steering of one guest through the partner's NIC on or off.
     pub fn set_steer(&mut self, mac: Mac, on: bool) -> Result<(), Error> {
         let key = MacKey::new(mac.0);
-        let mut entry = self
-            .guests_map()?
-            .get(&key, 0)
-            .map_err(|source| Error::Map { name: MAP_GUESTS, source })?;
+        let mut entry = self.guests_map()?.get(&key, 0).map_err(|source| Error::Map {
+            name: MAP_GUESTS,
+            source,
+        })?;
         entry.steer = u32::from(on);
-        self.guests_map_mut()?.insert(key, entry, 0).map_err(|source| Error::Map { name: MAP_GUESTS, source })?;
+        self.guests_map_mut()?
+            .insert(key, entry, 0)
+            .map_err(|source| Error::Map {
+                name: MAP_GUESTS,
+                source,
+            })?;
         self.refresh_steering_tables()
     }
 
@@ -163,8 +198,14 @@ impl Datapath {
         let stats = self.stats_map()?;
         let mut out = Vec::new();
         for item in guests.iter() {
-            let (key, entry) = item.map_err(|source| Error::Map { name: MAP_GUESTS, source })?;
-            let s = stats.get(&key, 0).map(|v| GuestStats::sum(v.iter())).unwrap_or_default();
+            let (key, entry) = item.map_err(|source| Error::Map {
+                name: MAP_GUESTS,
+                source,
+            })?;
+            let s = stats
+                .get(&key, 0)
+                .map(|v| GuestStats::sum(v.iter()))
+                .unwrap_or_default();
             out.push((Mac(key.addr), entry, s));
         }
         Ok(out)
@@ -175,7 +216,10 @@ impl Datapath {
         let v = self
             .stats_map()?
             .get(&MacKey::new(mac.0), 0)
-            .map_err(|source| Error::Map { name: MAP_GUEST_STATS, source })?;
+            .map_err(|source| Error::Map {
+                name: MAP_GUEST_STATS,
+                source,
+            })?;
         Ok(GuestStats::sum(v.iter()))
     }
 
@@ -188,32 +232,51 @@ impl Datapath {
             .map(|(_, e, _)| e.guest_ifindex)
             .collect();
         if ports.len() > STEERED_PORTS_MAX as usize {
-            tracing::warn!(n = ports.len(), max = STEERED_PORTS_MAX, "more steered guests than broadcast slots");
+            tracing::warn!(
+                n = ports.len(),
+                max = STEERED_PORTS_MAX,
+                "more steered guests than broadcast slots"
+            );
         }
         let partner = guests.iter().any(|(_, e, _)| e.role == ROLE_PARTNER && e.steer == 1);
         let mut slots: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, MAP_STEERED_PORTS)?;
         for i in 0..STEERED_PORTS_MAX {
             let v = ports.get(i as usize).copied().unwrap_or(0);
-            slots.set(i, v, 0).map_err(|source| Error::Map { name: MAP_STEERED_PORTS, source })?;
+            slots.set(i, v, 0).map_err(|source| Error::Map {
+                name: MAP_STEERED_PORTS,
+                source,
+            })?;
         }
         self.set_config(CFG_PARTNER_STEERING, u32::from(partner))
     }
 
     fn set_config(&mut self, index: u32, value: u32) -> Result<(), Error> {
         let mut cfg: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, MAP_CONFIG)?;
-        cfg.set(index, value, 0).map_err(|source| Error::Map { name: MAP_CONFIG, source })
+        cfg.set(index, value, 0).map_err(|source| Error::Map {
+            name: MAP_CONFIG,
+            source,
+        })
     }
 
     fn guests_map(&self) -> Result<BpfHashMap<&MapData, MacKey, GuestEntry>, Error> {
         let m = self.ebpf.map(MAP_GUESTS).ok_or(Error::MissingMap(MAP_GUESTS))?;
-        BpfHashMap::try_from(m).map_err(|source| Error::Map { name: MAP_GUESTS, source })
+        BpfHashMap::try_from(m).map_err(|source| Error::Map {
+            name: MAP_GUESTS,
+            source,
+        })
     }
     fn guests_map_mut(&mut self) -> Result<BpfHashMap<&mut MapData, MacKey, GuestEntry>, Error> {
         map_mut(&mut self.ebpf, MAP_GUESTS)
     }
     fn stats_map(&self) -> Result<PerCpuHashMap<&MapData, MacKey, GuestStats>, Error> {
-        let m = self.ebpf.map(MAP_GUEST_STATS).ok_or(Error::MissingMap(MAP_GUEST_STATS))?;
-        PerCpuHashMap::try_from(m).map_err(|source| Error::Map { name: MAP_GUEST_STATS, source })
+        let m = self
+            .ebpf
+            .map(MAP_GUEST_STATS)
+            .ok_or(Error::MissingMap(MAP_GUEST_STATS))?;
+        PerCpuHashMap::try_from(m).map_err(|source| Error::Map {
+            name: MAP_GUEST_STATS,
+            source,
+        })
     }
     fn stats_map_mut(&mut self) -> Result<PerCpuHashMap<&mut MapData, MacKey, GuestStats>, Error> {
         map_mut(&mut self.ebpf, MAP_GUEST_STATS)
@@ -224,14 +287,18 @@ impl Datapath {
     /// for XDP programs, a `TC_ACT_*` code (as `u32`) for TC programs.
     pub fn test_run(&mut self, prog: &'static str, frame: &[u8]) -> Result<u32, Error> {
         use aya::programs::{TestRun, TestRunOptions};
-        let opts = TestRunOptions { data_in: Some(frame), ..Default::default() };
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ..Default::default()
+        };
         let p = self.ebpf.program_mut(prog).ok_or(Error::MissingProgram(prog))?;
         let r = match p {
             aya::programs::Program::Xdp(x) => x.test_run(opts),
             aya::programs::Program::SchedClassifier(c) => c.test_run(opts),
             _ => return Err(Error::Config(format!("{prog} is neither XDP nor TC"))),
         };
-        r.map(|r| r.return_value).map_err(|source| Error::Program { name: prog, source })
+        r.map(|r| r.return_value)
+            .map_err(|source| Error::Program { name: prog, source })
     }
 
     /// The eBPF object, for callers that need more (aya-log).
@@ -258,7 +325,12 @@ where
     T::try_from(m).map_err(|source| Error::Map { name, source })
 }
 
-fn attach_tc(ebpf: &mut Ebpf, name: &'static str, iface: &str, at: TcAttachType) -> Result<SchedClassifierLinkId, Error> {
+fn attach_tc(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    iface: &str,
+    at: TcAttachType,
+) -> Result<SchedClassifierLinkId, Error> {
     let p: &mut SchedClassifier = program(ebpf, name)?;
     p.attach(iface, at).map_err(|source| Error::Program { name, source })
 }

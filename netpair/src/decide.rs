@@ -70,12 +70,25 @@ pub struct Judge {
 
 impl Judge {
     pub fn new(timing: Timing, probes_configured: bool, now_ms: u64) -> Self {
-        Self { timing, probes: probes_configured, started_ms: now_ms, own_good_since: Some(now_ms), guests: BTreeMap::new() }
+        Self {
+            timing,
+            probes: probes_configured,
+            started_ms: now_ms,
+            own_good_since: Some(now_ms),
+            guests: BTreeMap::new(),
+        }
     }
 
     pub fn add_guest(&mut self, mac: Mac, role: Role, now_ms: u64) {
-        self.guests
-            .insert(mac, GuestDecision { role, steering: false, since_ms: now_ms, why: "protected".into() });
+        self.guests.insert(
+            mac,
+            GuestDecision {
+                role,
+                steering: false,
+                since_ms: now_ms,
+                why: "protected".into(),
+            },
+        );
     }
 
     pub fn guests(&self) -> &BTreeMap<Mac, GuestDecision> {
@@ -96,7 +109,10 @@ impl Judge {
             let last = ev.own_last_probe_reply_ms.unwrap_or(self.started_ms);
             let age = ev.now_ms.saturating_sub(last);
             if age > self.timing.probe_loss {
-                return Some(format!("no probe reply for {age} ms (limit {} ms)", self.timing.probe_loss));
+                return Some(format!(
+                    "no probe reply for {age} ms (limit {} ms)",
+                    self.timing.probe_loss
+                ));
             }
         }
         None
@@ -104,10 +120,14 @@ impl Judge {
 
     /// The partner's path as far as we know: Err(reason) if unknown or bad.
     fn partner_path<'e>(&self, ev: &'e Evidence) -> Result<&'e PartnerView, String> {
-        let Some(p) = &ev.partner else { return Err("no word from the partner yet".into()) };
+        let Some(p) = &ev.partner else {
+            return Err("no word from the partner yet".into());
+        };
         let age = ev.now_ms.saturating_sub(p.received_ms);
         if age > self.timing.peer_timeout {
-            return Err(format!("no word from the partner for {age} ms over the availability links"));
+            return Err(format!(
+                "no word from the partner for {age} ms over the availability links"
+            ));
         }
         if !p.carrier {
             return Err("the partner has no carrier either".into());
@@ -127,7 +147,10 @@ impl Judge {
             _ => {}
         }
         let partner = self.partner_path(ev);
-        let partner_fresh = ev.partner.as_ref().is_some_and(|p| ev.now_ms.saturating_sub(p.received_ms) <= self.timing.peer_timeout);
+        let partner_fresh = ev
+            .partner
+            .as_ref()
+            .is_some_and(|p| ev.now_ms.saturating_sub(p.received_ms) <= self.timing.peer_timeout);
         let own_good_for = self.own_good_since.map(|s| ev.now_ms.saturating_sub(s));
         let mut changes = Vec::new();
         for (mac, g) in self.guests.iter_mut() {
@@ -157,19 +180,29 @@ impl Judge {
                 }
             };
             if let Some((steer, why)) = verdict
-                && steer != g.steering {
-                    g.steering = steer;
-                    g.since_ms = ev.now_ms;
-                    g.why = why.clone();
-                    changes.push(Change { mac: *mac, role: g.role, steer, why });
-                }
+                && steer != g.steering
+            {
+                g.steering = steer;
+                g.since_ms = ev.now_ms;
+                g.why = why.clone();
+                changes.push(Change {
+                    mac: *mac,
+                    role: g.role,
+                    steer,
+                    why,
+                });
+            }
         }
         changes
     }
 
     /// Local guests we currently ask the partner to carry.
     pub fn requests(&self) -> BTreeSet<Mac> {
-        self.guests.iter().filter(|(_, g)| g.role == Role::Local && g.steering).map(|(m, _)| *m).collect()
+        self.guests
+            .iter()
+            .filter(|(_, g)| g.role == Role::Local && g.steering)
+            .map(|(m, _)| *m)
+            .collect()
     }
 }
 
@@ -188,11 +221,21 @@ mod tests {
     }
 
     fn partner(at: u64, ok: bool, requests: &[Mac]) -> Option<PartnerView> {
-        Some(PartnerView { received_ms: at, carrier: true, probe_ok: ok, requests: requests.iter().copied().collect() })
+        Some(PartnerView {
+            received_ms: at,
+            carrier: true,
+            probe_ok: ok,
+            requests: requests.iter().copied().collect(),
+        })
     }
 
     fn ev(now: u64, carrier: bool, last_reply: u64, p: Option<PartnerView>) -> Evidence {
-        Evidence { now_ms: now, own_carrier: carrier, own_last_probe_reply_ms: Some(last_reply), partner: p }
+        Evidence {
+            now_ms: now,
+            own_carrier: carrier,
+            own_last_probe_reply_ms: Some(last_reply),
+            partner: p,
+        }
     }
 
     fn steers(c: &[Change], mac: Mac) -> Option<bool> {
@@ -243,19 +286,28 @@ mod tests {
         let mut j = judge();
         for t in (0..3000).step_by(10) {
             // Partner last heard at 100; our own path is fine throughout.
-            assert!(j.evaluate(&ev(t, true, t, partner(100.min(t), true, &[]))).is_empty(), "t={t}");
+            assert!(
+                j.evaluate(&ev(t, true, t, partner(100.min(t), true, &[]))).is_empty(),
+                "t={t}"
+            );
         }
     }
 
     #[test]
     fn traffic_returns_after_the_hold_time_not_before() {
         let mut j = judge();
-        assert_eq!(steers(&j.evaluate(&ev(100, false, 100, partner(100, true, &[]))), G), Some(true));
+        assert_eq!(
+            steers(&j.evaluate(&ev(100, false, 100, partner(100, true, &[]))), G),
+            Some(true)
+        );
         // Carrier back at 200; flaps at 700; back at 800.
         assert!(j.evaluate(&ev(200, true, 200, partner(200, true, &[]))).is_empty());
         assert!(j.evaluate(&ev(700, false, 700, partner(700, true, &[]))).is_empty());
         assert!(j.evaluate(&ev(800, true, 800, partner(800, true, &[]))).is_empty());
-        assert!(j.evaluate(&ev(1799, true, 1799, partner(1799, true, &[]))).is_empty(), "hold not over");
+        assert!(
+            j.evaluate(&ev(1799, true, 1799, partner(1799, true, &[]))).is_empty(),
+            "hold not over"
+        );
         let c = j.evaluate(&ev(1800, true, 1800, partner(1800, true, &[])));
         assert_eq!(steers(&c, G), Some(false));
         assert!(c[0].why.contains("1000 ms"));
@@ -297,9 +349,17 @@ mod tests {
     fn without_probe_targets_only_carrier_counts() {
         let mut j = Judge::new(Timing::default(), false, 0);
         j.add_guest(G, Role::Local, 0);
-        let none = Evidence { now_ms: 10_000, own_carrier: true, own_last_probe_reply_ms: None, partner: partner(10_000, true, &[]) };
+        let none = Evidence {
+            now_ms: 10_000,
+            own_carrier: true,
+            own_last_probe_reply_ms: None,
+            partner: partner(10_000, true, &[]),
+        };
         assert!(j.evaluate(&none).is_empty());
-        let down = Evidence { own_carrier: false, ..none };
+        let down = Evidence {
+            own_carrier: false,
+            ..none
+        };
         assert_eq!(steers(&j.evaluate(&down), G), Some(true));
     }
 }

@@ -6,12 +6,12 @@
 //! - [`xdp`]: loading the eBPF object; the plain frame counter used by the lab smoke test.
 
 pub mod config;
-pub mod datapath;
-pub mod packet;
-pub mod proto;
 pub mod daemon;
+pub mod datapath;
 pub mod decide;
 pub mod link;
+pub mod packet;
+pub mod proto;
 pub mod xdp;
 
 pub use datapath::{Datapath, Role};
@@ -24,7 +24,11 @@ pub struct Mac(pub [u8; 6]);
 impl std::fmt::Display for Mac {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -70,7 +74,13 @@ mod tests {
         let m: Mac = "52:54:00:fb:01:0a".parse().unwrap();
         assert_eq!(m.0, [0x52, 0x54, 0, 0xfb, 1, 0x0a]);
         assert_eq!(m.to_string(), "52:54:00:fb:01:0a");
-        for bad in ["", "52:54:00:fb:01", "52:54:00:fb:01:0a:00", "zz:54:00:fb:01:0a", "5:54:00:fb:01:0a0"] {
+        for bad in [
+            "",
+            "52:54:00:fb:01",
+            "52:54:00:fb:01:0a:00",
+            "zz:54:00:fb:01:0a",
+            "5:54:00:fb:01:0a0",
+        ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad:?} accepted");
         }
     }

@@ -27,15 +27,21 @@ fn state_of(msg: &LinkMessage) -> Option<LinkState> {
         _ => None,
     })?;
     let f = msg.header.flags;
-    Some(LinkState { name, carrier: f.contains(LinkFlags::Up) && f.contains(LinkFlags::LowerUp) })
+    Some(LinkState {
+        name,
+        carrier: f.contains(LinkFlags::Up) && f.contains(LinkFlags::LowerUp),
+    })
 }
 
 /// Subscribes to link notifications, then reads the current state of every link.
 /// Returns that state and a channel of later changes (deleted links arrive with carrier
 /// false). Must run inside a tokio runtime; the netlink connection lives in a spawned task.
 pub async fn watch() -> Result<(Vec<LinkState>, mpsc::UnboundedReceiver<LinkState>), Error> {
-    let (conn, handle, mut messages) = rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
-        .map_err(|source| Error::Io { what: "rtnetlink multicast socket".into(), source })?;
+    let (conn, handle, mut messages) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).map_err(|source| Error::Io {
+            what: "rtnetlink multicast socket".into(),
+            source,
+        })?;
     tokio::spawn(conn);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -48,9 +54,10 @@ pub async fn watch() -> Result<(Vec<LinkState>, mpsc::UnboundedReceiver<LinkStat
                 _ => None,
             };
             if let Some(s) = change
-                && tx.send(s).is_err() {
-                    break;
-                }
+                && tx.send(s).is_err()
+            {
+                break;
+            }
         }
     });
     let links: Vec<LinkMessage> = handle
@@ -59,6 +66,9 @@ pub async fn watch() -> Result<(Vec<LinkState>, mpsc::UnboundedReceiver<LinkStat
         .execute()
         .try_collect()
         .await
-        .map_err(|e| Error::Io { what: "rtnetlink link dump".into(), source: std::io::Error::other(e.to_string()) })?;
+        .map_err(|e| Error::Io {
+            what: "rtnetlink link dump".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
     Ok((links.iter().filter_map(state_of).collect(), rx))
 }

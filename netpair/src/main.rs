@@ -4,7 +4,11 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "netpair", version, about = "Active-active network pairing for protected guests")]
+#[command(
+    name = "netpair",
+    version,
+    about = "Active-active network pairing for protected guests"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -93,7 +97,10 @@ fn runtime() -> Result<tokio::runtime::Runtime, netpair::Error> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|source| netpair::Error::Io { what: "tokio runtime".into(), source })
+        .map_err(|source| netpair::Error::Io {
+            what: "tokio runtime".into(),
+            source,
+        })
 }
 
 async fn shutdown_signal() {
@@ -108,16 +115,39 @@ async fn shutdown_signal() {
 
 fn print_status(v: &serde_json::Value) {
     let s = |v: &serde_json::Value| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
-    println!("host {}  app {} carrier={} path_ok={}", s(&v["host"]), s(&v["app"]["iface"]), v["app"]["carrier"], v["app"]["path_ok"]);
+    println!(
+        "host {}  app {} carrier={} path_ok={}",
+        s(&v["host"]),
+        s(&v["app"]["iface"]),
+        v["app"]["carrier"],
+        v["app"]["path_ok"]
+    );
     for a in v["availability_links"].as_array().into_iter().flatten() {
-        println!("  link {} carrier={} active={} heard {} ms ago", s(&a["iface"]), a["carrier"], a["active"], a["last_heard_ms_ago"]);
+        println!(
+            "  link {} carrier={} active={} heard {} ms ago",
+            s(&a["iface"]),
+            a["carrier"],
+            a["active"],
+            a["last_heard_ms_ago"]
+        );
     }
     match v["partner"].as_object() {
-        Some(p) => println!("  partner {} reachable={} path_ok={}", s(&p["host"]), p["reachable"], p["path_ok"]),
+        Some(p) => println!(
+            "  partner {} reachable={} path_ok={}",
+            s(&p["host"]),
+            p["reachable"],
+            p["path_ok"]
+        ),
         None => println!("  partner: never heard"),
     }
     for g in v["guests"].as_array().into_iter().flatten() {
-        println!("guest {} {} role={} path: {}", s(&g["name"]), s(&g["mac"]), s(&g["role"]), s(&g["active_path"]));
+        println!(
+            "guest {} {} role={} path: {}",
+            s(&g["name"]),
+            s(&g["mac"]),
+            s(&g["role"]),
+            s(&g["active_path"])
+        );
         println!("    here: {}", g["counters"]["here"]);
         println!("    partner: {}", g["counters"]["partner"]);
         if let Some(d) = g["last_decision"].as_object() {

@@ -114,7 +114,9 @@ pub fn parse_arp(frame: &[u8]) -> Option<Arp> {
 
 /// The (sender IP, sender MAC) of an ARP reply; `None` for anything else.
 pub fn parse_arp_reply(frame: &[u8]) -> Option<(Ipv4Addr, [u8; 6])> {
-    parse_arp(frame).filter(|a| a.op == ARP_REPLY).map(|a| (a.sender_ip, a.sender_mac))
+    parse_arp(frame)
+        .filter(|a| a.op == ARP_REPLY)
+        .map(|a| (a.sender_ip, a.sender_mac))
 }
 
 /// The ICMPv6 checksum (RFC 4443 §2.3) of `msg` (checksum field zeroed or not: it is skipped)
@@ -196,7 +198,10 @@ fn sockaddr_ll(ifindex: i32, protocol: u16, dst: [u8; 6]) -> libc::sockaddr_ll {
 fn ifreq(iface: &str) -> io::Result<libc::ifreq> {
     let name = iface.as_bytes();
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(&0) {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{iface:?} is not an interface name")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{iface:?} is not an interface name"),
+        ));
     }
     // SAFETY: ifreq is a plain C struct (a name array and a union of plain data); all-zero is valid.
     let mut req: libc::ifreq = unsafe { zeroed() };
@@ -214,8 +219,13 @@ impl RawSocket {
         // Protocol 0: nothing is queued until bind() names the protocol and the interface, so
         // no frame from another interface slips in between.
         // SAFETY: socket(2) takes no pointers; the result is checked before use.
-        let raw =
-            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
+        };
         if raw < 0 {
             return Err(ctx("AF_PACKET socket (needs CAP_NET_RAW)", io::Error::last_os_error()));
         }
@@ -256,12 +266,35 @@ impl RawSocket {
             // BPF filter in the kernel keep only `protocol`, attached before bind so no other
             // frame is ever queued.
             let filter = [
-                libc::sock_filter { code: 0x28, jt: 0, jf: 0, k: 12 }, // ldh [12]  (ethertype)
-                libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: u32::from(protocol) }, // jeq protocol
-                libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0x0004_0000 }, // ret: accept
-                libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: 0 },           // ret: drop
+                libc::sock_filter {
+                    code: 0x28,
+                    jt: 0,
+                    jf: 0,
+                    k: 12,
+                }, // ldh [12]  (ethertype)
+                libc::sock_filter {
+                    code: 0x15,
+                    jt: 0,
+                    jf: 1,
+                    k: u32::from(protocol),
+                }, // jeq protocol
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: 0x0004_0000,
+                }, // ret: accept
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: 0,
+                }, // ret: drop
             ];
-            let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr().cast_mut() };
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
+            };
             // SAFETY: setsockopt copies the sock_fprog and the filter array it points to, both
             // live locals, during the call.
             let r = unsafe {
@@ -296,7 +329,12 @@ impl RawSocket {
     fn send(&self, frame: &[u8]) -> io::Result<()> {
         let (dst, proto) = match frame.get(..ETH_HLEN) {
             Some(h) => ([h[0], h[1], h[2], h[3], h[4], h[5]], u16::from_be_bytes([h[12], h[13]])),
-            None => return Err(io::Error::new(io::ErrorKind::InvalidInput, "frame shorter than an Ethernet header")),
+            None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "frame shorter than an Ethernet header",
+                ));
+            }
         };
         let sa = sockaddr_ll(self.ifindex, proto, dst);
         // SAFETY: sendto reads `frame.len()` bytes from the live slice and a sockaddr_ll of
@@ -365,7 +403,10 @@ pub struct ArpProber {
 impl ArpProber {
     /// A prober on `iface` (its MAC is read from the interface) asking as `our_ip`.
     pub fn new(iface: &str, our_ip: Ipv4Addr) -> io::Result<Self> {
-        Ok(Self { sock: RawSocket::open(iface, Some(ETH_P_ARP))?, ip: our_ip })
+        Ok(Self {
+            sock: RawSocket::open(iface, Some(ETH_P_ARP))?,
+            ip: our_ip,
+        })
     }
 
     /// The interface's MAC: the sender of our requests.
@@ -480,21 +521,32 @@ pub struct Announcer {
 
 impl Announcer {
     pub fn new(iface: &str) -> io::Result<Self> {
-        Ok(Self { sock: RawSocket::open(iface, None)?, iface: iface.to_owned() })
+        Ok(Self {
+            sock: RawSocket::open(iface, None)?,
+            iface: iface.to_owned(),
+        })
     }
 
     /// A gratuitous ARP for `guest_ip` at `guest_mac` ([`build_garp`]).
     pub fn ipv4(&self, guest_mac: [u8; 6], guest_ip: Ipv4Addr) -> io::Result<()> {
-        self.sock
-            .send(&build_garp(guest_mac, guest_ip))
-            .map_err(|e| io::Error::new(e.kind(), format!("gratuitous ARP for {guest_ip} on {}: {e}", self.iface)))
+        self.sock.send(&build_garp(guest_mac, guest_ip)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("gratuitous ARP for {guest_ip} on {}: {e}", self.iface),
+            )
+        })
     }
 
     /// An unsolicited NA for `guest_ip6` at `guest_mac` ([`build_unsolicited_na`]).
     pub fn ipv6(&self, guest_mac: [u8; 6], guest_ip6: Ipv6Addr) -> io::Result<()> {
         self.sock
             .send(&build_unsolicited_na(guest_mac, guest_ip6))
-            .map_err(|e| io::Error::new(e.kind(), format!("unsolicited NA for {guest_ip6} on {}: {e}", self.iface)))
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("unsolicited NA for {guest_ip6} on {}: {e}", self.iface),
+                )
+            })
     }
 }
 
@@ -529,14 +581,24 @@ mod tests {
         assert_eq!(&f[..42], want);
         assert!(f[42..].iter().all(|&b| b == 0));
         let a = parse_arp(&f).unwrap();
-        assert_eq!((a.op, a.sender_ip, a.target_ip), (1, Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 254)));
+        assert_eq!(
+            (a.op, a.sender_ip, a.target_ip),
+            (1, Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 254))
+        );
         assert_eq!(parse_arp_reply(&f), None, "a request is not a reply");
     }
 
     #[test]
     fn arp_reply_is_parsed() {
         let theirs = [2, 0, 0, 0, 0, 9];
-        let f = arp_frame(MAC, ARP_REPLY, theirs, Ipv4Addr::new(10, 0, 0, 254), MAC, Ipv4Addr::new(10, 0, 0, 1));
+        let f = arp_frame(
+            MAC,
+            ARP_REPLY,
+            theirs,
+            Ipv4Addr::new(10, 0, 0, 254),
+            MAC,
+            Ipv4Addr::new(10, 0, 0, 1),
+        );
         assert_eq!(parse_arp_reply(&f), Some((Ipv4Addr::new(10, 0, 0, 254), theirs)));
         // Without padding (as a kernel sends it on veth) too.
         assert_eq!(parse_arp_reply(&f[..42]), Some((Ipv4Addr::new(10, 0, 0, 254), theirs)));
@@ -549,12 +611,28 @@ mod tests {
         let a = parse_arp(&f).unwrap();
         assert_eq!(&f[..6], &BROADCAST);
         assert_eq!(&f[6..12], &MAC);
-        assert_eq!(a, Arp { op: 1, sender_mac: MAC, sender_ip: ip, target_mac: [0; 6], target_ip: ip });
+        assert_eq!(
+            a,
+            Arp {
+                op: 1,
+                sender_mac: MAC,
+                sender_ip: ip,
+                target_mac: [0; 6],
+                target_ip: ip
+            }
+        );
     }
 
     #[test]
     fn truncated_and_garbage_frames_are_none() {
-        let good = arp_frame(MAC, ARP_REPLY, MAC, Ipv4Addr::new(1, 2, 3, 4), MAC, Ipv4Addr::new(5, 6, 7, 8));
+        let good = arp_frame(
+            MAC,
+            ARP_REPLY,
+            MAC,
+            Ipv4Addr::new(1, 2, 3, 4),
+            MAC,
+            Ipv4Addr::new(5, 6, 7, 8),
+        );
         for len in 0..42 {
             assert_eq!(parse_arp(&good[..len]), None, "truncated to {len}");
         }
@@ -607,7 +685,11 @@ mod tests {
         let f = build_unsolicited_na(MAC, ll);
         assert_eq!(u16::from_be_bytes([f[56], f[57]]), 0xcb68);
         // A receiver's check: the sum over everything, checksum included, is 0xffff.
-        assert_eq!(icmpv6_checksum(ll, ALL_NODES, &f[54..]), 0xcb68, "the checksum field is skipped");
+        assert_eq!(
+            icmpv6_checksum(ll, ALL_NODES, &f[54..]),
+            0xcb68,
+            "the checksum field is skipped"
+        );
     }
 
     #[test]

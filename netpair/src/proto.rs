@@ -100,7 +100,10 @@ const BINCODE: bincode::config::Configuration<
     bincode::config::BigEndian,
     bincode::config::Fixint,
     bincode::config::Limit<MAX_DATAGRAM>,
-> = bincode::config::standard().with_big_endian().with_fixed_int_encoding().with_limit::<MAX_DATAGRAM>();
+> = bincode::config::standard()
+    .with_big_endian()
+    .with_fixed_int_encoding()
+    .with_limit::<MAX_DATAGRAM>();
 
 /// Why a datagram was refused (or a sealer/opener could not be made). The daemon logs it
 /// with the sender's address.
@@ -118,7 +121,12 @@ pub enum ProtoError {
     #[error("replayed message from {host}: session {session:016x} seq {seq} already accepted")]
     Replayed { host: String, session: u64, seq: u64 },
     #[error("stale message from {host}: session {session:016x} seq {seq} is older than the last accepted seq {last}")]
-    Stale { host: String, session: u64, seq: u64, last: u64 },
+    Stale {
+        host: String,
+        session: u64,
+        seq: u64,
+        last: u64,
+    },
     #[error("message from {host} belongs to its retired session {session:016x} (replayed from before a restart)")]
     RetiredSession { host: String, session: u64 },
     #[error("message claims to come from this host ({host}): reflected back to us")]
@@ -194,7 +202,9 @@ fn bounded_guests<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<GuestObservatio
         fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
             let n = seq.size_hint().unwrap_or(0);
             if n > MAX_GUESTS {
-                return Err(serde::de::Error::custom(format_args!("{n} guests (at most {MAX_GUESTS})")));
+                return Err(serde::de::Error::custom(format_args!(
+                    "{n} guests (at most {MAX_GUESTS})"
+                )));
             }
             let mut v = Vec::with_capacity(n);
             while let Some(g) = seq.next_element()? {
@@ -218,7 +228,9 @@ fn check_secret(secret: &[u8]) -> Result<(), ProtoError> {
 
 fn check_host(host: &str) -> Result<(), ProtoError> {
     if host.is_empty() || host.len() > MAX_HOST_LEN {
-        return Err(ProtoError::Config(format!("host name {host:?} must be 1 to {MAX_HOST_LEN} bytes long")));
+        return Err(ProtoError::Config(format!(
+            "host name {host:?} must be 1 to {MAX_HOST_LEN} bytes long"
+        )));
     }
     Ok(())
 }
@@ -229,7 +241,9 @@ fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes one timespec through a pointer to a live, writable local;
     // CLOCK_MONOTONIC is always available on Linux, so it cannot fail.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// Seals messages from this host: one per daemon run (one session).
@@ -255,7 +269,9 @@ impl Sealer {
     /// A sealer for `host` with a random session id (from /dev/urandom).
     pub fn new(secret: &[u8], host: &str) -> Result<Self, ProtoError> {
         let mut b = [0u8; 8];
-        std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).map_err(ProtoError::Random)?;
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut b))
+            .map_err(ProtoError::Random)?;
         Self::with_session(secret, host, u64::from_be_bytes(b))
     }
 
@@ -264,7 +280,12 @@ impl Sealer {
         check_secret(secret)?;
         check_host(host)?;
         let mac = HmacSha256::new_from_slice(secret).map_err(|e| ProtoError::Config(e.to_string()))?;
-        Ok(Self { mac, host: host.to_owned(), session, seq: 0 })
+        Ok(Self {
+            mac,
+            host: host.to_owned(),
+            session,
+            seq: 0,
+        })
     }
 
     pub fn session(&self) -> u64 {
@@ -295,9 +316,17 @@ impl Sealer {
                 )
             }
         }
-        let msg = Message { host: self.host.clone(), sent_mono_ns, body };
+        let msg = Message {
+            host: self.host.clone(),
+            sent_mono_ns,
+            body,
+        };
         let encoded = bincode::serde::encode_to_vec(&msg, BINCODE).expect("a bounded message always encodes");
-        assert!(encoded.len() <= MAX_BODY, "pairing body of {} bytes exceeds {MAX_BODY}", encoded.len());
+        assert!(
+            encoded.len() <= MAX_BODY,
+            "pairing body of {} bytes exceeds {MAX_BODY}",
+            encoded.len()
+        );
         self.seq += 1;
         let mut out = Vec::with_capacity(HEADER_LEN + encoded.len() + MAC_LEN);
         out.extend_from_slice(&MAGIC);
@@ -331,7 +360,10 @@ pub struct Opener {
 
 impl fmt::Debug for Opener {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.debug_struct("Opener").field("local_host", &self.local_host).field("peers", &self.peers).finish()
+        f.debug_struct("Opener")
+            .field("local_host", &self.local_host)
+            .field("peers", &self.peers)
+            .finish()
     }
 }
 
@@ -339,7 +371,11 @@ impl Opener {
     pub fn new(secret: &[u8]) -> Result<Self, ProtoError> {
         check_secret(secret)?;
         let mac = HmacSha256::new_from_slice(secret).map_err(|e| ProtoError::Config(e.to_string()))?;
-        Ok(Self { mac, local_host: None, peers: HashMap::new() })
+        Ok(Self {
+            mac,
+            local_host: None,
+            peers: HashMap::new(),
+        })
     }
 
     /// Also refuse messages that claim to come from `local_host` (our own datagrams reflected
@@ -364,20 +400,39 @@ impl Opener {
         match self.peers.get_mut(&msg.host) {
             None => {
                 tracing::info!(peer = %msg.host, %from, session = format_args!("{session:016x}"), seq, "pairing: first message from peer");
-                self.peers.insert(msg.host.clone(), PeerState { session, seq, retired: VecDeque::new() });
+                self.peers.insert(
+                    msg.host.clone(),
+                    PeerState {
+                        session,
+                        seq,
+                        retired: VecDeque::new(),
+                    },
+                );
             }
             Some(p) if p.session == session => {
                 if seq == p.seq {
-                    return Err(ProtoError::Replayed { host: msg.host, session, seq });
+                    return Err(ProtoError::Replayed {
+                        host: msg.host,
+                        session,
+                        seq,
+                    });
                 }
                 if seq < p.seq {
-                    return Err(ProtoError::Stale { host: msg.host, session, seq, last: p.seq });
+                    return Err(ProtoError::Stale {
+                        host: msg.host,
+                        session,
+                        seq,
+                        last: p.seq,
+                    });
                 }
                 p.seq = seq;
             }
             Some(p) => {
                 if p.retired.contains(&session) {
-                    return Err(ProtoError::RetiredSession { host: msg.host, session });
+                    return Err(ProtoError::RetiredSession {
+                        host: msg.host,
+                        session,
+                    });
                 }
                 tracing::warn!(
                     peer = %msg.host, %from,
@@ -399,17 +454,28 @@ impl Opener {
     /// Steps 1–5 of the module documentation: everything but freshness.
     fn authenticate_and_decode(&self, d: &[u8]) -> Result<(u64, u64, Message), ProtoError> {
         if d.len() > MAX_DATAGRAM {
-            return Err(ProtoError::TooLarge { len: d.len(), max: MAX_DATAGRAM });
+            return Err(ProtoError::TooLarge {
+                len: d.len(),
+                max: MAX_DATAGRAM,
+            });
         }
         if d.len() < MAGIC.len() || d[..4] != MAGIC {
-            return Err(ProtoError::BadMagic { got: d[..d.len().min(4)].to_vec() });
+            return Err(ProtoError::BadMagic {
+                got: d[..d.len().min(4)].to_vec(),
+            });
         }
         if d.len() < 6 {
-            return Err(ProtoError::Malformed(format!("{} bytes: truncated before the version", d.len())));
+            return Err(ProtoError::Malformed(format!(
+                "{} bytes: truncated before the version",
+                d.len()
+            )));
         }
         let version = u16::from_be_bytes([d[4], d[5]]);
         if version != PROTO_VERSION {
-            return Err(ProtoError::UnsupportedVersion { got: version, supported: PROTO_VERSION });
+            return Err(ProtoError::UnsupportedVersion {
+                got: version,
+                supported: PROTO_VERSION,
+            });
         }
         if d.len() < HEADER_LEN + MAC_LEN {
             return Err(ProtoError::Malformed(format!(
@@ -436,10 +502,16 @@ impl Opener {
         let (msg, used): (Message, usize) = bincode::serde::decode_from_slice(body, BINCODE)
             .map_err(|e| ProtoError::Malformed(format!("body does not decode: {e}")))?;
         if used != body.len() {
-            return Err(ProtoError::Malformed(format!("{} trailing bytes after the body", body.len() - used)));
+            return Err(ProtoError::Malformed(format!(
+                "{} trailing bytes after the body",
+                body.len() - used
+            )));
         }
         if msg.host.is_empty() || msg.host.len() > MAX_HOST_LEN {
-            return Err(ProtoError::Malformed(format!("host name of {} bytes (1 to {MAX_HOST_LEN})", msg.host.len())));
+            return Err(ProtoError::Malformed(format!(
+                "host name of {} bytes (1 to {MAX_HOST_LEN})",
+                msg.host.len()
+            )));
         }
         Ok((session, seq, msg))
     }
@@ -491,7 +563,14 @@ mod tests {
             let d = s.seal_at(42, obs(n));
             assert!(d.len() <= MAX_DATAGRAM);
             let m = o.open(from(), &d).unwrap();
-            assert_eq!(m, Message { host: "host-a".into(), sent_mono_ns: 42, body: obs(n) });
+            assert_eq!(
+                m,
+                Message {
+                    host: "host-a".into(),
+                    sent_mono_ns: 42,
+                    body: obs(n)
+                }
+            );
         }
         assert_eq!(o.peer_position("host-a"), Some((0xfeed, 4)));
         // The real clock stamps something non-zero.
@@ -543,7 +622,10 @@ mod tests {
         let mut o = Opener::new(SECRET).unwrap();
         let e = o.open(from(), &s.seal_at(1, obs(2))).unwrap_err();
         assert!(matches!(e, ProtoError::BadMac), "{e}");
-        assert_eq!(e.to_string(), "authentication failed: wrong pool secret or tampered frame");
+        assert_eq!(
+            e.to_string(),
+            "authentication failed: wrong pool secret or tampered frame"
+        );
     }
 
     #[test]
@@ -584,10 +666,16 @@ mod tests {
         o.open(from(), &m3).unwrap();
         // The copy from the other availability link.
         let e = o.open(from(), &m3).unwrap_err();
-        assert!(matches!(e, ProtoError::Replayed { seq: 3, .. }) && e.is_duplicate(), "{e}");
+        assert!(
+            matches!(e, ProtoError::Replayed { seq: 3, .. }) && e.is_duplicate(),
+            "{e}"
+        );
         // Older than the last accepted: reordered or replayed.
         let e = o.open(from(), &m2).unwrap_err();
-        assert!(matches!(e, ProtoError::Stale { seq: 2, last: 3, .. }) && !e.is_duplicate(), "{e}");
+        assert!(
+            matches!(e, ProtoError::Stale { seq: 2, last: 3, .. }) && !e.is_duplicate(),
+            "{e}"
+        );
         let e = o.open(from(), &m1).unwrap_err();
         assert!(matches!(e, ProtoError::Stale { seq: 1, last: 3, .. }), "{e}");
         assert!(e.to_string().contains("stale message from host-a"), "{e}");
@@ -635,9 +723,18 @@ mod tests {
         let mut d = s.seal_at(1, obs(0));
         d[4..6].copy_from_slice(&2u16.to_be_bytes());
         let e = Opener::new(SECRET).unwrap().open(from(), &d).unwrap_err();
-        assert!(matches!(e, ProtoError::UnsupportedVersion { got: 2, supported: 1 }), "{e}");
-        assert_eq!(e.to_string(), "unsupported pairing protocol version 2 (this build speaks version 1)");
-        let e = Opener::new(SECRET).unwrap().open(from(), b"HTTP/1.1 200 OK").unwrap_err();
+        assert!(
+            matches!(e, ProtoError::UnsupportedVersion { got: 2, supported: 1 }),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "unsupported pairing protocol version 2 (this build speaks version 1)"
+        );
+        let e = Opener::new(SECRET)
+            .unwrap()
+            .open(from(), b"HTTP/1.1 200 OK")
+            .unwrap_err();
         assert!(matches!(e, ProtoError::BadMagic { .. }), "{e}");
     }
 
@@ -689,7 +786,10 @@ mod tests {
         let mut b = Vec::new();
         b.extend_from_slice(&u64::MAX.to_be_bytes());
         b.extend_from_slice(b"abc");
-        assert!(matches!(Opener::new(SECRET).unwrap().open(from(), &seal_raw(&b)), Err(ProtoError::Malformed(_))));
+        assert!(matches!(
+            Opener::new(SECRET).unwrap().open(from(), &seal_raw(&b)),
+            Err(ProtoError::Malformed(_))
+        ));
 
         // A host name over 64 bytes.
         let mut b = Vec::new();
@@ -718,7 +818,10 @@ mod tests {
         b.extend_from_slice(&0u64.to_be_bytes());
         assert!(Opener::new(SECRET).unwrap().open(from(), &seal_raw(&b)).is_err());
         b[8] = b'h';
-        Opener::new(SECRET).unwrap().open(from(), &seal_raw(&b)).expect("the same body, repaired, is valid");
+        Opener::new(SECRET)
+            .unwrap()
+            .open(from(), &seal_raw(&b))
+            .expect("the same body, repaired, is valid");
         b.push(0);
         let e = Opener::new(SECRET).unwrap().open(from(), &seal_raw(&b)).unwrap_err();
         assert!(matches!(&e, ProtoError::Malformed(m) if m.contains("trailing")), "{e}");
@@ -757,7 +860,10 @@ mod tests {
         assert!(matches!(Sealer::new(b"", "a"), Err(ProtoError::Config(_))));
         assert!(matches!(Opener::new(b""), Err(ProtoError::Config(_))));
         assert!(matches!(Sealer::new(SECRET, ""), Err(ProtoError::Config(_))));
-        assert!(matches!(Sealer::new(SECRET, &"x".repeat(65)), Err(ProtoError::Config(_))));
+        assert!(matches!(
+            Sealer::new(SECRET, &"x".repeat(65)),
+            Err(ProtoError::Config(_))
+        ));
         let a = Sealer::new(SECRET, "a").unwrap();
         let b = Sealer::new(SECRET, "a").unwrap();
         assert_ne!(a.session(), b.session(), "session ids are random");

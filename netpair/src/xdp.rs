@@ -62,29 +62,47 @@ impl CountProgram {
             .program_mut(PROG_XDP_COUNT)
             .ok_or(Error::MissingProgram(PROG_XDP_COUNT))?
             .try_into()
-            .map_err(|source| Error::Program { name: PROG_XDP_COUNT, source })?;
-        prog.load().map_err(|source| Error::Program { name: PROG_XDP_COUNT, source })?;
+            .map_err(|source| Error::Program {
+                name: PROG_XDP_COUNT,
+                source,
+            })?;
+        prog.load().map_err(|source| Error::Program {
+            name: PROG_XDP_COUNT,
+            source,
+        })?;
         let link = match prog.attach(iface, XdpMode::Driver) {
             Ok(link) => link,
             Err(e) => {
                 tracing::info!(iface, error = %e, "driver-mode XDP refused; using generic mode");
-                prog.attach(iface, XdpMode::Skb)
-                    .map_err(|source| Error::Program { name: PROG_XDP_COUNT, source })?
+                prog.attach(iface, XdpMode::Skb).map_err(|source| Error::Program {
+                    name: PROG_XDP_COUNT,
+                    source,
+                })?
             }
         };
         tracing::info!(iface, ifindex, "attached {PROG_XDP_COUNT}");
-        Ok(Self { ebpf, iface: iface.to_owned(), ifindex, _link: link })
+        Ok(Self {
+            ebpf,
+            iface: iface.to_owned(),
+            ifindex,
+            _link: link,
+        })
     }
 
     /// Frames and bytes received on the interface since the program was attached.
     pub fn received(&self) -> Result<Counters, Error> {
         let map = self.ebpf.map(MAP_IFACE_RX).ok_or(Error::MissingMap(MAP_IFACE_RX))?;
-        let map: PerCpuHashMap<_, u32, Counters> = PerCpuHashMap::try_from(map)
-            .map_err(|source| Error::Map { name: MAP_IFACE_RX, source })?;
+        let map: PerCpuHashMap<_, u32, Counters> = PerCpuHashMap::try_from(map).map_err(|source| Error::Map {
+            name: MAP_IFACE_RX,
+            source,
+        })?;
         match map.get(&self.ifindex, 0) {
             Ok(per_cpu) => Ok(Counters::sum(per_cpu.iter())),
             Err(aya::maps::MapError::KeyNotFound) => Ok(Counters::default()),
-            Err(source) => Err(Error::Map { name: MAP_IFACE_RX, source }),
+            Err(source) => Err(Error::Map {
+                name: MAP_IFACE_RX,
+                source,
+            }),
         }
     }
 

@@ -27,7 +27,10 @@ impl SilentLoss {
         let table = format!("eacloss_{}", iface.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
         let nft = |args: &[&str]| run(ns.command("nft").args(args));
         nft(&["add", "table", "netdev", &table])?;
-        let guard = Self { ns: ns.name().to_owned(), table: table.clone() };
+        let guard = Self {
+            ns: ns.name().to_owned(),
+            table: table.clone(),
+        };
         for (chain, hook) in [("rx", "ingress"), ("tx", "egress")] {
             nft(&[
                 "add",
@@ -44,7 +47,16 @@ impl SilentLoss {
 
 impl Drop for SilentLoss {
     fn drop(&mut self) {
-        let r = run(Command::new("ip").args(["netns", "exec", &self.ns, "nft", "delete", "table", "netdev", &self.table]));
+        let r = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.ns,
+            "nft",
+            "delete",
+            "table",
+            "netdev",
+            &self.table,
+        ]));
         if let Err(e) = r {
             eprintln!("lab: could not lift silent loss {}: {e}", self.table);
         }

@@ -45,9 +45,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
-    LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyWrite, Request, SessionACL, WriteFlags,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig, LockOwner, MountOption,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request,
+    SessionACL, WriteFlags,
 };
 use nix::errno::Errno as NixErrno;
 use nix::mount::MntFlags;
@@ -214,11 +214,10 @@ impl FaultyDisk {
         config.n_threads = Some(THREADS);
         config.clone_fd = true;
         // Mounts and completes the INIT handshake with the kernel before returning.
-        let session =
-            fuser::Session::new(fs, mountpoint, &config).map_err(|source| Error::Mount {
-                mountpoint: mountpoint.to_path_buf(),
-                source,
-            })?;
+        let session = fuser::Session::new(fs, mountpoint, &config).map_err(|source| Error::Mount {
+            mountpoint: mountpoint.to_path_buf(),
+            source,
+        })?;
         let server = std::thread::Builder::new()
             .name("faulty-disk".to_owned())
             .spawn(move || session.run())
@@ -316,10 +315,7 @@ impl FaultyDisk {
                     }
                     // Busy (the file is held open): detach now; the connection is aborted
                     // below so the server stops even while someone holds the file.
-                    match nix::mount::umount2(
-                        &self.mountpoint,
-                        MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW,
-                    ) {
+                    match nix::mount::umount2(&self.mountpoint, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW) {
                         Ok(()) => detached = true,
                         Err(source) => note(Error::Unmount {
                             mountpoint: self.mountpoint.clone(),
@@ -331,9 +327,8 @@ impl FaultyDisk {
         }
         // A plain unmount destroys the superblock, which aborts the connection and ends the
         // server; a lazy one leaves it serving until the last holder closes the file.
-        let finished = |h: &JoinHandle<_>| {
-            wait_until(STOP_GRACE, "the FUSE server to stop", || h.is_finished()).is_ok()
-        };
+        let finished =
+            |h: &JoinHandle<_>| wait_until(STOP_GRACE, "the FUSE server to stop", || h.is_finished()).is_ok();
         if detached || !finished(&server) {
             if let Err(e) = abort_connection(self.dev) {
                 note(e);
@@ -416,8 +411,7 @@ fn create_mountpoint(parent: &Path) -> Result<PathBuf, Error> {
 /// The device number of the FUSE filesystem mounted at `mountpoint` (the topmost one), found
 /// in /proc/self/mountinfo so that no request reaches the (maybe stuck) server.
 fn find_mount(mountpoint: &Path) -> Result<Option<(u32, u32)>, Error> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|source| Error::MountInfo { source })?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| Error::MountInfo { source })?;
     Ok(parse_mountinfo(&info, mountpoint))
 }
 
@@ -470,10 +464,7 @@ fn abort_connection((major, minor): (u32, u32)) -> Result<(), Error> {
                 nix::mount::MsFlags::empty(),
                 None::<&str>,
             )
-            .map_err(|e| Error::Abort {
-                conn,
-                source: e.into(),
-            })?;
+            .map_err(|e| Error::Abort { conn, source: e.into() })?;
         }
         if !dir.exists() {
             // The connection is gone already: nothing left to abort.
@@ -561,10 +552,7 @@ impl DiskFs {
     fn disk_attr(&self) -> io::Result<FileAttr> {
         let m = self.backing.metadata()?;
         let time = |secs: i64, nsecs: i64| {
-            let since = Duration::new(
-                secs.max(0).unsigned_abs(),
-                u32::try_from(nsecs).unwrap_or(0),
-            );
+            let since = Duration::new(secs.max(0).unsigned_abs(), u32::try_from(nsecs).unwrap_or(0));
             UNIX_EPOCH + since
         };
         Ok(FileAttr {
@@ -751,26 +739,12 @@ impl Filesystem for DiskFs {
         }
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         // close(): nothing is buffered here, and a failing disk does not fail close.
         reply.ok();
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         if ino != DISK_INO {
             return reply.ok();
         }
@@ -819,14 +793,7 @@ impl Filesystem for DiskFs {
         }
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         if ino != INodeNo::ROOT {
             return reply.error(Errno::ENOTDIR);
         }
@@ -892,16 +859,10 @@ mod tests {
         assert!(!s.inject(Op::Read, 0, 4096), "ends right before the range");
         assert!(s.inject(Op::Read, 4095, 2), "straddles the start");
         assert!(s.inject(Op::Write, 8191, 1), "last byte of the range");
-        assert!(
-            !s.inject(Op::Write, 8192, 4096),
-            "starts right after the range"
-        );
+        assert!(!s.inject(Op::Write, 8192, 4096), "starts right after the range");
         assert!(s.inject(Op::Read, 0, 1 << 20), "covers the range");
         assert!(!s.inject(Op::Sync, 0, 0), "flush works on a bad region");
-        assert!(
-            !s.inject(Op::Read, u64::MAX - 10, 100),
-            "no overflow at the end"
-        );
+        assert!(!s.inject(Op::Read, u64::MAX - 10, 100), "no overflow at the end");
         assert_eq!(s.errors.load(Ordering::SeqCst), 3);
     }
 
@@ -915,18 +876,9 @@ mod tests {
 43 22 0:53 / /tmp/with\\040space rw - fuse x rw
 44 22 0:54 / /tmp/not-fuse rw - tmpfs tmpfs rw
 ";
-        assert_eq!(
-            parse_mountinfo(info, Path::new("/tmp/faulty-disk-7-0")),
-            Some((0, 52))
-        );
-        assert_eq!(
-            parse_mountinfo(info, Path::new("/tmp/faulty-disk-7-1")),
-            Some((0, 51))
-        );
-        assert_eq!(
-            parse_mountinfo(info, Path::new("/tmp/with space")),
-            Some((0, 53))
-        );
+        assert_eq!(parse_mountinfo(info, Path::new("/tmp/faulty-disk-7-0")), Some((0, 52)));
+        assert_eq!(parse_mountinfo(info, Path::new("/tmp/faulty-disk-7-1")), Some((0, 51)));
+        assert_eq!(parse_mountinfo(info, Path::new("/tmp/with space")), Some((0, 53)));
         assert_eq!(parse_mountinfo(info, Path::new("/tmp/not-fuse")), None);
         assert_eq!(parse_mountinfo(info, Path::new("/tmp/faulty-disk-7")), None);
     }

@@ -28,7 +28,11 @@ pub use wait::wait_until;
 #[non_exhaustive]
 pub enum Error {
     #[error("{cmd} exited with {status}: {stderr}")]
-    Command { cmd: String, status: String, stderr: String },
+    Command {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
     #[error("cannot run {cmd}")]
     Spawn {
         cmd: String,
@@ -61,7 +65,11 @@ pub fn workspace_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
     let bin = profile_dir.join(name);
-    assert!(bin.exists(), "{} is not built: run `cargo build` first (scripts/test.sh does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is not built: run `cargo build` first (scripts/test.sh does)",
+        bin.display()
+    );
     bin
 }
 
@@ -81,8 +89,9 @@ impl BpfPinDir {
 impl Drop for BpfPinDir {
     fn drop(&mut self) {
         if self.0.exists()
-            && let Err(e) = std::fs::remove_dir_all(&self.0) {
-                eprintln!("lab: could not remove {}: {e}", self.0.display());
-            }
+            && let Err(e) = std::fs::remove_dir_all(&self.0)
+        {
+            eprintln!("lab: could not remove {}: {e}", self.0.display());
+        }
     }
 }

@@ -117,15 +117,10 @@ pub fn guest_initramfs() -> Result<PathBuf> {
         return Ok(p.clone());
     }
     let script = workspace_root().join("scripts/lab/mkinitramfs-guest.sh");
-    let content = fs::read(&script)
-        .map_err(|source| io_err("cannot read the initramfs script", &script, source))?;
+    let content = fs::read(&script).map_err(|source| io_err("cannot read the initramfs script", &script, source))?;
     let cache = target_dir().join("lab-cache");
-    fs::create_dir_all(&cache)
-        .map_err(|source| io_err("cannot create the lab cache", &cache, source))?;
-    let out = cache.join(format!(
-        "initramfs-{GUEST_KVER}-{:016x}.cpio.gz",
-        fnv1a(&content)
-    ));
+    fs::create_dir_all(&cache).map_err(|source| io_err("cannot create the lab cache", &cache, source))?;
+    let out = cache.join(format!("initramfs-{GUEST_KVER}-{:016x}.cpio.gz", fnv1a(&content)));
 
     let lock_path = cache.join("initramfs.lock");
     let lock_file = fs::OpenOptions::new()
@@ -134,15 +129,8 @@ pub fn guest_initramfs() -> Result<PathBuf> {
         .write(true)
         .open(&lock_path)
         .map_err(|source| io_err("cannot open the cache lock", &lock_path, source))?;
-    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive).map_err(
-        |(_, errno)| {
-            io_err(
-                "cannot lock the lab cache",
-                &lock_path,
-                io::Error::from(errno),
-            )
-        },
-    )?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| io_err("cannot lock the lab cache", &lock_path, io::Error::from(errno)))?;
     if !out.is_file() {
         run(Command::new(&script).arg(&out).arg(GUEST_KVER))?;
     }
@@ -172,11 +160,9 @@ impl LabDir {
     pub fn new(tag: &str) -> Result<Self> {
         let path = std::env::temp_dir().join(unique_name(tag));
         if path.exists() {
-            fs::remove_dir_all(&path)
-                .map_err(|source| io_err("cannot clear a stale lab dir", &path, source))?;
+            fs::remove_dir_all(&path).map_err(|source| io_err("cannot clear a stale lab dir", &path, source))?;
         }
-        fs::create_dir_all(&path)
-            .map_err(|source| io_err("cannot create the lab dir", &path, source))?;
+        fs::create_dir_all(&path).map_err(|source| io_err("cannot create the lab dir", &path, source))?;
         Ok(Self { path })
     }
 
@@ -221,10 +207,7 @@ impl LibvirtHost {
     /// shared by the lab's hosts if `lock`). Takes about 0.2 s.
     pub fn start(lab_dir: &Path, host_name: &str, netns: Option<&str>, lock: bool) -> Result<Self> {
         let mut cmd = Command::new(Self::script());
-        cmd.arg("up")
-            .arg(lab_dir)
-            .arg(host_name)
-            .arg(netns.unwrap_or("-"));
+        cmd.arg("up").arg(lab_dir).arg(host_name).arg(netns.unwrap_or("-"));
         if lock {
             cmd.arg("lock");
         }
@@ -268,16 +251,13 @@ impl LibvirtHost {
     /// `LAB_DIR/hosts/NAME/consoles/GUEST.log` (so the same guest name can run on two hosts).
     pub fn guest(&self, guest_name: &str) -> Result<GuestSpec> {
         let consoles = self.dir().join("consoles");
-        fs::create_dir_all(&consoles)
-            .map_err(|source| io_err("cannot create the console dir", &consoles, source))?;
+        fs::create_dir_all(&consoles).map_err(|source| io_err("cannot create the console dir", &consoles, source))?;
         GuestSpec::new(guest_name, consoles.join(format!("{guest_name}.log")))
     }
 
     /// Path of a guest's serial console log (see [`LibvirtHost::guest`]).
     pub fn console_path(&self, guest_name: &str) -> PathBuf {
-        self.dir()
-            .join("consoles")
-            .join(format!("{guest_name}.log"))
+        self.dir().join("consoles").join(format!("{guest_name}.log"))
     }
 
     /// The guest's serial console so far (empty if nothing was written yet).
@@ -287,12 +267,7 @@ impl LibvirtHost {
 
     /// Waits until `marker` appears on the guest's serial console; returns how long it took.
     /// On timeout the error carries the tail of the console and of the QEMU log.
-    pub fn wait_for_console(
-        &self,
-        guest_name: &str,
-        marker: &str,
-        timeout: Duration,
-    ) -> Result<Duration> {
+    pub fn wait_for_console(&self, guest_name: &str, marker: &str, timeout: Duration) -> Result<Duration> {
         let path = self.console_path(guest_name);
         wait_until(
             timeout,
@@ -312,11 +287,7 @@ impl LibvirtHost {
 
     /// libvirt's per-domain QEMU log (command line, QEMU's stderr).
     pub fn qemu_log(&self, guest_name: &str) -> String {
-        read_lossy(
-            &self
-                .dir()
-                .join(format!("var/log/libvirt/qemu/{guest_name}.log")),
-        )
+        read_lossy(&self.dir().join(format!("var/log/libvirt/qemu/{guest_name}.log")))
     }
 
     /// The pids of every process of this host (daemons, QEMU, …) still alive.
@@ -325,10 +296,7 @@ impl LibvirtHost {
             .arg("pids")
             .arg(&self.lab_dir)
             .arg(&self.name))?;
-        Ok(out
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect())
+        Ok(out.split_whitespace().filter_map(|p| p.parse().ok()).collect())
     }
 
     /// Destroys the host's guests and stops its daemons, reporting failures (drop does the same
@@ -383,11 +351,7 @@ pub fn lab_processes(lab_dir: &Path) -> Vec<(u32, String)> {
     let me = std::process::id();
     let mut found = Vec::new();
     for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
         if pid == me {
@@ -395,15 +359,9 @@ pub fn lab_processes(lab_dir: &Path) -> Vec<(u32, String)> {
         }
         let p = entry.path();
         let cmdline = fs::read(p.join("cmdline"))
-            .map(|b| {
-                String::from_utf8_lossy(&b)
-                    .replace('\0', " ")
-                    .trim()
-                    .to_owned()
-            })
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " ").trim().to_owned())
             .unwrap_or_default();
-        let in_host =
-            fs::metadata(p.join("root/run")).is_ok_and(|m| hosts_run.contains(&(m.dev(), m.ino())));
+        let in_host = fs::metadata(p.join("root/run")).is_ok_and(|m| hosts_run.contains(&(m.dev(), m.ino())));
         if !in_host && !cmdline.contains(&needle) {
             continue;
         }
@@ -466,14 +424,8 @@ pub struct GuestSpec {
 impl GuestSpec {
     /// A guest with the lab kernel and initramfs (built on first use), q35, 160 MiB, 1 vCPU.
     pub fn new(name: &str, console_log: PathBuf) -> Result<Self> {
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(Error::Setup(format!(
-                "guest name '{name}': use [A-Za-z0-9._-]"
-            )));
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(Error::Setup(format!("guest name '{name}': use [A-Za-z0-9._-]")));
         }
         let h = fnv1a(name.as_bytes());
         let h2 = fnv1a(format!("{name}/uuid").as_bytes());
@@ -636,10 +588,7 @@ mod tests {
             initrd: "/tmp/i&r.gz".into(),
             extra_cmdline: vec!["eac.ip=10.250.0.2/24".into()],
             console_log: "/tmp/lab/c.log".into(),
-            disks: vec![
-                Disk::File("/tmp/d.raw".into()),
-                Disk::Block("/dev/loop7".into()),
-            ],
+            disks: vec![Disk::File("/tmp/d.raw".into()), Disk::Block("/dev/loop7".into())],
             disk_cache: "none".into(),
             nics: vec![],
         }

@@ -14,7 +14,11 @@ use crate::Error;
 /// A name no other test (in this or another process) uses: `eac-<tag>-<pid>-<n>`.
 pub fn unique_name(tag: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("eac-{tag}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "eac-{tag}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Runs a command, failing with its stderr when it exits non-zero. Returns stdout.
@@ -32,9 +36,10 @@ pub fn run(cmd: &mut Command) -> Result<String, Error> {
 
 /// Runs a command and returns its output whatever its exit status.
 pub fn output(cmd: &mut Command) -> Result<Output, Error> {
-    cmd.stdin(Stdio::null())
-        .output()
-        .map_err(|source| Error::Spawn { cmd: format!("{cmd:?}"), source })
+    cmd.stdin(Stdio::null()).output().map_err(|source| Error::Spawn {
+        cmd: format!("{cmd:?}"),
+        source,
+    })
 }
 
 /// A network namespace created by this process.
@@ -92,13 +97,16 @@ impl Netns {
     /// Sockets, netlink handles and BPF attachments made by `f` belong to the namespace;
     /// processes `f` spawns start in it.
     pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, Error> {
-        let file = File::open(self.path())
-            .map_err(|source| Error::Io { what: format!("open {}", self.path().display()), source })?;
+        let file = File::open(self.path()).map_err(|source| Error::Io {
+            what: format!("open {}", self.path().display()),
+            source,
+        })?;
         std::thread::scope(|s| {
             s.spawn(|| {
-                nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(
-                    |source| Error::Io { what: format!("setns {}", self.name), source: source.into() },
-                )?;
+                nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|source| Error::Io {
+                    what: format!("setns {}", self.name),
+                    source: source.into(),
+                })?;
                 Ok(f())
             })
             .join()
@@ -111,20 +119,28 @@ impl Netns {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<std::thread::JoinHandle<T>, Error> {
-        let file = File::open(self.path())
-            .map_err(|source| Error::Io { what: format!("open {}", self.path().display()), source })?;
+        let file = File::open(self.path()).map_err(|source| Error::Io {
+            what: format!("open {}", self.path().display()),
+            source,
+        })?;
         let name = self.name.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let h = std::thread::spawn(move || {
             let r = nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET);
             let ok = r.is_ok();
-            let _ = tx.send(r.map_err(|e| Error::Io { what: format!("setns {name}"), source: e.into() }));
+            let _ = tx.send(r.map_err(|e| Error::Io {
+                what: format!("setns {name}"),
+                source: e.into(),
+            }));
             if !ok {
                 panic!("setns failed");
             }
             f()
         });
-        rx.recv().map_err(|_| Error::Io { what: "namespace thread".into(), source: std::io::Error::other("exited") })??;
+        rx.recv().map_err(|_| Error::Io {
+            what: "namespace thread".into(),
+            source: std::io::Error::other("exited"),
+        })??;
         Ok(h)
     }
 
@@ -132,7 +148,10 @@ impl Netns {
     pub fn pids(&self) -> Vec<i32> {
         let out = output(Command::new("ip").args(["netns", "pids", &self.name]));
         out.map(|o| {
-            String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect()
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
         })
         .unwrap_or_default()
     }

@@ -84,7 +84,17 @@ impl Lab {
     pub fn two_hosts(tag: &str, clients: usize) -> Result<Self, Error> {
         let switch = Netns::create(&format!("{tag}-sw"))?;
         for br in ["brapp", "brmgmt"] {
-            switch.ip(&["link", "add", br, "type", "bridge", "stp_state", "0", "forward_delay", "0"])?;
+            switch.ip(&[
+                "link",
+                "add",
+                br,
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "forward_delay",
+                "0",
+            ])?;
             switch.ip(&["link", "set", br, "up"])?;
         }
         let mut lab = Lab {
@@ -135,7 +145,17 @@ impl Lab {
         let app_port = h.switch_port();
         veth(&h.ns, APP_IF, &self.switch, &app_port)?;
         self.switch.ip(&["link", "set", &app_port, "master", "brapp", "up"])?;
-        h.ns.ip(&["link", "add", APP_BRIDGE, "type", "bridge", "stp_state", "0", "forward_delay", "0"])?;
+        h.ns.ip(&[
+            "link",
+            "add",
+            APP_BRIDGE,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        ])?;
         h.ns.ip(&["link", "set", APP_IF, "master", APP_BRIDGE, "up"])?;
         h.ns.ip(&["addr", "add", &format!("{}/24", h.app_ip()), "dev", APP_BRIDGE])?;
         h.ns.ip(&["link", "set", APP_BRIDGE, "up"])?;
@@ -143,7 +163,10 @@ impl Lab {
     }
 
     pub fn host(&self, name: &str) -> &Host {
-        self.hosts.iter().find(|h| h.name == name).unwrap_or_else(|| panic!("no lab host {name}"))
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .unwrap_or_else(|| panic!("no lab host {name}"))
     }
 
     /// A per-lab scratch directory, removed when the lab is dropped.
@@ -162,7 +185,12 @@ impl Lab {
         ns.ip(&["link", "set", "eth0", "address", mac])?;
         ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
-        self.guests.push(GuestNs { ns, mac: mac.to_owned(), ip: ip.to_owned(), host_port });
+        self.guests.push(GuestNs {
+            ns,
+            mac: mac.to_owned(),
+            ip: ip.to_owned(),
+            host_port,
+        });
         Ok(&self.guests[n])
     }
 
@@ -179,7 +207,18 @@ impl Lab {
 /// A veth pair with one end in each namespace, created directly there.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<(), Error> {
     crate::netns::run(std::process::Command::new("ip").args([
-        "link", "add", a_if, "netns", a.name(), "type", "veth", "peer", "name", b_if, "netns", b.name(),
+        "link",
+        "add",
+        a_if,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
     ]))?;
     Ok(())
 }
@@ -191,8 +230,10 @@ struct LabDir(PathBuf);
 impl LabDir {
     fn create(tag: &str) -> Result<Self, Error> {
         let p = std::env::temp_dir().join(crate::netns::unique_name(tag));
-        std::fs::create_dir_all(&p)
-            .map_err(|source| Error::Io { what: format!("create {}", p.display()), source })?;
+        std::fs::create_dir_all(&p).map_err(|source| Error::Io {
+            what: format!("create {}", p.display()),
+            source,
+        })?;
         Ok(Self(p))
     }
 }

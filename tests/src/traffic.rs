@@ -65,12 +65,14 @@ impl TcpStreamProbe {
                 }
             }
         })?;
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .map_err(|_| Error::Io { what: "stream server".into(), source: std::io::Error::other("did not start") })?;
+        ready_rx.recv_timeout(Duration::from_secs(5)).map_err(|_| Error::Io {
+            what: "stream server".into(),
+            source: std::io::Error::other("did not start"),
+        })?;
         let st = stop.clone();
         let client = client_ns.spawn(move || -> Result<u64, String> {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .map_err(|e| format!("connect {addr}: {e}"))?;
             s.set_nodelay(true).ok();
             let chunk = [0x5au8; 64];
             let mut total = 0u64;
@@ -81,8 +83,15 @@ impl TcpStreamProbe {
             }
             Ok(total)
         })?;
-        let probe = Self { stop, arrivals, client: Some(client), server: Some(server) };
-        crate::wait_until(Duration::from_secs(5), "first bytes of the stream", || probe.arrivals() > 0)?;
+        let probe = Self {
+            stop,
+            arrivals,
+            client: Some(client),
+            server: Some(server),
+        };
+        crate::wait_until(Duration::from_secs(5), "first bytes of the stream", || {
+            probe.arrivals() > 0
+        })?;
         Ok(probe)
     }
 
@@ -113,7 +122,11 @@ impl TcpStreamProbe {
         let mut errors = Vec::new();
         let sent = join(self.client.take(), &mut errors);
         let received = join(self.server.take(), &mut errors);
-        StreamReport { bytes_sent: sent, bytes_received: received, errors }
+        StreamReport {
+            bytes_sent: sent,
+            bytes_received: received,
+            errors,
+        }
     }
 }
 

@@ -48,7 +48,11 @@ pub enum Error {
         source: io::Error,
     },
     #[error("`cargo build -p {package}` failed ({status}):\n{stderr}")]
-    Build { package: String, status: String, stderr: String },
+    Build {
+        package: String,
+        status: String,
+        stderr: String,
+    },
     #[error("cannot run cargo to build {package}")]
     Cargo {
         package: String,
@@ -74,9 +78,8 @@ pub fn run_vm_script() -> PathBuf {
 
 fn in_path(prog: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p).any(|d| {
-            std::fs::metadata(d.join(prog)).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+        std::env::split_paths(&p)
+            .any(|d| std::fs::metadata(d.join(prog)).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
     })
 }
 
@@ -100,7 +103,11 @@ pub fn skip_reason() -> Option<String> {
         why.push(format!("no modules for {kver} in /lib/modules"));
     }
     let qemu = std::env::var("QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_owned());
-    let qemu_found = if Path::new(&qemu).is_absolute() { Path::new(&qemu).is_file() } else { in_path(&qemu) };
+    let qemu_found = if Path::new(&qemu).is_absolute() {
+        Path::new(&qemu).is_file()
+    } else {
+        in_path(&qemu)
+    };
     if !qemu_found {
         why.push(format!("no {qemu} (apt-get install qemu-system-x86)"));
     }
@@ -122,8 +129,14 @@ pub fn profile_dir() -> Result<PathBuf, Error> {
         return Ok(PathBuf::from(dir));
     }
     let exe = std::env::current_exe().map_err(Error::TargetDir)?;
-    let deps = exe.parent().ok_or_else(|| Error::TargetDir(io::Error::other("no parent")))?;
-    let dir = if deps.file_name().is_some_and(|n| n == "deps") { deps.parent() } else { Some(deps) };
+    let deps = exe
+        .parent()
+        .ok_or_else(|| Error::TargetDir(io::Error::other("no parent")))?;
+    let dir = if deps.file_name().is_some_and(|n| n == "deps") {
+        deps.parent()
+    } else {
+        Some(deps)
+    };
     dir.map(Path::to_path_buf)
         .ok_or_else(|| Error::TargetDir(io::Error::other(format!("{} has no profile dir", exe.display()))))
 }
@@ -136,7 +149,8 @@ pub fn build_workspace_bin(package: &str, bin: &str) -> Result<PathBuf, Error> {
     let dir = profile_dir()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(repo_root()).args(["build", "--quiet", "-p", package, "--bin", bin]);
+    cmd.current_dir(repo_root())
+        .args(["build", "--quiet", "-p", package, "--bin", bin]);
     match dir.file_name().and_then(|n| n.to_str()) {
         Some("debug") | None => {}
         Some("release") => {
@@ -149,10 +163,10 @@ pub fn build_workspace_bin(package: &str, bin: &str) -> Result<PathBuf, Error> {
     if let Some(target) = dir.parent() {
         cmd.env("CARGO_TARGET_DIR", target);
     }
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| Error::Cargo { package: package.to_owned(), source })?;
+    let out = cmd.stdin(Stdio::null()).output().map_err(|source| Error::Cargo {
+        package: package.to_owned(),
+        source,
+    })?;
     if !out.status.success() {
         return Err(Error::Build {
             package: package.to_owned(),
@@ -187,7 +201,13 @@ impl Default for UblkGuest {
 impl UblkGuest {
     /// 2 vCPUs, 2 GiB, [`DEFAULT_TIMEOUT`], ublk_drv loaded.
     pub fn new() -> Self {
-        Self { timeout: DEFAULT_TIMEOUT, mem: "2G".into(), smp: 2, modules: Vec::new(), verbose: false }
+        Self {
+            timeout: DEFAULT_TIMEOUT,
+            mem: "2G".into(),
+            smp: 2,
+            modules: Vec::new(),
+            verbose: false,
+        }
     }
     /// Kill the guest after this long (the run then has status 125).
     pub fn timeout(mut self, t: Duration) -> Self {
@@ -241,17 +261,25 @@ impl UblkGuest {
         unsafe {
             cmd.pre_exec(|| {
                 // If the test process dies, run-vm.sh gets SIGTERM and stops QEMU.
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-                    .map_err(io::Error::from)
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).map_err(io::Error::from)
             });
         }
         let start = Instant::now();
-        let out = cmd.output().map_err(|source| Error::Spawn { script: script.clone(), source })?;
+        let out = cmd.output().map_err(|source| Error::Spawn {
+            script: script.clone(),
+            source,
+        })?;
         let wall = start.elapsed();
         let stdout = String::from_utf8_lossy(&out.stdout).replace('\r', "");
         let stderr = String::from_utf8_lossy(&out.stderr).replace('\r', "");
         tracing::debug!(?wall, status = ?out.status.code(), "guest run finished");
-        Ok(GuestRun { status: out.status.code(), stdout, stderr, wall, share })
+        Ok(GuestRun {
+            status: out.status.code(),
+            stdout,
+            stderr,
+            wall,
+            share,
+        })
     }
 }
 
@@ -303,13 +331,18 @@ struct ShareDir(PathBuf);
 impl ShareDir {
     fn new() -> Result<Self, Error> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
         let path = std::env::temp_dir().join(format!(
             "eac-ublk-guest.{}.{}.{nanos:x}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
-        std::fs::create_dir(&path).map_err(|source| Error::Share { path: path.clone(), source })?;
+        std::fs::create_dir(&path).map_err(|source| Error::Share {
+            path: path.clone(),
+            source,
+        })?;
         Ok(Self(path))
     }
     fn path(&self) -> &Path {

@@ -13,18 +13,17 @@ pub struct Timeout {
 
 /// Re-checks `cond` every 20 ms until it returns true; fails after `timeout`.
 /// Returns how long it took, which tests print as a measurement.
-pub fn wait_until(
-    timeout: Duration,
-    what: &str,
-    mut cond: impl FnMut() -> bool,
-) -> Result<Duration, Timeout> {
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Result<Duration, Timeout> {
     let start = Instant::now();
     loop {
         if cond() {
             return Ok(start.elapsed());
         }
         if start.elapsed() >= timeout {
-            return Err(Timeout { what: what.to_owned(), waited: start.elapsed() });
+            return Err(Timeout {
+                what: what.to_owned(),
+                waited: start.elapsed(),
+            });
         }
         std::thread::sleep(POLL);
     }

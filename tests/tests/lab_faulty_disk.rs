@@ -24,8 +24,7 @@ impl Scratch {
     fn new(test: &str) -> Self {
         static N: AtomicU64 = AtomicU64::new(0);
         let n = N.fetch_add(1, Ordering::SeqCst);
-        let dir =
-            std::env::temp_dir().join(format!("eac-lab-fd-{}-{n}-{test}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("eac-lab-fd-{}-{n}-{test}", std::process::id()));
         std::fs::create_dir(&dir).unwrap();
         Scratch(dir)
     }
@@ -99,11 +98,7 @@ fn write_direct(f: &File, offset: u64, data: &Aligned) -> io::Result<()> {
 
 fn assert_eio<T: std::fmt::Debug>(res: io::Result<T>, what: &str) {
     match res {
-        Err(e) => assert_eq!(
-            e.raw_os_error(),
-            Some(libc::EIO),
-            "{what}: want EIO, got {e}"
-        ),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{what}: want EIO, got {e}"),
         Ok(v) => panic!("{what}: want EIO, got success ({v:?})"),
     }
 }
@@ -172,23 +167,14 @@ fn fail_all_returns_eio_and_healing_keeps_the_data() {
     assert_eio(f.sync_data(), "fdatasync");
     // A fresh open still works (the device is there), its I/O does not.
     let g = open_direct(&disk.path());
-    assert_eio(
-        read_direct(&g, 1 << 20, BLOCK).map(|_| ()),
-        "read on a new fd",
-    );
+    assert_eio(read_direct(&g, 1 << 20, BLOCK).map(|_| ()), "read on a new fd");
     let errors = disk.errors_returned() - before;
-    assert!(
-        errors >= 5,
-        "counted {errors} injected errors, want at least 5"
-    );
+    assert!(errors >= 5, "counted {errors} injected errors, want at least 5");
     println!("FailAll: {errors} injected EIOs counted");
 
     disk.set(Mode::Healthy);
     let back = read_direct(&f, 0, data.len).unwrap();
-    assert!(
-        back.as_ref() == data.as_ref(),
-        "data written before the fault changed"
-    );
+    assert!(back.as_ref() == data.as_ref(), "data written before the fault changed");
     assert!(
         backing_bytes(&disk, 0, data.len) == data.as_ref(),
         "the failed write reached the backing file"
@@ -219,10 +205,7 @@ fn fail_writes_keeps_reads_working() {
         read_direct(&f, 8192, data.len).unwrap().as_ref() == data.as_ref(),
         "reads must work"
     );
-    assert_eio(
-        write_direct(&f, 8192, &Aligned::pattern(BLOCK, 0xEE)),
-        "write",
-    );
+    assert_eio(write_direct(&f, 8192, &Aligned::pattern(BLOCK, 0xEE)), "write");
     assert_eio(f.sync_all(), "fsync");
     assert_eio(f.set_len(0), "truncate");
     assert_eq!(disk.errors_returned(), 3);
@@ -251,10 +234,7 @@ fn fail_range_fails_only_io_touching_the_range() {
     });
     read_direct(&f, bad - BLOCK as u64, BLOCK).unwrap();
     read_direct(&f, bad + BLOCK as u64, BLOCK).unwrap();
-    assert_eio(
-        read_direct(&f, bad, BLOCK).map(|_| ()),
-        "read of the bad block",
-    );
+    assert_eio(read_direct(&f, bad, BLOCK).map(|_| ()), "read of the bad block");
     assert_eio(
         read_direct(&f, bad - BLOCK as u64, 2 * BLOCK).map(|_| ()),
         "read straddling the bad block",
@@ -275,18 +255,11 @@ fn buffered_io_sees_the_fault_at_once() {
     let scratch = Scratch::new("buffered");
     let disk = FaultyDisk::mount(&scratch.0, scratch.backing()).unwrap();
     // No O_DIRECT: were pages cached, the second read would be served from memory.
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(disk.path())
-        .unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(disk.path()).unwrap();
     let mut buf = [0u8; 512];
     f.read_exact_at(&mut buf, 0).unwrap();
     disk.set(Mode::FailAll);
-    assert_eio(
-        f.read_exact_at(&mut buf, 0),
-        "buffered re-read of a page just read",
-    );
+    assert_eio(f.read_exact_at(&mut buf, 0), "buffered re-read of a page just read");
     assert_eio(f.write_all_at(&buf, 0), "buffered write");
     assert_eq!(disk.errors_returned(), 2);
 }
@@ -341,11 +314,7 @@ fn drop_while_the_file_is_held_open_detaches_and_does_not_hang() {
     assert!(!mounted(&mountpoint), "still mounted");
     assert!(!mountpoint.exists(), "mountpoint left behind");
     let err = read_direct(&held, 0, BLOCK).map(|_| ()).unwrap_err();
-    assert_eq!(
-        err.raw_os_error(),
-        Some(libc::ENOTCONN),
-        "I/O on the held fd: {err}"
-    );
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "I/O on the held fd: {err}");
 }
 
 #[test]
@@ -360,17 +329,12 @@ fn a_panicking_test_still_unmounts() {
         let disk = FaultyDisk::mount(&parent, &backing).unwrap();
         let _held = open_direct(&disk.path());
         tx.send(disk.mountpoint().to_owned()).unwrap();
-        panic!(
-            "expected panic: a simulated test failure while the disk is mounted and its file open"
-        );
+        panic!("expected panic: a simulated test failure while the disk is mounted and its file open");
     });
     assert!(res.is_err());
     let mountpoint = rx.recv().unwrap();
     assert!(!mounted(&mountpoint), "still mounted after the panic");
-    assert!(
-        !mountpoint.exists(),
-        "mountpoint left behind after the panic"
-    );
+    assert!(!mountpoint.exists(), "mountpoint left behind after the panic");
 }
 
 #[test]
@@ -422,10 +386,7 @@ fn mount_reports_a_missing_or_wrong_backing_file() {
     match FaultyDisk::mount(&scratch.0, &missing) {
         Err(e @ Error::OpenBacking { .. }) => {
             assert!(e.to_string().contains("missing.img"), "{e}");
-            assert!(
-                std::error::Error::source(&e).is_some(),
-                "the cause is chained"
-            );
+            assert!(std::error::Error::source(&e).is_some(), "the cause is chained");
         }
         other => panic!("want OpenBacking, got {other:?}"),
     }

@@ -69,10 +69,15 @@ fn silent_loss_keeps_carrier_up_and_drops_everything() {
     assert!(!ping(&client.ns, &a.app_ip()), "traffic to a must be lost");
     assert!(!ping(&a.ns, &client.ip), "traffic from a must be lost");
     assert!(ping(&client.ns, &b.app_ip()), "b is unaffected");
-    let state = a.ns.exec("cat", &[&format!("/sys/class/net/{}/operstate", topology::APP_IF)]).unwrap();
+    let state =
+        a.ns.exec("cat", &[&format!("/sys/class/net/{}/operstate", topology::APP_IF)])
+            .unwrap();
     assert_eq!(state.trim(), "up", "carrier must stay up during silent loss");
     drop(loss);
-    wait_until(Duration::from_secs(5), "traffic to a restored", || ping(&client.ns, &a.app_ip())).unwrap();
+    wait_until(Duration::from_secs(5), "traffic to a restored", || {
+        ping(&client.ns, &a.app_ip())
+    })
+    .unwrap();
 }
 
 #[test]
@@ -81,7 +86,10 @@ fn killing_a_host_kills_its_processes() {
     require_root();
     let lab = Lab::two_hosts("kill", 0).unwrap();
     let mut child = lab.host("a").ns.command("sleep").arg("600").spawn().unwrap();
-    wait_until(Duration::from_secs(5), "sleep visible in host a", || !lab.host("a").ns.pids().is_empty()).unwrap();
+    wait_until(Duration::from_secs(5), "sleep visible in host a", || {
+        !lab.host("a").ns.pids().is_empty()
+    })
+    .unwrap();
     assert!(lab.kill_host_processes("a") >= 1);
     let status = child.wait().unwrap();
     assert!(!status.success(), "the host's process must have been killed");
@@ -97,9 +105,8 @@ fn xdp_counter_counts_a_clients_frames() {
     let lab = Lab::two_hosts("xdp", 1).unwrap();
     let (a, client) = (lab.host("a"), &lab.clients[0]);
     let sent = 20;
-    let counted = a
-        .ns
-        .enter(|| {
+    let counted =
+        a.ns.enter(|| {
             let prog = netpair::CountProgram::attach(topology::APP_IF).expect("attach xdp_count");
             let before = prog.received().unwrap().packets;
             let status = client
@@ -115,13 +122,20 @@ fn xdp_counter_counts_a_clients_frames() {
             })
             .unwrap();
             let c = prog.received().unwrap();
-            println!("xdp_count on a:{}: {} frames, {} bytes (settled in {took:?})", topology::APP_IF, c.packets, c.bytes);
+            println!(
+                "xdp_count on a:{}: {} frames, {} bytes (settled in {took:?})",
+                topology::APP_IF,
+                c.packets,
+                c.bytes
+            );
             c.packets - before
         })
         .unwrap();
     assert!(counted >= sent, "counted {counted} < sent {sent}");
     // Detached on drop: a fresh attach in driver mode must succeed again (nothing stale).
-    a.ns.enter(|| netpair::CountProgram::attach(topology::APP_IF).map(drop)).unwrap().unwrap();
+    a.ns.enter(|| netpair::CountProgram::attach(topology::APP_IF).map(drop))
+        .unwrap()
+        .unwrap();
 }
 
 /// The same through the `netpair` binary, as an administrator would run it.
@@ -132,16 +146,16 @@ fn netpair_count_binary_reports_frames() {
     let lab = Lab::two_hosts("npc", 1).unwrap();
     let (a, client) = (lab.host("a"), &lab.clients[0]);
     let bin = workspace_bin("netpair");
-    let child = a
-        .ns
-        .command(bin.to_str().unwrap())
-        .args(["count", "--iface", topology::APP_IF, "--seconds", "3"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child =
+        a.ns.command(bin.to_str().unwrap())
+            .args(["count", "--iface", topology::APP_IF, "--seconds", "3"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
     wait_until(Duration::from_secs(10), "XDP attached to app0", || {
-        a.ns.ip(&["link", "show", topology::APP_IF]).is_ok_and(|s| s.contains("xdp"))
+        a.ns.ip(&["link", "show", topology::APP_IF])
+            .is_ok_and(|s| s.contains("xdp"))
     })
     .unwrap();
     assert!(ping(&client.ns, &a.app_ip()));
@@ -151,7 +165,11 @@ fn netpair_count_binary_reports_frames() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "netpair count failed: {stderr}");
-    let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_owned();
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_owned();
     let v: serde_json::Value = serde_json::from_str(&last).unwrap_or_else(|e| panic!("{e}: {last:?}"));
     assert!(v["rx_packets"].as_u64().unwrap() >= 10, "{last}");
     println!("netpair count: {last}");

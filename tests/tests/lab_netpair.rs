@@ -50,7 +50,10 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -108,16 +111,20 @@ role = "{role}"
     let cfg_path = dir.join(format!("netpair-{host}.toml"));
     std::fs::write(&cfg_path, cfg).unwrap();
     let log = dir.join(format!("netpair-{host}.log"));
-    let child = h
-        .ns
-        .command_keep_mounts(workspace_bin("netpair").to_str().unwrap())
-        .args(["run", "--config", cfg_path.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    Daemon { child, socket, log, _pin: pin }
+    let child =
+        h.ns.command_keep_mounts(workspace_bin("netpair").to_str().unwrap())
+            .args(["run", "--config", cfg_path.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+    Daemon {
+        child,
+        socket,
+        log,
+        _pin: pin,
+    }
 }
 
 struct Setup {
@@ -137,15 +144,29 @@ fn setup(tag: &str) -> Setup {
     })
     .unwrap_or_else(|e| panic!("{e}\n--- a:\n{}\n--- b:\n{}", a.log(), b.log()));
     wait_until(Duration::from_secs(5), "both paths judged healthy", || {
-        a.status().is_some_and(|s| s["app"]["path_ok"] == true) && b.status().is_some_and(|s| s["app"]["path_ok"] == true)
+        a.status().is_some_and(|s| s["app"]["path_ok"] == true)
+            && b.status().is_some_and(|s| s["app"]["path_ok"] == true)
     })
-    .unwrap_or_else(|e| panic!("{e}\n--- a: {:?}\n{}\n--- b: {:?}\n{}", a.status(), a.log(), b.status(), b.log()));
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n--- a: {:?}\n{}\n--- b: {:?}\n{}",
+            a.status(),
+            a.log(),
+            b.status(),
+            b.log()
+        )
+    });
     Setup { a, b, lab }
 }
 
 /// Runs a stream client → guest, applies `fault` and waits for the expected steering; then
 /// `heal` and waits for traffic to come home. Returns (fault gap, heal gap).
-fn fault_and_heal(s: &Setup, name: &str, fault: impl FnOnce() -> Box<dyn std::any::Any>, expect_steer: bool) -> (Duration, Duration) {
+fn fault_and_heal(
+    s: &Setup,
+    name: &str,
+    fault: impl FnOnce() -> Box<dyn std::any::Any>,
+    expect_steer: bool,
+) -> (Duration, Duration) {
     let guest = &s.lab.guests[0];
     let probe = TcpStreamProbe::start(&guest.ns, GUEST_IP, 5001, &s.lab.clients[0].ns).unwrap();
     std::thread::sleep(Duration::from_millis(300)); // steady state before the fault
@@ -180,7 +201,11 @@ fn fault_and_heal(s: &Setup, name: &str, fault: impl FnOnce() -> Box<dyn std::an
     std::thread::sleep(Duration::from_millis(500));
     let heal_gap = probe.max_gap_since(t_heal);
     let report = probe.stop();
-    assert!(report.errors.is_empty(), "{name}: the TCP stream broke: {:?}", report.errors);
+    assert!(
+        report.errors.is_empty(),
+        "{name}: the TCP stream broke: {:?}",
+        report.errors
+    );
     assert!(report.bytes_received > 0);
     println!(
         "{name}: TCP gap during the fault {:.0} ms, when healing {:.0} ms; {} bytes sent, {} received, no reset",
@@ -210,7 +235,9 @@ fn app_nic_down_steers_through_the_partner() {
         || {
             faults::link_down(&s.lab.host("a").ns, topology::APP_IF).unwrap();
             Box::new(OnDrop(move || {
-                let _ = Command::new("ip").args(["-n", &ns, "link", "set", topology::APP_IF, "up"]).status();
+                let _ = Command::new("ip")
+                    .args(["-n", &ns, "link", "set", topology::APP_IF, "up"])
+                    .status();
             }))
         },
         true,
@@ -249,14 +276,23 @@ fn one_availability_link_down_moves_nothing() {
         || {
             faults::link_down(&s.lab.host("a").ns, "al1").unwrap();
             Box::new(OnDrop(move || {
-                let _ = Command::new("ip").args(["-n", &ns, "link", "set", "al1", "up"]).status();
+                let _ = Command::new("ip")
+                    .args(["-n", &ns, "link", "set", "al1", "up"])
+                    .status();
             }))
         },
         false,
     );
-    assert!(gap < Duration::from_millis(200), "nothing moved, yet the stream stalled {gap:?}");
+    assert!(
+        gap < Duration::from_millis(200),
+        "nothing moved, yet the stream stalled {gap:?}"
+    );
     assert!(s.a.partner_reachable(), "AL2 still carries the pairing");
-    assert!(s.a.status().unwrap()["events"].to_string().contains("loss of redundancy: availability link al1 down"));
+    assert!(
+        s.a.status().unwrap()["events"]
+            .to_string()
+            .contains("loss of redundancy: availability link al1 down")
+    );
 }
 
 #[test]
@@ -278,7 +314,10 @@ fn both_availability_links_down_moves_nothing_and_is_reported() {
         },
         false,
     );
-    assert!(gap < Duration::from_millis(200), "nothing moved, yet the stream stalled {gap:?}");
+    assert!(
+        gap < Duration::from_millis(200),
+        "nothing moved, yet the stream stalled {gap:?}"
+    );
     let events = s.a.status().unwrap()["events"].to_string();
     assert!(events.contains("partner silent on every availability link"), "{events}");
 }
@@ -295,8 +334,10 @@ fn garbage_and_wrong_secret_pairing_messages_are_rejected_with_a_reason() {
         sock.send_to(&[0u8; 9000], &b_al1).unwrap();
     })
     .unwrap();
-    wait_until(Duration::from_secs(5), "b logs the rejections", || s.b.log().matches("pairing message rejected").count() >= 2)
-        .unwrap_or_else(|e| panic!("{e}\n{}", s.b.log()));
+    wait_until(Duration::from_secs(5), "b logs the rejections", || {
+        s.b.log().matches("pairing message rejected").count() >= 2
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.b.log()));
     assert!(s.b.partner_reachable(), "b still hears a");
     let _ = Path::new("");
 }

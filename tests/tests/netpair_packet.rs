@@ -29,7 +29,8 @@ fn pair(tag: &str) -> Pair {
     sw.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
     sw.ip(&["link", "set", "port0", "master", "br0"]).unwrap();
     sw.ip(&["addr", "add", "10.77.0.1/24", "dev", "br0"]).unwrap();
-    sw.ip(&["addr", "add", "2001:db8:77::1/64", "dev", "br0", "nodad"]).unwrap();
+    sw.ip(&["addr", "add", "2001:db8:77::1/64", "dev", "br0", "nodad"])
+        .unwrap();
     for (ns, dev) in [(&sw, "port0"), (&sw, "br0"), (&h, "app0")] {
         ns.ip(&["link", "set", dev, "up"]).unwrap();
     }
@@ -37,7 +38,11 @@ fn pair(tag: &str) -> Pair {
 }
 
 fn mac_of(ns: &Netns, dev: &str) -> Mac {
-    ns.exec("cat", &[&format!("/sys/class/net/{dev}/address")]).unwrap().trim().parse().unwrap()
+    ns.exec("cat", &[&format!("/sys/class/net/{dev}/address")])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 fn sysctl(ns: &Netns, key: &str, value: &str) {
@@ -47,7 +52,8 @@ fn sysctl(ns: &Netns, key: &str, value: &str) {
 /// The bridge has learned `mac` on `port0` (its forwarding database).
 fn fdb_has(sw: &Netns, mac: Mac) -> bool {
     let fdb = sw.exec("bridge", &["fdb", "show", "dev", "port0"]).unwrap();
-    fdb.lines().any(|l| l.starts_with(&mac.to_string()) && !l.contains("permanent"))
+    fdb.lines()
+        .any(|l| l.starts_with(&mac.to_string()) && !l.contains("permanent"))
 }
 
 fn neigh_has(sw: &Netns, family: &str, ip: &str, mac: Mac) -> bool {
@@ -66,7 +72,10 @@ fn arp_probe_gets_the_reply_with_the_right_mac() {
         p.h.enter(|| {
             let mut prober = packet::ArpProber::new("app0", HOST_IP).unwrap();
             assert_eq!(Mac(prober.mac()), host_mac, "the prober's MAC is the interface's");
-            assert!(prober.recv_replies().unwrap().is_empty(), "nothing before the first probe");
+            assert!(
+                prober.recv_replies().unwrap().is_empty(),
+                "nothing before the first probe"
+            );
             let mut replies = Vec::new();
             let took = wait_until(Duration::from_secs(5), "an ARP reply from the router", || {
                 prober.send_probe(ROUTER_IP).unwrap();
@@ -83,7 +92,12 @@ fn arp_probe_gets_the_reply_with_the_right_mac() {
         })
         .unwrap();
     println!("ARP reply after {took:?}: {replies:?}");
-    assert!(replies.iter().all(|&(ip, mac)| ip == ROUTER_IP && Mac(mac) == router_mac), "{replies:?}");
+    assert!(
+        replies
+            .iter()
+            .all(|&(ip, mac)| ip == ROUTER_IP && Mac(mac) == router_mac),
+        "{replies:?}"
+    );
     // The router learned us from the request: the probe really went out with our MAC/IP.
     assert!(neigh_has(&p.sw, "-4", &HOST_IP.to_string(), host_mac));
 }
@@ -101,22 +115,42 @@ fn gratuitous_arp_updates_neighbours_and_the_switch() {
     // a failover): the announcement must override it.
     let moved: Mac = "52:54:00:77:00:51".parse().unwrap();
     let moved_ip = Ipv4Addr::new(10, 77, 0, 51);
-    p.sw.ip(&["neigh", "replace", "10.77.0.51", "lladdr", "02:00:00:00:00:99", "dev", "br0", "nud", "stale"]).unwrap();
+    p.sw.ip(&[
+        "neigh",
+        "replace",
+        "10.77.0.51",
+        "lladdr",
+        "02:00:00:00:00:99",
+        "dev",
+        "br0",
+        "nud",
+        "stale",
+    ])
+    .unwrap();
 
     let announcer = p.h.enter(|| packet::Announcer::new("app0").unwrap()).unwrap();
-    let took = wait_until(Duration::from_secs(5), "the router and the switch learn the guests", || {
-        announcer.ipv4(guest.0, guest_ip).unwrap();
-        announcer.ipv4(moved.0, moved_ip).unwrap();
-        neigh_has(&p.sw, "-4", "10.77.0.50", guest)
-            && neigh_has(&p.sw, "-4", "10.77.0.51", moved)
-            && fdb_has(&p.sw, guest)
-            && fdb_has(&p.sw, moved)
-    })
+    let took = wait_until(
+        Duration::from_secs(5),
+        "the router and the switch learn the guests",
+        || {
+            announcer.ipv4(guest.0, guest_ip).unwrap();
+            announcer.ipv4(moved.0, moved_ip).unwrap();
+            neigh_has(&p.sw, "-4", "10.77.0.50", guest)
+                && neigh_has(&p.sw, "-4", "10.77.0.51", moved)
+                && fdb_has(&p.sw, guest)
+                && fdb_has(&p.sw, moved)
+        },
+    )
     .unwrap();
     println!("gratuitous ARP learned after {took:?}");
     // The one-shot helper works too (and fails cleanly on an absent interface).
-    p.h.enter(|| packet::announce_ipv4("app0", guest.0, guest_ip)).unwrap().unwrap();
-    let e = p.h.enter(|| packet::announce_ipv4("nosuch0", guest.0, guest_ip)).unwrap().unwrap_err();
+    p.h.enter(|| packet::announce_ipv4("app0", guest.0, guest_ip))
+        .unwrap()
+        .unwrap();
+    let e =
+        p.h.enter(|| packet::announce_ipv4("nosuch0", guest.0, guest_ip))
+            .unwrap()
+            .unwrap_err();
     assert!(e.to_string().contains("nosuch0"), "{e}");
 }
 
@@ -133,14 +167,22 @@ fn unsolicited_na_updates_neighbours_and_the_switch() {
     let guest_ip: Ipv6Addr = "2001:db8:77::66".parse().unwrap();
 
     // tcpdump verifies the checksum independently and prints the decoded NA.
-    let mut dump = p
-        .sw
-        .command("tcpdump")
-        .args(["-i", "port0", "-n", "-vv", "-c", "1", "-l", "icmp6 and ip6[40] == 136 and src host 2001:db8:77::66"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut dump =
+        p.sw.command("tcpdump")
+            .args([
+                "-i",
+                "port0",
+                "-n",
+                "-vv",
+                "-c",
+                "1",
+                "-l",
+                "icmp6 and ip6[40] == 136 and src host 2001:db8:77::66",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
     // tcpdump has no "ready" signal; its "listening on" line is printed once capture starts.
     let mut stderr = std::io::BufReader::new(dump.stderr.take().unwrap());
     let mut line = String::new();
@@ -148,17 +190,27 @@ fn unsolicited_na_updates_neighbours_and_the_switch() {
     assert!(line.contains("listening on"), "tcpdump: {line}");
 
     let announcer = p.h.enter(|| packet::Announcer::new("app0").unwrap()).unwrap();
-    let took = wait_until(Duration::from_secs(5), "the router and the switch learn the guest", || {
-        announcer.ipv6(guest.0, guest_ip).unwrap();
-        neigh_has(&p.sw, "-6", "2001:db8:77::66", guest) && fdb_has(&p.sw, guest)
-    })
+    let took = wait_until(
+        Duration::from_secs(5),
+        "the router and the switch learn the guest",
+        || {
+            announcer.ipv6(guest.0, guest_ip).unwrap();
+            neigh_has(&p.sw, "-6", "2001:db8:77::66", guest) && fdb_has(&p.sw, guest)
+        },
+    )
     .unwrap();
     println!("unsolicited NA learned after {took:?}");
     let out = dump.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{text}");
-    assert!(text.contains("neighbor advertisement") && text.contains("tgt is 2001:db8:77::66"), "{text}");
+    assert!(
+        text.contains("neighbor advertisement") && text.contains("tgt is 2001:db8:77::66"),
+        "{text}"
+    );
     assert!(text.contains("hlim 255") && text.contains("Flags [override]"), "{text}");
     assert!(text.contains("[icmp6 sum ok]"), "{text}");
-    assert!(text.contains("52:54:00:77:00:66"), "target link-layer address option: {text}");
+    assert!(
+        text.contains("52:54:00:77:00:66"),
+        "target link-layer address option: {text}"
+    );
 }

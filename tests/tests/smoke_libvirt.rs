@@ -88,10 +88,7 @@ fn boot_cycle(host: &LibvirtHost, guest: &str) -> Timings {
 
 fn assert_nothing_left(lab: &Path) {
     let left = lab_processes(lab);
-    assert!(
-        left.is_empty(),
-        "processes of the lab still running: {left:#?}"
-    );
+    assert!(left.is_empty(), "processes of the lab still running: {left:#?}");
 }
 
 #[test]
@@ -118,12 +115,7 @@ fn two_hosts_each_boot_a_guest() {
         let pid = h.pids().unwrap()[0];
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
         let ours = ns.exec("readlink", &["/proc/self/ns/net"]).unwrap();
-        assert_eq!(
-            theirs.to_string_lossy(),
-            ours.trim(),
-            "netns of {}",
-            h.name()
-        );
+        assert_eq!(theirs.to_string_lossy(), ours.trim(), "netns of {}", h.name());
     }
 
     // Same guest name on both hosts (the identity a protected VM has on its partner).
@@ -174,9 +166,7 @@ fn guest_sees_and_writes_its_file_disk() {
     hv.define(&spec.to_xml()).unwrap();
     hv.start(&guest).unwrap();
     // lockd (`lock`) holds a lease for the disk while the guest runs
-    let leases = std::fs::read_dir(lab.path().join("shared-locks"))
-        .unwrap()
-        .count();
+    let leases = std::fs::read_dir(lab.path().join("shared-locks")).unwrap().count();
     assert!(leases >= 1, "no lockd lease for the disk");
 
     let took = host
@@ -197,10 +187,7 @@ fn guest_sees_and_writes_its_file_disk() {
         .unwrap_or_else(|| panic!("no GUEST-DISK line:\n{log}"));
     assert!(line.contains(&format!("size={}", 32u64 << 20)), "{line}");
     assert!(line.contains(&format!("head={magic}")), "{line}");
-    assert!(
-        log.contains(&format!("GUEST-WROTE /dev/vda {token}")),
-        "{log}"
-    );
+    assert!(log.contains(&format!("GUEST-WROTE /dev/vda {token}")), "{log}");
 
     hv.destroy(&guest).unwrap();
     assert_eq!(hv.state(&guest).unwrap(), DomainState::ShutOff);
@@ -225,8 +212,7 @@ fn guest_nic_on_a_bridge_in_the_host_netns() {
     let ns = Netns::create("lv").unwrap();
     // A bridge in the lab host's namespace (lab addresses only, never the machine's interfaces).
     ns.ip(&["link", "add", "br-app", "type", "bridge"]).unwrap();
-    ns.ip(&["addr", "add", "10.250.0.1/24", "dev", "br-app"])
-        .unwrap();
+    ns.ip(&["addr", "add", "10.250.0.1/24", "dev", "br-app"]).unwrap();
     ns.ip(&["link", "set", "br-app", "up"]).unwrap();
     let host = LibvirtHost::start(lab.path(), "h1", Some(ns.name()), false).unwrap();
     let guest = unique_name("gn");
@@ -249,14 +235,9 @@ fn guest_nic_on_a_bridge_in_the_host_netns() {
         host.serial_log(&guest)
             .contains(&format!("GUEST-NET eth0 10.250.0.2/24 mac={mac}"))
     );
-    let took = wait_until(
-        Duration::from_secs(20),
-        "ping 10.250.0.2 from the host netns",
-        || {
-            ns.exec("ping", &["-c", "1", "-W", "1", "10.250.0.2"])
-                .is_ok()
-        },
-    )
+    let took = wait_until(Duration::from_secs(20), "ping 10.250.0.2 from the host netns", || {
+        ns.exec("ping", &["-c", "1", "-W", "1", "10.250.0.2"]).is_ok()
+    })
     .unwrap();
     println!("guest answers ping on br-app after {took:.2?}");
 

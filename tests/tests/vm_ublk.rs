@@ -32,22 +32,12 @@ fn guest_driver_advertises_the_6_12_features() {
         .timeout(Duration::from_secs(180))
         .run_script(&script)
         .expect("run guest");
-    eprintln!(
-        "guest run: {:.1?} wall (cargo build check {built:.1?})",
-        run.wall
-    );
+    eprintln!("guest run: {:.1?} wall (cargo build check {built:.1?})", run.wall);
     assert_eq!(run.status, Some(0), "{}", run.transcript());
 
-    let read = |f: &str| {
-        run.read(f)
-            .unwrap_or_else(|e| panic!("{f}: {e}\n{}", run.transcript()))
-    };
+    let read = |f: &str| run.read(f).unwrap_or_else(|e| panic!("{f}: {e}\n{}", run.transcript()));
     assert_eq!(read("uname").trim(), "6.12.107+deb12-amd64");
-    assert_eq!(
-        read("control").trim(),
-        "present",
-        "/dev/ublk-control in the guest"
-    );
+    assert_eq!(read("control").trim(), "present", "/dev/ublk-control in the guest");
     assert_eq!(
         read("features.rc").trim(),
         "0",
@@ -55,12 +45,8 @@ fn guest_driver_advertises_the_6_12_features() {
         read("features.err")
     );
 
-    let v: serde_json::Value = serde_json::from_str(&read("features.json")).unwrap_or_else(|e| {
-        panic!(
-            "features --json is not JSON ({e}): {}",
-            read("features.json")
-        )
-    });
+    let v: serde_json::Value = serde_json::from_str(&read("features.json"))
+        .unwrap_or_else(|e| panic!("features --json is not JSON ({e}): {}", read("features.json")));
     assert_eq!(v["control"], "/dev/ublk-control");
     let bits = v["features"].as_u64().expect("features is a u64");
     let names: Vec<&str> = v["names"]
@@ -80,11 +66,7 @@ fn guest_driver_advertises_the_6_12_features() {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
     // Names and bits describe the same set.
-    assert_eq!(
-        names.len() as u32,
-        bits.count_ones(),
-        "{names:?} vs {bits:#x}"
-    );
+    assert_eq!(names.len() as u32, bits.count_ones(), "{names:?} vs {bits:#x}");
 
     // A missing control node: non-zero exit, the operator's message.
     assert_eq!(read("absent.rc").trim(), "64", "{}", read("absent.err"));

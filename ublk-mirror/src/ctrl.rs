@@ -47,12 +47,10 @@ impl Features {
         (0..64)
             .map(|i| 1u64 << i)
             .filter(|bit| self.0 & bit != 0)
-            .map(
-                |bit| match sys::FEATURE_NAMES.iter().find(|(b, _)| *b == bit) {
-                    Some((_, name)) => (*name).to_owned(),
-                    None => format!("BIT{}", bit.trailing_zeros()),
-                },
-            )
+            .map(|bit| match sys::FEATURE_NAMES.iter().find(|(b, _)| *b == bit) {
+                Some((_, name)) => (*name).to_owned(),
+                None => format!("BIT{}", bit.trailing_zeros()),
+            })
             .collect()
     }
 }
@@ -101,9 +99,7 @@ impl Control {
             .open(&path)
             .map_err(|source| match source.raw_os_error() {
                 // No node, or a stale node without a driver behind it.
-                Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) => {
-                    Error::DriverNotLoaded { path: path.clone() }
-                }
+                Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) => Error::DriverNotLoaded { path: path.clone() },
                 _ => Error::Open {
                     path: path.clone(),
                     source,
@@ -201,12 +197,7 @@ impl Control {
     /// returns `Ok` or returns `Err` with the ring *not* broken. If it returns `Err` and
     /// [`Control::is_broken`] is then true, the command may still be in flight: the
     /// buffer must never be freed or reused (leak it).
-    pub unsafe fn submit_and_reap(
-        &mut self,
-        op: &'static str,
-        cmd_op: u32,
-        header: &ublksrv_ctrl_cmd,
-    ) -> Result<i32> {
+    pub unsafe fn submit_and_reap(&mut self, op: &'static str, cmd_op: u32, header: &ublksrv_ctrl_cmd) -> Result<i32> {
         if self.broken {
             return Err(Error::Submit {
                 op,
@@ -251,12 +242,7 @@ impl Control {
                 });
             }
             let res = cqe.result();
-            tracing::trace!(
-                op,
-                cmd_op = format_args!("{cmd_op:#x}"),
-                res,
-                "ublk control command"
-            );
+            tracing::trace!(op, cmd_op = format_args!("{cmd_op:#x}"), res, "ublk control command");
             return if res < 0 {
                 Err(Error::Command {
                     op,
@@ -333,10 +319,7 @@ mod tests {
         std::fs::write(&file, b"").unwrap();
         let res = Control::open_path(&file).and_then(|mut c| {
             let r = c.features();
-            assert!(
-                !c.is_broken(),
-                "a rejected command must leave the ring usable"
-            );
+            assert!(!c.is_broken(), "a rejected command must leave the ring usable");
             r
         });
         std::fs::remove_dir_all(&dir).unwrap();

@@ -98,8 +98,7 @@ impl Error {
     /// acts: the driver is missing or we lack the privilege. Binaries exit with
     /// `EXIT_USAGE` then, `EXIT_TRANSIENT` otherwise.
     pub fn needs_operator(&self) -> bool {
-        matches!(self, Error::DriverNotLoaded { .. })
-            || matches!(-self.to_errno(), libc::EPERM | libc::EACCES)
+        matches!(self, Error::DriverNotLoaded { .. }) || matches!(-self.to_errno(), libc::EPERM | libc::EACCES)
     }
 }
 
@@ -163,9 +162,7 @@ mod tests {
         let m = e.to_string();
         assert!(m.contains("/dev/ublk-control"), "{m}");
         assert!(
-            m.contains(
-                "ublk_drv is not loaded: modprobe ublk_drv (kernel ≥ 6.0 with CONFIG_BLK_DEV_UBLK)"
-            ),
+            m.contains("ublk_drv is not loaded: modprobe ublk_drv (kernel ≥ 6.0 with CONFIG_BLK_DEV_UBLK)"),
             "{m}"
         );
     }

@@ -35,11 +35,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ublk-mirror: {}", error_chain(&e));
-            let code = if e.needs_operator() {
-                EXIT_USAGE
-            } else {
-                EXIT_TRANSIENT
-            };
+            let code = if e.needs_operator() { EXIT_USAGE } else { EXIT_TRANSIENT };
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
     }

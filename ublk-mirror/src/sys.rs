@@ -71,26 +71,19 @@ pub const UBLK_CMD_DEL_DEV_ASYNC: u8 = 0x14;
 /// The ioctl "type" byte of every ublk command.
 pub const UBLK_IOC_TYPE: u8 = b'u';
 
-pub const UBLK_U_CMD_GET_QUEUE_AFFINITY: u32 =
-    ior::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_GET_QUEUE_AFFINITY);
-pub const UBLK_U_CMD_GET_DEV_INFO: u32 =
-    ior::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_GET_DEV_INFO);
+pub const UBLK_U_CMD_GET_QUEUE_AFFINITY: u32 = ior::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_GET_QUEUE_AFFINITY);
+pub const UBLK_U_CMD_GET_DEV_INFO: u32 = ior::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_GET_DEV_INFO);
 pub const UBLK_U_CMD_ADD_DEV: u32 = iowr::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_ADD_DEV);
 pub const UBLK_U_CMD_DEL_DEV: u32 = iowr::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_DEL_DEV);
 pub const UBLK_U_CMD_START_DEV: u32 = iowr::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_START_DEV);
 pub const UBLK_U_CMD_STOP_DEV: u32 = iowr::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_STOP_DEV);
 pub const UBLK_U_CMD_SET_PARAMS: u32 = iowr::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_SET_PARAMS);
 pub const UBLK_U_CMD_GET_PARAMS: u32 = ior::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_GET_PARAMS);
-pub const UBLK_U_CMD_START_USER_RECOVERY: u32 =
-    iowr::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_START_USER_RECOVERY);
-pub const UBLK_U_CMD_END_USER_RECOVERY: u32 =
-    iowr::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_END_USER_RECOVERY);
-pub const UBLK_U_CMD_GET_DEV_INFO2: u32 =
-    ior::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_GET_DEV_INFO2);
-pub const UBLK_U_CMD_GET_FEATURES: u32 =
-    ior::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_GET_FEATURES);
-pub const UBLK_U_CMD_DEL_DEV_ASYNC: u32 =
-    ior::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_DEL_DEV_ASYNC);
+pub const UBLK_U_CMD_START_USER_RECOVERY: u32 = iowr::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_START_USER_RECOVERY);
+pub const UBLK_U_CMD_END_USER_RECOVERY: u32 = iowr::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_END_USER_RECOVERY);
+pub const UBLK_U_CMD_GET_DEV_INFO2: u32 = ior::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_GET_DEV_INFO2);
+pub const UBLK_U_CMD_GET_FEATURES: u32 = ior::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_GET_FEATURES);
+pub const UBLK_U_CMD_DEL_DEV_ASYNC: u32 = ior::<ublksrv_ctrl_cmd>(UBLK_IOC_TYPE, UBLK_CMD_DEL_DEV_ASYNC);
 
 /// Length of the buffer `UBLK_U_CMD_GET_FEATURES` fills (one `u64` bitmask).
 pub const UBLK_FEATURES_LEN: u16 = 8;
@@ -104,10 +97,8 @@ pub const UBLK_IO_COMMIT_AND_FETCH_REQ: u8 = 0x21;
 pub const UBLK_IO_NEED_GET_DATA: u8 = 0x22;
 
 pub const UBLK_U_IO_FETCH_REQ: u32 = iowr::<ublksrv_io_cmd>(UBLK_IOC_TYPE, UBLK_IO_FETCH_REQ);
-pub const UBLK_U_IO_COMMIT_AND_FETCH_REQ: u32 =
-    iowr::<ublksrv_io_cmd>(UBLK_IOC_TYPE, UBLK_IO_COMMIT_AND_FETCH_REQ);
-pub const UBLK_U_IO_NEED_GET_DATA: u32 =
-    iowr::<ublksrv_io_cmd>(UBLK_IOC_TYPE, UBLK_IO_NEED_GET_DATA);
+pub const UBLK_U_IO_COMMIT_AND_FETCH_REQ: u32 = iowr::<ublksrv_io_cmd>(UBLK_IOC_TYPE, UBLK_IO_COMMIT_AND_FETCH_REQ);
+pub const UBLK_U_IO_NEED_GET_DATA: u32 = iowr::<ublksrv_io_cmd>(UBLK_IOC_TYPE, UBLK_IO_NEED_GET_DATA);
 
 /// Completion result of a FETCH/COMMIT command: a request is ready in the descriptor.
 pub const UBLK_IO_RES_OK: i32 = 0;
@@ -406,11 +397,7 @@ pub fn cmd_bytes<T: CmdPayload>(payload: &T) -> [u8; 80] {
     // (checked by the size assertions above), so all `n` bytes are initialised; the
     // source and destination are distinct, and `n <= 80` (asserted above for each impl).
     unsafe {
-        std::ptr::copy_nonoverlapping(
-            (payload as *const T).cast::<u8>(),
-            out.as_mut_ptr(),
-            n.min(out.len()),
-        );
+        std::ptr::copy_nonoverlapping((payload as *const T).cast::<u8>(), out.as_mut_ptr(), n.min(out.len()));
     }
     out
 }
@@ -491,9 +478,7 @@ mod tests {
         assert_eq!(user_copy_offset(0, 0, 0), 0x8000_0000);
         assert_eq!(user_copy_offset(0, 1, 0), 0x8000_0000 + (1 << 25));
         assert_eq!(user_copy_offset(1, 0, 512), 0x8000_0000 + (1 << 41) + 512);
-        assert!(
-            user_copy_offset(4095, 65535, (1 << 25) - 1) < 0x8000_0000 + UBLKSRV_IO_BUF_TOTAL_SIZE
-        );
+        assert!(user_copy_offset(4095, 65535, (1 << 25) - 1) < 0x8000_0000 + UBLKSRV_IO_BUF_TOTAL_SIZE);
     }
 
     #[test]

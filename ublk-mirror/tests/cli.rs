@@ -3,8 +3,7 @@ use std::path::Path;
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ublk-mirror");
-const MESSAGE: &str =
-    "ublk_drv is not loaded: modprobe ublk_drv (kernel ≥ 6.0 with CONFIG_BLK_DEV_UBLK)";
+const MESSAGE: &str = "ublk_drv is not loaded: modprobe ublk_drv (kernel ≥ 6.0 with CONFIG_BLK_DEV_UBLK)";
 
 #[test]
 fn features_without_the_driver_fails_with_the_operator_message() {
