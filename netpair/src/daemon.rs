@@ -579,10 +579,12 @@ pub async fn query_status(socket: &std::path::Path) -> Result<serde_json::Value,
 fn start_bpf_logger(dp: &mut Datapath) {
     match aya_log::EbpfLogger::init(dp.ebpf_mut()) {
         Err(e) => tracing::warn!(error = %e, "eBPF logger unavailable; in-program diagnostics will be lost"),
-        // SAFETY: the logger owns its ring-buffer fd, which stays open for as long as the
-        // AsyncFd (and so the registration) lives.
         Ok(logger) => {
-            match unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+            // SAFETY: the logger owns its ring-buffer fd, which stays open for as long as the
+            // AsyncFd (and so the registration) lives.
+            let registered =
+                unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+            match registered {
                 Err(e) => tracing::warn!(error = %e, "eBPF logger not registered"),
                 Ok(mut fd) => {
                     tokio::spawn(async move {

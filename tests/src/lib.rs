@@ -16,6 +16,7 @@ pub mod faults;
 pub mod faulty_disk;
 pub mod libvirt;
 pub mod netns;
+pub mod netpair_daemon;
 pub mod topology;
 pub mod traffic;
 pub mod ublk_guest;
@@ -61,10 +62,13 @@ pub fn require_root() {
 /// Absolute path of a binary of this workspace in the same target profile as the running
 /// test (`target/debug/<name>`); panics with a hint when it has not been built.
 pub fn workspace_bin(name: &str) -> std::path::PathBuf {
-    // The test executable lives in target/<profile>/deps/.
+    // A test executable lives in target/<profile>/deps/, a binary in target/<profile>/.
     let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>");
-    let bin = profile_dir.join(name);
+    let mut dir = exe.parent().expect("executable directory").to_owned();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
         "{} is not built: run `cargo build` first (scripts/test.sh does)",

@@ -1,0 +1,130 @@
+//! A netpair daemon in a lab host: configuration written for the lab topology, started in
+//! the host's namespace, status read over its control socket, stopped on drop.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{BpfPinDir, Lab, topology, workspace_bin};
+
+/// The lab guest's identity (see [`Lab::add_guest_ns`]).
+pub const GUEST_MAC: &str = "52:54:00:fb:01:0a";
+pub const GUEST_IP: &str = "10.250.1.10";
+const SECRET: &str = "lab-pool-secret-0123456789abcdef";
+
+/// A netpair daemon running in a lab host's namespace; SIGTERM and reaped on drop.
+pub struct NetpairDaemon {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+    _pin: BpfPinDir,
+}
+
+impl NetpairDaemon {
+    /// Starts `netpair run` in `host`'s namespace (keeping the machine's mounts, so its maps
+    /// are pinned where bpftool looks) for the one lab guest, `role` "local" or "partner";
+    /// the client is the probe target. Panics with the daemon's log if it cannot start.
+    pub fn start(lab: &Lab, host: &str, role: &str) -> NetpairDaemon {
+        let h = lab.host(host);
+        let peer = lab.hosts.iter().find(|p| p.name != host).unwrap();
+        let dir = lab.dir();
+        let secret = dir.join("pool.secret");
+        std::fs::write(&secret, SECRET).unwrap();
+        let pin = BpfPinDir::new(&format!("{}-netpair", h.ns.name()));
+        let socket = dir.join(format!("netpair-{host}.sock"));
+        let port = if role == "local" { "port = \"vg0\"\n" } else { "" };
+        let cfg = format!(
+            r#"host = "{host}"
+pool_secret_file = "{secret}"
+app_iface = "{app}"
+app_ip = "{app_ip}"
+probe_targets = ["{client}"]
+pin_dir = "{pin}"
+control_socket = "{socket}"
+[[availability_link]]
+iface = "al1"
+local = "{l1}:7301"
+peer = "{p1}:7301"
+[[availability_link]]
+iface = "al2"
+local = "{l2}:7301"
+peer = "{p2}:7301"
+[[guest]]
+name = "web"
+mac = "{GUEST_MAC}"
+ip = "{GUEST_IP}"
+role = "{role}"
+{port}"#,
+            secret = secret.display(),
+            app = topology::APP_IF,
+            app_ip = h.app_ip(),
+            client = lab.clients[0].ip,
+            pin = pin.path().display(),
+            socket = socket.display(),
+            l1 = h.al_ip(1),
+            p1 = peer.al_ip(1),
+            l2 = h.al_ip(2),
+            p2 = peer.al_ip(2),
+        );
+        let cfg_path = dir.join(format!("netpair-{host}.toml"));
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let log = dir.join(format!("netpair-{host}.log"));
+        let child =
+            h.ns.command_keep_mounts(workspace_bin("netpair").to_str().unwrap())
+                .args(["run", "--config", cfg_path.to_str().unwrap()])
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+        NetpairDaemon {
+            child,
+            socket,
+            log,
+            _pin: pin,
+        }
+    }
+
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let mut s = UnixStream::connect(&self.socket).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+        s.write_all(b"status\n").ok()?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).ok()?;
+        serde_json::from_str(&line).ok()
+    }
+
+    pub fn steering(&self) -> Option<bool> {
+        self.status()?["guests"][0]["steering"].as_bool()
+    }
+
+    pub fn partner_reachable(&self) -> bool {
+        self.status().is_some_and(|s| s["partner"]["reachable"] == true)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NetpairDaemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
