@@ -45,7 +45,7 @@ if [ $quick -eq 0 ] && [ $broken -eq 0 ]; then
 fi
 
 step "tier 1: unit tests"
-cargo test 2>&1 | grep -vE '^warning: netpair@' | tee "$log"
+cargo test --no-fail-fast 2>&1 | grep -vE '^warning: netpair@' | tee "$log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || broken=1
 tally
 privileged=$t_ign   # privileged/VM tests, run by tiers 2-3 below
@@ -53,7 +53,7 @@ privileged=$t_ign   # privileged/VM tests, run by tiers 2-3 below
 run_ignored() { # TIER-NAME ARGS... : run ignored (privileged/VM) tests of eac-lab
   local name=$1; shift
   step "$name"
-  cargo test -p eac-lab "$@" -- --ignored --nocapture 2>&1 | grep -vE '^warning: netpair@' | tee "$log"
+  cargo test --no-fail-fast -p eac-lab "$@" -- --ignored --nocapture 2>&1 | grep -vE '^warning: netpair@' | tee "$log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || broken=1
   tally
   privileged=$((privileged - t_pass - t_fail))

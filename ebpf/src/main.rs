@@ -4,9 +4,10 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, xdp_action},
+    btf_maps::{Array, HashMap, PerCpuHashMap as BtfPerCpuHashMap},
     helpers::{bpf_ktime_get_ns, bpf_redirect},
-    macros::{classifier, map, xdp},
-    maps::{Array, HashMap, PerCpuHashMap},
+    macros::{btf_map, classifier, map, xdp},
+    maps::PerCpuHashMap,
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::warn;
@@ -41,22 +42,28 @@ pub fn xdp_count(ctx: XdpContext) -> u32 {
 }
 
 // ---------------------------------------------------------------------------------------
-// netpair. Maps are pinned (by name, under the loader's pin directory) so that
-// `bpftool map dump pinned /sys/fs/bpf/eac/<instance>/GUEST_STATS` shows live counters and a
-// restarted daemon finds its state again.
+// netpair. The loader pins these maps under its pin directory after loading, so that
+// `bpftool map dump pinned /sys/fs/bpf/eac/<instance>/GUEST_STATS` shows live counters. They
+// are not declared `pinned`: that would make every load of this object (e.g. the plain frame
+// counter) pin them at a default path, and a restarted daemon should decide afresh rather
+// than inherit steering state.
 // ---------------------------------------------------------------------------------------
 
-#[map]
-static GUESTS: HashMap<MacKey, GuestEntry> = HashMap::pinned(GUESTS_MAX, 0);
+// BTF-defined maps (the `.maps` section): bpftool prints keys and values with their field
+// names. Sizes are const generics here and must match ebpf_common's constants.
+const _: () = assert!(GUESTS_MAX == 1024 && CFG_MAX == 4 && STEERED_PORTS_MAX == 8);
 
-#[map]
-static GUEST_STATS: PerCpuHashMap<MacKey, GuestStats> = PerCpuHashMap::pinned(GUESTS_MAX, 0);
+#[btf_map]
+static GUESTS: HashMap<MacKey, GuestEntry, 1024> = HashMap::new();
 
-#[map]
-static NETPAIR_CONFIG: Array<u32> = Array::pinned(CFG_MAX, 0);
+#[btf_map]
+static GUEST_STATS: BtfPerCpuHashMap<MacKey, GuestStats, 1024> = BtfPerCpuHashMap::new();
 
-#[map]
-static STEERED_PORTS: Array<u32> = Array::pinned(STEERED_PORTS_MAX, 0);
+#[btf_map]
+static NETPAIR_CONFIG: Array<u32, 4> = Array::new();
+
+#[btf_map]
+static STEERED_PORTS: Array<u32, 8> = Array::new();
 
 const ETH_HLEN: usize = 14;
 

@@ -34,6 +34,9 @@ pub enum Role {
     Partner,
 }
 
+/// Maps pinned under the pin directory for bpftool, removed again on drop.
+const PINNED_MAPS: [&str; 4] = [MAP_GUESTS, MAP_GUEST_STATS, MAP_CONFIG, MAP_STEERED_PORTS];
+
 /// One host's data path.
 pub struct Datapath {
     ebpf: Ebpf,
@@ -43,8 +46,8 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the programs, pins the maps under `pin_dir` (created if needed; existing pinned
-    /// maps are reused), and attaches: XDP + TC ingress + TC egress on `app_iface`, TC ingress
+    /// Loads the programs, pins the maps under `pin_dir` (created if needed; stale pins are
+    /// replaced; removed again on drop), and attaches: XDP + TC ingress + TC egress on `app_iface`, TC ingress
     /// on every availability link. The first AL carries steered frames until
     /// [`Datapath::use_al`] says otherwise.
     pub fn attach(pin_dir: &Path, app_iface: &str, al_ifaces: &[&str]) -> Result<Self, Error> {
@@ -57,10 +60,17 @@ impl Datapath {
             .iter()
             .map(|n| Ok(((*n).to_owned(), ifindex(n)?)))
             .collect::<Result<Vec<_>, Error>>()?;
-        let ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .load(crate::xdp::EBPF_OBJECT)
-            .map_err(Error::Load)?;
+        let mut ebpf = EbpfLoader::new().load(crate::xdp::EBPF_OBJECT).map_err(Error::Load)?;
+        for name in PINNED_MAPS {
+            let path = pin_dir.join(name);
+            // A pin left by a daemon that was killed: replace it.
+            let _ = std::fs::remove_file(&path);
+            let map = ebpf.map_mut(name).ok_or(Error::MissingMap(name))?;
+            map.pin(&path).map_err(|e| Error::Io {
+                what: format!("pin {name} at {}", path.display()),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
         let mut dp = Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -304,6 +314,15 @@ impl Datapath {
     /// The eBPF object, for callers that need more (aya-log).
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        for name in PINNED_MAPS {
+            let _ = std::fs::remove_file(self.pin_dir.join(name));
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
     }
 }
 

@@ -153,6 +153,26 @@ fn silent_loss_on_the_switch_port_steers_through_the_partner() {
     let here = &b["guests"][0]["counters"]["here"];
     assert!(here["to_al_packets"].as_u64().unwrap() > 0, "{b}");
     assert!(here["from_al_packets"].as_u64().unwrap() > 0, "{b}");
+    // The same counters through bpftool, from the pinned map (BTF-formatted).
+    let pin = b["pin_dir"].as_str().unwrap();
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned", &format!("{pin}/GUEST_STATS")])
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        dump.contains("to_al_packets") && dump.contains("[82,84,0,251,1,10]"),
+        "{dump}"
+    );
+    println!(
+        "bpftool map dump pinned {pin}/GUEST_STATS: {} bytes of JSON",
+        dump.len()
+    );
 }
 
 #[test]
@@ -230,4 +250,28 @@ fn garbage_and_wrong_secret_pairing_messages_are_rejected_with_a_reason() {
     .unwrap_or_else(|e| panic!("{e}\n{}", s.b.log()));
     assert!(s.b.partner_reachable(), "b still hears a");
     let _ = Path::new("");
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF and network namespaces; run by scripts/test.sh"]
+fn restarting_a_daemon_does_not_disturb_flowing_traffic() {
+    let Setup { a, b, lab } = setup("np-restart");
+    let probe = TcpStreamProbe::start(&lab.guests[0].ns, GUEST_IP, 5001, &lab.clients[0].ns).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    drop(a); // SIGTERM: the programs detach, the bridge carries the traffic alone
+    let a = Daemon::start(&lab, "a", "local");
+    wait_until(Duration::from_secs(10), "a pairs again", || a.partner_reachable()).unwrap();
+    let restart = t.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let gap = probe.max_gap_since(t);
+    let report = probe.stop();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    println!(
+        "daemon restart: paired again after {restart:?}; longest TCP gap {:.0} ms",
+        gap.as_secs_f64() * 1e3
+    );
+    assert!(gap < Duration::from_millis(200), "{gap:?}");
+    assert_eq!(a.steering(), Some(false));
+    drop(b);
 }
