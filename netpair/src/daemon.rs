@@ -193,16 +193,21 @@ impl State {
         }
     }
 
+    /// Our counters per guest (empty if the maps cannot be read; logged by the caller's use).
+    fn guest_stats(&self) -> BTreeMap<Mac, ebpf_common::GuestStats> {
+        match self.dp.guests() {
+            Ok(g) => g.into_iter().map(|(m, _, s)| (m, s)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %eac_common::error_chain(&e), "reading the per-guest counters");
+                BTreeMap::new()
+            }
+        }
+    }
+
     fn observation(&self) -> Observation {
         let now = self.now_ms();
         let requests = self.judge.requests();
-        let stats: BTreeMap<Mac, ebpf_common::GuestStats> = self
-            .dp
-            .guests()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(m, _, s)| (m, s))
-            .collect();
+        let stats = self.guest_stats();
         let mono_now_ns = mono_ns();
         Observation {
             app_carrier: self.app_carrier,
@@ -326,13 +331,7 @@ impl State {
 
     fn status(&self) -> serde_json::Value {
         let now = self.now_ms();
-        let stats: BTreeMap<Mac, ebpf_common::GuestStats> = self
-            .dp
-            .guests()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(m, _, s)| (m, s))
-            .collect();
+        let stats = self.guest_stats();
         let guests: Vec<_> = self
             .cfg
             .guests

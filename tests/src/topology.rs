@@ -84,18 +84,7 @@ impl Lab {
     pub fn two_hosts(tag: &str, clients: usize) -> Result<Self, Error> {
         let switch = Netns::create(&format!("{tag}-sw"))?;
         for br in ["brapp", "brmgmt"] {
-            switch.ip(&[
-                "link",
-                "add",
-                br,
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-                "forward_delay",
-                "0",
-            ])?;
-            switch.ip(&["link", "set", br, "up"])?;
+            add_bridge(&switch, br)?;
         }
         let mut lab = Lab {
             guests: Vec::new(),
@@ -145,20 +134,9 @@ impl Lab {
         let app_port = h.switch_port();
         veth(&h.ns, APP_IF, &self.switch, &app_port)?;
         self.switch.ip(&["link", "set", &app_port, "master", "brapp", "up"])?;
-        h.ns.ip(&[
-            "link",
-            "add",
-            APP_BRIDGE,
-            "type",
-            "bridge",
-            "stp_state",
-            "0",
-            "forward_delay",
-            "0",
-        ])?;
+        add_bridge(&h.ns, APP_BRIDGE)?;
         h.ns.ip(&["link", "set", APP_IF, "master", APP_BRIDGE, "up"])?;
         h.ns.ip(&["addr", "add", &format!("{}/24", h.app_ip()), "dev", APP_BRIDGE])?;
-        h.ns.ip(&["link", "set", APP_BRIDGE, "up"])?;
         Ok(())
     }
 
@@ -202,6 +180,22 @@ impl Lab {
         v.extend(self.guests.iter().map(|g| g.ns.name().to_owned()));
         v
     }
+}
+
+/// A bridge without STP (ports forward at once), up.
+fn add_bridge(ns: &Netns, name: &str) -> Result<(), Error> {
+    ns.ip(&[
+        "link",
+        "add",
+        name,
+        "type",
+        "bridge",
+        "stp_state",
+        "0",
+        "forward_delay",
+        "0",
+    ])?;
+    ns.ip(&["link", "set", name, "up"]).map(drop)
 }
 
 /// A veth pair with one end in each namespace, created directly there.
