@@ -202,6 +202,14 @@ mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mkdir -p /host/run/vmctl && mount -o bind /ctl /host/run/vmctl
+# The repository (its built binaries) is visible through the host root, unless it lives
+# under a directory the guest replaces with a tmpfs (a checkout under /tmp, as CI may use):
+# then it comes read-only through its own share, at the same path.
+case "$VM_REPO" in
+    /tmp/*|/run/*|/dev/shm/*)
+        mkdir -p "/host$VM_REPO" 2>/dev/null
+        mount -t 9p -o $o9p,ro,cache=loose repo "/host$VM_REPO" || log "cannot mount repo" ;;
+esac
 if [ -n "$VM_SHARE" ]; then
     mkdir -p "/host$VM_SHARE" 2>/dev/null
     mount -t 9p -o $o9p,cache=$VM_SHARE_CACHE share "/host$VM_SHARE" || log "cannot mount share"
@@ -256,6 +264,7 @@ for d in "$CACHE"/run.*; do
 done
 ctl=$(mktemp -d "$CACHE/run.$$.XXXXXX")
 
+repo=$(cd "$(dirname "$SCRIPT_PATH")/../.." && pwd -P)
 [[ $share = none ]] && share=""
 [[ -n $share ]] && share=$(readlink -f "$share")
 if [[ -n $ip && -z $mac ]]; then   # 52:54:00:fb:XX:YY from the last two octets
@@ -263,6 +272,7 @@ if [[ -n $ip && -z $mac ]]; then   # 52:54:00:fb:XX:YY from the last two octets
 fi
 {
     printf 'VM_MODE=%q\nVM_SHARE=%q\nVM_SHARE_CACHE=mmap\n' "$mode" "$share"
+    printf 'VM_REPO=%q\n' "$repo"
     printf 'VM_IP=%q\nVM_HOSTNAME=%q\nVM_MODULES=%q\n' "$ip" "$vmhost" "ublk_drv $modules"
     printf 'VM_VERBOSE=%q\nVM_TERM=%q\n' "$verbose" "${TERM:-linux}"
 } > "$ctl/env"
@@ -302,6 +312,8 @@ args=(
     -device virtio-9p-pci,fsdev=fsctl,mount_tag=vmctl
     -device virtio-rng-pci
 )
+args+=(-fsdev local,id=fsrepo,path="$repo",security_model=none,readonly=on,multidevs=remap
+       -device virtio-9p-pci,fsdev=fsrepo,mount_tag=repo)
 if [[ -n $share ]]; then
     args+=(-fsdev local,id=fsshare,path="$share",security_model=none,multidevs=remap
            -device virtio-9p-pci,fsdev=fsshare,mount_tag=share)
