@@ -205,7 +205,7 @@ pub fn longest_gap(arrivals: &[Instant], from: Instant, now: Instant) -> Gap {
 /// the arrival time of each one.
 pub struct UdpStreamProbe {
     stop: Arc<AtomicBool>,
-    arrivals: Arc<Mutex<Vec<Instant>>>,
+    arrivals: Arc<Mutex<Vec<(Instant, u64)>>>,
     max_seq: Arc<AtomicU64>,
     client: Option<JoinHandle<Result<u64, String>>>,
     server: Option<JoinHandle<Result<u64, String>>>,
@@ -250,11 +250,13 @@ impl UdpStreamProbe {
                     Ok(len) => {
                         let now = Instant::now();
                         n += 1;
-                        arr.lock().unwrap().push(now);
-                        if len >= 8 {
-                            let seq = u64::from_be_bytes(buf[..8].try_into().unwrap());
-                            mx.fetch_max(seq, Ordering::Relaxed);
-                        }
+                        let seq = if len >= 8 {
+                            u64::from_be_bytes(buf[..8].try_into().unwrap())
+                        } else {
+                            0
+                        };
+                        mx.fetch_max(seq, Ordering::Relaxed);
+                        arr.lock().unwrap().push((now, seq));
                     }
                     Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
                     Err(e) => return Err(format!("udp recv: {e}")),
@@ -308,21 +310,42 @@ impl UdpStreamProbe {
         self.arrivals.lock().unwrap().len()
     }
 
+    fn times(&self) -> Vec<Instant> {
+        self.arrivals.lock().unwrap().iter().map(|&(t, _)| t).collect()
+    }
+
     /// The longest gap between arrivals from `from` to now (see [`longest_gap`]).
     pub fn longest_gap_since(&self, from: Instant) -> Gap {
-        longest_gap(&self.arrivals.lock().unwrap(), from, Instant::now())
+        longest_gap(&self.times(), from, Instant::now())
     }
 
     /// The longest gap between arrivals within `[from, to]` (a quiet period's noise floor).
     pub fn max_gap_between(&self, from: Instant, to: Instant) -> Duration {
-        let a = self.arrivals.lock().unwrap();
+        let a = self.times();
         let end = a.partition_point(|&t| t <= to);
         longest_gap(&a[..end], from, to).len
     }
 
+    /// Where the first loss after `from` began: the arrival time of the last datagram
+    /// before the first missing sequence number (None when nothing was lost).
+    pub fn first_loss_since(&self, from: Instant) -> Option<Instant> {
+        let a = self.arrivals.lock().unwrap();
+        let i = a.partition_point(|&(t, _)| t < from);
+        let mut prev = *a.get(i.checked_sub(1)?)?;
+        for &(t, seq) in &a[i..] {
+            if seq > prev.1 + 1 {
+                return Some(prev.0);
+            }
+            if seq > prev.1 {
+                prev = (t, seq);
+            }
+        }
+        None
+    }
+
     /// A datagram arrived after `t`.
     pub fn flowing_after(&self, t: Instant) -> bool {
-        self.arrivals.lock().unwrap().last().is_some_and(|&l| l > t)
+        self.arrivals.lock().unwrap().last().is_some_and(|&(l, _)| l > t)
     }
 
     /// Stops both sides and reports.
