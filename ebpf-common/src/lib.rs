@@ -139,6 +139,9 @@ pub const CFG_AL_IFINDEX: u32 = 1;
 /// [`MAP_CONFIG`] index: 1 while we steer for at least one PARTNER guest, so broadcasts
 /// arriving on our application NIC are copied over the AL.
 pub const CFG_PARTNER_STEERING: u32 = 2;
+/// [`MAP_CONFIG`] index: 1 when no XDP program runs on the application NIC, so the TC
+/// ingress program does the per-guest counting and the loop drop instead.
+pub const CFG_COUNT_IN_TC: u32 = 3;
 pub const CFG_MAX: u32 = 4;
 
 pub const PROG_XDP_APP: &str = "xdp_app";

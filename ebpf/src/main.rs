@@ -3,7 +3,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action},
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     btf_maps::{Array, HashMap, PerCpuHashMap as BtfPerCpuHashMap},
     helpers::{bpf_ktime_get_ns, bpf_redirect},
     macros::{btf_map, classifier, map, xdp},
@@ -12,8 +12,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use ebpf_common::{
-    CFG_AL_IFINDEX, CFG_APP_IFINDEX, CFG_MAX, CFG_PARTNER_STEERING, Counters, GUESTS_MAX, GuestEntry, GuestStats,
-    IFACE_RX_MAX, MacKey, ROLE_LOCAL, ROLE_PARTNER, STEERED_PORTS_MAX,
+    CFG_AL_IFINDEX, CFG_APP_IFINDEX, CFG_COUNT_IN_TC, CFG_MAX, CFG_PARTNER_STEERING, Counters, GUESTS_MAX, GuestEntry,
+    GuestStats, IFACE_RX_MAX, MacKey, ROLE_LOCAL, ROLE_PARTNER, STEERED_PORTS_MAX,
 };
 
 /// Ingress ifindex → frames and bytes received (see `ebpf_common::MAP_IFACE_RX`).
@@ -117,27 +117,46 @@ pub fn xdp_app(ctx: XdpContext) -> u32 {
     }
     // SAFETY: bounds checked above: 14 bytes are readable from `start`.
     let (dst, src) = unsafe { (*(start as *const [u8; 6]), *((start + 6) as *const [u8; 6])) };
+    if app_rx(dst, src, (end - start) as u64) {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    }
+}
+
+/// A frame received on the application NIC: counts it for its guest; false when it is one
+/// of our own guests' frames coming back from the switch (a loop while steering: drop it).
+#[inline(always)]
+fn app_rx(dst: [u8; 6], src: [u8; 6], len: u64) -> bool {
     if guest(src).is_some_and(|g| g.role == ROLE_LOCAL) {
-        return xdp_action::XDP_DROP;
+        return false;
     }
     if !is_multicast(&dst) && guest(dst).is_some() {
-        let len = (end - start) as u64;
         with_stats(dst, |s| {
             s.rx_packets += 1;
             s.rx_bytes += len;
             s.last_rx_ns = now_ns();
         });
     }
-    xdp_action::XDP_PASS
+    true
 }
 
-/// Application NIC, ingress (TC): on the PARTNER host while steering, frames for the guest
+/// Application NIC, ingress (TC): counts and drops loops here when XDP is off; on the
+/// PARTNER host while steering, frames for the guest
 /// go over the AL to the host it runs on, and broadcasts are copied there too.
 #[classifier]
 pub fn tc_app_ingress(ctx: TcContext) -> i32 {
     let Ok(dst) = ctx.load::<[u8; 6]>(0) else {
         return TC_ACT_OK;
     };
+    if config(CFG_COUNT_IN_TC) == 1 {
+        let Ok(src) = ctx.load::<[u8; 6]>(6) else {
+            return TC_ACT_OK;
+        };
+        if !app_rx(dst, src, ctx.len() as u64) {
+            return TC_ACT_SHOT;
+        }
+    }
     let al = config(CFG_AL_IFINDEX);
     if al == 0 {
         return TC_ACT_OK;

@@ -393,7 +393,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         .map_err(|e| Error::Config(eac_common::error_chain(&e)))?;
     let start = Instant::now();
     let al_names: Vec<&str> = cfg.availability_links.iter().map(|a| a.iface.as_str()).collect();
-    let mut dp = Datapath::attach(&cfg.pin_dir, &cfg.app_iface, &al_names)?;
+    let mut dp = Datapath::attach(&cfg.pin_dir, &cfg.app_iface, &al_names, cfg.app_xdp)?;
     for g in &cfg.guests {
         dp.add_guest(g.mac, g.role, g.port.as_deref())?;
     }

@@ -17,9 +17,9 @@ use aya::{
     util::nr_cpus,
 };
 use ebpf_common::{
-    CFG_AL_IFINDEX, CFG_APP_IFINDEX, CFG_PARTNER_STEERING, GuestEntry, GuestStats, MAP_CONFIG, MAP_GUEST_STATS,
-    MAP_GUESTS, MAP_STEERED_PORTS, MacKey, PROG_TC_AL_INGRESS, PROG_TC_APP_EGRESS, PROG_TC_APP_INGRESS,
-    PROG_TC_GUEST_INGRESS, PROG_XDP_APP, ROLE_LOCAL, ROLE_PARTNER, STEERED_PORTS_MAX,
+    CFG_AL_IFINDEX, CFG_APP_IFINDEX, CFG_COUNT_IN_TC, CFG_PARTNER_STEERING, GuestEntry, GuestStats, MAP_CONFIG,
+    MAP_GUEST_STATS, MAP_GUESTS, MAP_STEERED_PORTS, MacKey, PROG_TC_AL_INGRESS, PROG_TC_APP_EGRESS,
+    PROG_TC_APP_INGRESS, PROG_TC_GUEST_INGRESS, PROG_XDP_APP, ROLE_LOCAL, ROLE_PARTNER, STEERED_PORTS_MAX,
 };
 
 use crate::{Error, Mac, xdp::ifindex};
@@ -46,11 +46,14 @@ pub struct Datapath {
 }
 
 impl Datapath {
+    /// With `xdp` false, no XDP program is attached and the TC ingress program counts and
+    /// drops loops instead (see `Config::app_xdp` for when that is better).
+    ///
     /// Loads the programs, pins the maps under `pin_dir` (created if needed; stale pins are
     /// replaced; removed again on drop), and attaches: XDP + TC ingress + TC egress on `app_iface`, TC ingress
     /// on every availability link. The first AL carries steered frames until
     /// [`Datapath::use_al`] says otherwise.
-    pub fn attach(pin_dir: &Path, app_iface: &str, al_ifaces: &[&str]) -> Result<Self, Error> {
+    pub fn attach(pin_dir: &Path, app_iface: &str, al_ifaces: &[&str], xdp: bool) -> Result<Self, Error> {
         std::fs::create_dir_all(pin_dir).map_err(|source| Error::Io {
             what: format!("create {}", pin_dir.display()),
             source,
@@ -78,17 +81,19 @@ impl Datapath {
             guest_links: HashMap::new(),
         };
 
-        let xdp: &mut Xdp = program(&mut dp.ebpf, PROG_XDP_APP)?;
-        xdp.load().map_err(|source| Error::Program {
-            name: PROG_XDP_APP,
-            source,
-        })?;
-        if let Err(e) = xdp.attach(app_iface, XdpMode::Driver) {
-            tracing::info!(app_iface, error = %e, "driver-mode XDP refused; using generic mode");
-            xdp.attach(app_iface, XdpMode::Skb).map_err(|source| Error::Program {
+        if xdp {
+            let prog: &mut Xdp = program(&mut dp.ebpf, PROG_XDP_APP)?;
+            prog.load().map_err(|source| Error::Program {
                 name: PROG_XDP_APP,
                 source,
             })?;
+            if let Err(e) = prog.attach(app_iface, XdpMode::Driver) {
+                tracing::info!(app_iface, error = %e, "driver-mode XDP refused; using generic mode");
+                prog.attach(app_iface, XdpMode::Skb).map_err(|source| Error::Program {
+                    name: PROG_XDP_APP,
+                    source,
+                })?;
+            }
         }
         for name in [
             PROG_TC_APP_INGRESS,
@@ -105,9 +110,10 @@ impl Datapath {
             attach_tc(&mut dp.ebpf, PROG_TC_AL_INGRESS, al, TcAttachType::Ingress)?;
         }
         dp.set_config(CFG_APP_IFINDEX, app_ifindex)?;
+        dp.set_config(CFG_COUNT_IN_TC, u32::from(!xdp))?;
         let first_al = dp.al_ifindexes.first().map(|(_, i)| *i).unwrap_or(0);
         dp.set_config(CFG_AL_IFINDEX, first_al)?;
-        tracing::info!(app_iface, ?al_ifaces, pin_dir = %pin_dir.display(), "netpair data path attached");
+        tracing::info!(app_iface, ?al_ifaces, xdp, pin_dir = %pin_dir.display(), "netpair data path attached");
         Ok(dp)
     }
 

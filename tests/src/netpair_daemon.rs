@@ -29,6 +29,11 @@ impl NetpairDaemon {
     /// are pinned where bpftool looks) for the one lab guest, `role` "local" or "partner";
     /// the client is the probe target. Panics with the daemon's log if it cannot start.
     pub fn start(lab: &Lab, host: &str, role: &str) -> NetpairDaemon {
+        Self::start_with(lab, host, role, "")
+    }
+
+    /// [`NetpairDaemon::start`] with extra top-level configuration lines (e.g. `app_xdp = false`).
+    pub fn start_with(lab: &Lab, host: &str, role: &str, extra: &str) -> NetpairDaemon {
         let h = lab.host(host);
         let peer = lab.hosts.iter().find(|p| p.name != host).unwrap();
         let dir = lab.dir();
@@ -39,6 +44,7 @@ impl NetpairDaemon {
         let port = if role == "local" { "port = \"vg0\"\n" } else { "" };
         let cfg = format!(
             r#"host = "{host}"
+{extra}
 pool_secret_file = "{secret}"
 app_iface = "{app}"
 app_ip = "{app_ip}"

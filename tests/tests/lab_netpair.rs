@@ -24,11 +24,15 @@ struct Setup {
 }
 
 fn setup(tag: &str) -> Setup {
+    setup_with(tag, "")
+}
+
+fn setup_with(tag: &str, extra: &str) -> Setup {
     require_root();
     let mut lab = Lab::two_hosts(tag, 1).unwrap();
     lab.add_guest_ns("a", GUEST_MAC, GUEST_IP).unwrap();
-    let a = Daemon::start(&lab, "a", "local");
-    let b = Daemon::start(&lab, "b", "partner");
+    let a = Daemon::start_with(&lab, "a", "local", extra);
+    let b = Daemon::start_with(&lab, "b", "partner", extra);
     wait_until(Duration::from_secs(10), "both daemons hear their partner", || {
         a.partner_reachable() && b.partner_reachable()
     })
@@ -274,4 +278,22 @@ fn restarting_a_daemon_does_not_disturb_flowing_traffic() {
     assert!(gap < Duration::from_millis(200), "{gap:?}");
     assert_eq!(a.steering(), Some(false));
     drop(b);
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF, nftables and network namespaces; run by scripts/test.sh"]
+fn silent_loss_is_handled_the_same_without_xdp() {
+    let s = setup_with("np-tc", "app_xdp = false");
+    let (gap, _) = fault_and_heal(
+        &s,
+        "silent loss, counting in TC (app_xdp = false)",
+        || Box::new(s.lab.silent_loss_on_switch_port("a").unwrap()),
+        true,
+    );
+    assert!(gap < Duration::from_secs(1), "gap {gap:?}");
+    let a = s.a.status().unwrap();
+    assert!(
+        a["guests"][0]["counters"]["here"]["rx_packets"].as_u64().unwrap() > 0,
+        "{a}"
+    );
 }

@@ -30,6 +30,10 @@ fn frame(dst: Mac, src: Mac, payload: usize) -> Vec<u8> {
 /// A namespace with app0, al1, al2 and a guest port vg0 (veths to a sink namespace), and
 /// the data path attached; `f` runs inside it.
 fn with_datapath(f: impl FnOnce(&mut Datapath) + Send) {
+    with_datapath_mode(true, f)
+}
+
+fn with_datapath_mode(xdp: bool, f: impl FnOnce(&mut Datapath) + Send) {
     require_root();
     let ns = Netns::create("verdict").unwrap();
     let sink = Netns::create("vsink").unwrap();
@@ -41,7 +45,7 @@ fn with_datapath(f: impl FnOnce(&mut Datapath) + Send) {
     let pin = eac_lab::BpfPinDir::new(ns.name());
     let pin = pin.path();
     ns.enter(|| {
-        let mut dp = Datapath::attach(pin, "app0", &["al1", "al2"]).expect("attach");
+        let mut dp = Datapath::attach(pin, "app0", &["al1", "al2"], xdp).expect("attach");
         dp.add_guest(LOCAL_GUEST, Role::Local, Some("vg0")).unwrap();
         dp.add_guest(PARTNER_GUEST, Role::Partner, None).unwrap();
         f(&mut dp);
@@ -197,5 +201,30 @@ fn egress_counts_guest_frames_and_header_only_frames_are_safe() {
             let v = dp.test_run(prog, &bare).unwrap();
             assert!(v == TC_ACT_OK || v == TC_ACT_REDIRECT, "{prog}: verdict {v}");
         }
+    });
+}
+
+#[test]
+#[ignore = "privileged: needs root and BPF; run by scripts/test.sh"]
+fn without_xdp_the_tc_program_counts_and_drops_loops() {
+    with_datapath_mode(false, |dp| {
+        assert_eq!(
+            dp.test_run(PROG_TC_APP_INGRESS, &frame(LOCAL_GUEST, CLIENT, 86))
+                .unwrap(),
+            TC_ACT_OK
+        );
+        let s = dp.stats(LOCAL_GUEST).unwrap();
+        assert_eq!((s.rx_packets, s.rx_bytes), (1, 100));
+        const TC_ACT_SHOT: u32 = 2;
+        assert_eq!(
+            dp.test_run(PROG_TC_APP_INGRESS, &frame(BROADCAST, LOCAL_GUEST, 46))
+                .unwrap(),
+            TC_ACT_SHOT
+        );
+        assert_eq!(
+            dp.test_run(PROG_TC_APP_INGRESS, &frame(CLIENT, CLIENT, 46)).unwrap(),
+            TC_ACT_OK
+        );
+        assert_eq!(dp.stats(LOCAL_GUEST).unwrap().rx_packets, 1);
     });
 }

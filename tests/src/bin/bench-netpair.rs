@@ -561,6 +561,36 @@ fn bench_netpair(env: &str, args: &Args) {
     }
     std::thread::sleep(Duration::from_millis(300));
     let tp_i2 = tp("(i')  no netpair attached, after the daemons stopped", 5204);
+
+    // (ii-tc), (iii-tc): the same with `app_xdp = false` (counting in TC instead of XDP).
+    let a = NetpairDaemon::start_with(&lab, "a", "local", "app_xdp = false");
+    let b = NetpairDaemon::start_with(&lab, "b", "partner", "app_xdp = false");
+    let paired = wait_until(Duration::from_secs(30), "pairing (app_xdp = false)", || {
+        a.partner_reachable() && b.partner_reachable()
+    });
+    let (tp_ii_tc, tp_iii_tc) = if paired.is_ok() {
+        std::thread::sleep(Duration::from_millis(300));
+        let ii = tp("(ii-tc) programs attached, app_xdp = false", 5206);
+        faults::link_down(&lab.host("a").ns, topology::APP_IF).expect("app0 down");
+        let iii = match wait_until(Duration::from_secs(10), "steering", || {
+            a.steering() == Some(true) && b.steering() == Some(true)
+        }) {
+            Ok(_) => {
+                std::thread::sleep(Duration::from_millis(300));
+                tp("(iii-tc) steering through b, app_xdp = false", 5207)
+            }
+            Err(e) => {
+                println!("throughput (iii-tc): no steering: {e}");
+                None
+            }
+        };
+        faults::link_up(&lab.host("a").ns, topology::APP_IF).expect("app0 up");
+        (ii, iii)
+    } else {
+        println!("throughput (ii-tc): daemons did not pair");
+        (None, None)
+    };
+    drop((a, b));
     let errors: Vec<&str> = log_a.lines().filter(|l| l.contains("ERROR")).collect();
     if !errors.is_empty() {
         let mut kinds: Vec<String> = errors
@@ -601,6 +631,8 @@ fn bench_netpair(env: &str, args: &Args) {
     show("(i-g) no netpair, GSO/TSO off on app-a", tp_nogso);
     show("(ii) daemons attached, not steering", tp_ii);
     show("(iii) steering through b", tp_iii);
+    show("(ii-tc) attached, app_xdp = false", tp_ii_tc);
+    show("(iii-tc) steering, app_xdp = false", tp_iii_tc);
     let f = |v: Option<f64>| v.map_or("failed".to_owned(), |v| format!("{v:.3}"));
     println!(
         "    (i) and (i') alone: {} / {} Gbit/s — their spread is the run-to-run noise",
