@@ -1,7 +1,10 @@
 //! Faults a test injects into the lab: a link down, silent loss with carrier up, a host's
 //! processes killed. (A failing backing disk is in `faulty_disk`.)
 
-use std::process::Command;
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+};
 
 use crate::{Error, netns::Netns, netns::run, topology::Lab};
 
@@ -15,7 +18,9 @@ pub fn link_up(ns: &Netns, iface: &str) -> Result<(), Error> {
 }
 
 /// 100 % silent loss on one interface, in both directions, while its carrier stays up
-/// (nftables netdev ingress + egress drop). The loss ends when the guard is dropped.
+/// (an nftables netdev table with ingress and egress drop chains, added in ONE transaction
+/// so both directions start dropping at the same instant — added one by one, under TCG the
+/// two commands land ~0.3 s apart). The loss ends when the guard is dropped.
 #[derive(Debug)]
 pub struct SilentLoss {
     ns: String,
@@ -25,23 +30,36 @@ pub struct SilentLoss {
 impl SilentLoss {
     pub fn on(ns: &Netns, iface: &str) -> Result<Self, Error> {
         let table = format!("eacloss_{}", iface.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
-        let nft = |args: &[&str]| run(ns.command("nft").args(args));
-        nft(&["add", "table", "netdev", &table])?;
-        let guard = Self {
-            ns: ns.name().to_owned(),
-            table: table.clone(),
+        let rules = format!(
+            "table netdev {table} {{\n\
+             chain rx {{ type filter hook ingress device \"{iface}\" priority -500; policy drop; }}\n\
+             chain tx {{ type filter hook egress device \"{iface}\" priority -500; policy drop; }}\n}}\n"
+        );
+        let mut cmd = ns.command("nft");
+        cmd.args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let spawn_err = |source| Error::Spawn {
+            cmd: "nft -f -".into(),
+            source,
         };
-        for (chain, hook) in [("rx", "ingress"), ("tx", "egress")] {
-            nft(&[
-                "add",
-                "chain",
-                "netdev",
-                &table,
-                chain,
-                &format!("{{ type filter hook {hook} device \"{iface}\" priority -500; policy drop; }}"),
-            ])?;
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(rules.as_bytes()).map_err(spawn_err)?;
         }
-        Ok(guard)
+        let out = child.wait_with_output().map_err(spawn_err)?;
+        if !out.status.success() {
+            return Err(Error::Command {
+                cmd: format!("nft -f - ({table} on {iface})"),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(Self {
+            ns: ns.name().to_owned(),
+            table,
+        })
     }
 }
 

@@ -18,7 +18,7 @@
 //! (namespaces, daemons, pinned maps, nft tables) is removed at the end, also on failure.
 use std::{
     fs::File,
-    io::{Read, Seek, Write},
+    io::{Read, Seek},
     panic::AssertUnwindSafe,
     process::{Child, Stdio},
     time::{Duration, Instant},
@@ -327,7 +327,7 @@ struct Netpair<'l> {
     lab: &'l Lab,
     a: &'l NetpairDaemon,
     b: &'l NetpairDaemon,
-    loss: Option<Blackhole>,
+    loss: Option<eac_lab::faults::SilentLoss>,
 }
 
 impl Netpair<'_> {
@@ -345,8 +345,10 @@ impl Subject for Netpair<'_> {
         match fault {
             Fault::Carrier => faults::link_down(&self.lab.host("a").ns, topology::APP_IF).expect("app0 down"),
             Fault::Silent => {
-                self.loss =
-                    Some(Blackhole::on(&self.lab.switch, &self.lab.host("a").switch_port()).expect("silent loss"))
+                self.loss = Some(
+                    eac_lab::faults::SilentLoss::on(&self.lab.switch, &self.lab.host("a").switch_port())
+                        .expect("silent loss"),
+                )
             }
         }
     }
@@ -654,7 +656,7 @@ struct BondLab {
     cli: Netns,
     proc_bond: Option<File>,
     active_before: String,
-    loss: Option<Blackhole>,
+    loss: Option<eac_lab::faults::SilentLoss>,
 }
 
 #[derive(Debug, Default)]
@@ -796,7 +798,7 @@ impl Subject for BondLab {
         let port = format!("sw-{}", self.active_before);
         match fault {
             Fault::Carrier => faults::link_down(&self.sw, &port).expect("switch port down"),
-            Fault::Silent => self.loss = Some(Blackhole::on(&self.sw, &port).expect("silent loss")),
+            Fault::Silent => self.loss = Some(eac_lab::faults::SilentLoss::on(&self.sw, &port).expect("silent loss")),
         }
     }
     fn decided(&mut self) -> Option<Instant> {
@@ -916,72 +918,6 @@ fn bench_bond(env: &str, args: &Args) {
 }
 
 // ---------------------------------------------------------------------------------------
-
-/// A no-op nftables netdev chain (ingress + egress) on an unused veth, kept for the whole
-/// run: the first netdev hook flips static keys by live-patching the receive/transmit path,
-/// which crashed the TCG guest when it happened under traffic (bond-bench REPORT). With
-/// the pin in place, the fault tables only change reference counts.
-/// 100 % silent loss on `iface` in both directions, carrier up: an nftables netdev table
-/// with an ingress and an egress drop chain, added in ONE transaction (`nft -f`), so both
-/// directions start dropping at the same instant. (Adding the chains one by one, as
-/// `faults::SilentLoss` does, drops one direction first: under TCG each `nft` takes
-/// ~0.3 s, and a monitor then sees its probes fail before the measured stream does.)
-/// Removed (one transaction) on drop.
-struct Blackhole {
-    ns: String,
-    table: String,
-}
-
-impl Blackhole {
-    fn on(ns: &Netns, iface: &str) -> Result<Self, String> {
-        let table = format!("benchloss_{}", iface.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
-        let rules = format!(
-            "table netdev {table} {{\n\
-             chain rx {{ type filter hook ingress device \"{iface}\" priority -500; policy drop; }}\n\
-             chain tx {{ type filter hook egress device \"{iface}\" priority -500; policy drop; }}\n}}\n"
-        );
-        let mut child = ns
-            .command("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("nft: {e}"))?;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(rules.as_bytes())
-            .map_err(|e| format!("nft stdin: {e}"))?;
-        let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("nft -f: {}", String::from_utf8_lossy(&out.stderr).trim()));
-        }
-        Ok(Self {
-            ns: ns.name().to_owned(),
-            table,
-        })
-    }
-}
-
-impl Drop for Blackhole {
-    fn drop(&mut self) {
-        let r = run(std::process::Command::new("ip").args([
-            "netns",
-            "exec",
-            &self.ns,
-            "nft",
-            "delete",
-            "table",
-            "netdev",
-            &self.table,
-        ]));
-        if let Err(e) = r {
-            eprintln!("bench: could not lift silent loss {}: {e}", self.table);
-        }
-    }
-}
 
 fn pin_netdev_hooks() -> Result<Netns, eac_lab::Error> {
     let ns = Netns::create("bpin")?;
