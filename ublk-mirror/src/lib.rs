@@ -24,12 +24,14 @@
 //! Modules: [`sys`] — the kernel ABI; [`ctrl`] — the control device (features, …).
 
 pub mod ctrl;
+pub mod dev;
 pub mod sys;
 
 use std::io;
 use std::path::PathBuf;
 
 pub use ctrl::{CONTROL_PATH, Control, Features};
+pub use dev::{BlockDev, IoError, IoResult, LocalDisk};
 
 /// Everything that can fail in this crate. Any variant maps to a negative errno
 /// ([`Error::to_errno`]) so a block request can always be completed with it.
