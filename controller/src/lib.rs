@@ -2,3 +2,5 @@
 #![forbid(unsafe_code)]
 
 pub mod libvirt;
+pub mod pool;
+pub mod view;
