@@ -44,7 +44,12 @@ enum Cmd {
 fn main() -> ExitCode {
     eac_common::init_logging();
     let cli = Cli::parse();
-    if let Cmd::NbdLocal { backing, listen, export } = cli.cmd {
+    if let Cmd::NbdLocal {
+        backing,
+        listen,
+        export,
+    } = cli.cmd
+    {
         return nbd_local(&backing, &listen, export);
     }
     match run(cli) {

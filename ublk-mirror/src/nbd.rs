@@ -53,12 +53,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use eac_common::error_chain;
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
-use eac_common::error_chain;
 use tracing::{debug, info, warn};
 
 use crate::dev::{BlockDev, IoError, IoResult};
@@ -322,10 +322,7 @@ struct Export<D> {
 /// end only that connection; accept errors (e.g. out of file descriptors) are logged and
 /// retried.
 pub async fn serve<D: BlockDev>(listener: NbdListener, export_name: String, dev: Arc<D>, shutdown: impl Future) {
-    let export = Arc::new(Export {
-        name: export_name,
-        dev,
-    });
+    let export = Arc::new(Export { name: export_name, dev });
     info!(
         url = %listener.url(&export.name),
         size = export.dev.size(),
@@ -365,10 +362,7 @@ pub async fn serve<D: BlockDev>(listener: NbdListener, export_name: String, dev:
     }
     drop(listener);
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while conns.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         warn!(
             left = conns.len(),
@@ -620,7 +614,9 @@ where
             }
         }
     }
-    Err(NbdError::Protocol(format!("more than {MAX_OPTIONS} options without choosing an export")))
+    Err(NbdError::Protocol(format!(
+        "more than {MAX_OPTIONS} options without choosing an export"
+    )))
 }
 
 /// One reply for the writer task; the permit is released once it is on the wire.
@@ -723,7 +719,10 @@ fn validate(req: &Request, size: u64, strict_align: bool) -> Result<(), u32> {
     if matches!(req.typ, CMD_READ | CMD_WRITE) && req.len > MAX_REQUEST {
         return Err(NBD_EINVAL);
     }
-    let in_range = req.offset.checked_add(u64::from(req.len)).is_some_and(|end| end <= size);
+    let in_range = req
+        .offset
+        .checked_add(u64::from(req.len))
+        .is_some_and(|end| end <= size);
     if !in_range {
         // The protocol asks for ENOSPC on writes past the end, EINVAL otherwise.
         return Err(if matches!(req.typ, CMD_WRITE | CMD_WRITE_ZEROES) {
@@ -732,7 +731,7 @@ fn validate(req: &Request, size: u64, strict_align: bool) -> Result<(), u32> {
             NBD_EINVAL
         });
     }
-    if strict_align && (req.offset % u64::from(MIN_BLOCK) != 0 || req.len % MIN_BLOCK != 0) {
+    if strict_align && (!req.offset.is_multiple_of(u64::from(MIN_BLOCK)) || !req.len.is_multiple_of(MIN_BLOCK)) {
         return Err(NBD_EINVAL);
     }
     Ok(())
@@ -755,7 +754,12 @@ async fn execute<D: BlockDev>(dev: &D, req: Request, payload: Option<Bytes>) -> 
             }
             let data = dev.read(off, req.len as usize).await?;
             if data.len() != req.len as usize {
-                warn!(offset = off, want = len, got = data.len(), "device returned a short read");
+                warn!(
+                    offset = off,
+                    want = len,
+                    got = data.len(),
+                    "device returned a short read"
+                );
                 return Err(IoError::EIO);
             }
             Ok(Some(data))

@@ -497,7 +497,8 @@ async fn trim_write_zeroes_no_hole_and_fua_map_onto_the_device() {
     assert_eq!(c.reply().await, (1, 0));
     c.request(CMD_WRITE_ZEROES, 0, 2, 4096, 4096, &[]).await;
     assert_eq!(c.reply().await, (2, 0));
-    c.request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 3, SIZE - 4096, 8192, &[]).await;
+    c.request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 3, SIZE - 4096, 8192, &[])
+        .await;
     assert_eq!(c.reply().await, (3, NBD_ENOSPC), "runs past the end");
     // NO_HOLE longer than one zero chunk: plain writes of zeroes, then one flush for FUA.
     let long: u32 = 3 << 19;
@@ -613,7 +614,10 @@ async fn listener_addresses_and_urls() {
         NbdListener::bind("nonsense").await,
         Err(NbdError::Address { .. })
     ));
-    assert!(matches!(NbdListener::bind("256.0.0.1:1").await, Err(NbdError::Bind { .. })));
+    assert!(matches!(
+        NbdListener::bind("256.0.0.1:1").await,
+        Err(NbdError::Bind { .. })
+    ));
 
     let dir = std::env::temp_dir().join(format!("eac-nbd-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
