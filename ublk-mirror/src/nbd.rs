@@ -49,6 +49,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -330,6 +331,7 @@ pub async fn serve<D: BlockDev>(listener: NbdListener, export_name: String, dev:
     );
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut conns = JoinSet::new();
+    let active = Arc::new(AtomicUsize::new(0));
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -346,12 +348,21 @@ pub async fn serve<D: BlockDev>(listener: NbdListener, export_name: String, dev:
             Ok((r, w, peer)) => {
                 let export = export.clone();
                 let stop = stop_rx.clone();
+                // Several clients may write at once (multi-conn); a second one is worth a
+                // look (libvirt's lock manager does not cover NBD disks).
+                let clients = active.fetch_add(1, Ordering::SeqCst) + 1;
+                let active = active.clone();
                 conns.spawn(async move {
-                    info!(%peer, "NBD client connected");
+                    if clients > 1 {
+                        warn!(%peer, clients, "NBD client connected while others are connected");
+                    } else {
+                        info!(%peer, "NBD client connected");
+                    }
                     match handle_connection(r, w, export, stop).await {
                         Ok(()) => info!(%peer, "NBD client disconnected"),
                         Err(e) => warn!(%peer, "NBD connection closed: {}", error_chain(&e)),
                     }
+                    active.fetch_sub(1, Ordering::SeqCst);
                 });
             }
             Err(e) => {
