@@ -1,6 +1,11 @@
 //! The per-host controller daemon's logic.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod config;
+pub mod events;
+pub mod heartbeat;
 pub mod libvirt;
 pub mod pool;
+pub mod statefile;
 pub mod view;
