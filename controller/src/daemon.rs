@@ -622,11 +622,12 @@ impl Ctl {
                         Ok(all) => {
                             st.membership.observe_statefile_result(Ok(()), at);
                             let our_epoch = st.pool.epoch;
-                            for (host, slot) in all {
+                            for read in all {
+                                let host = read.host;
                                 if host == me.me {
                                     continue;
                                 }
-                                let Ok(rec) = slot else { continue };
+                                let Ok(rec) = read.record else { continue };
                                 if rec.host != host {
                                     continue;
                                 }
@@ -690,7 +691,7 @@ impl Ctl {
             for d in decisions {
                 self.clone().decide(d);
             }
-            if !events.is_empty() || self.st().tick % 10 == 0 {
+            if !events.is_empty() || self.st().tick.is_multiple_of(10) {
                 self.recheck_plan();
             }
         }
@@ -1353,7 +1354,7 @@ impl Ctl {
                 hosts: self.host_views(),
             })?),
             Op::VmList => Ok(to_value(self.vm_list().await)?),
-            Op::VmProtect { name, level } => self.protect(&name, level).await.and_then(|r| to_value(r)),
+            Op::VmProtect { name, level } => self.protect(&name, level).await.and_then(to_value),
             Op::VmUnprotect { name } => {
                 let r = self.change_pool(pool::Change::Unprotect { name: name.clone() }, None).await?;
                 self.emit(EventKind::GuestUnprotected, Some(&name), None, "protection removed");
@@ -1922,16 +1923,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     tasks.spawn(ctl.clone().statefile_loop());
     tasks.spawn(ctl.clone().tick_loop());
     tasks.spawn(ctl.clone().libvirt_loop());
+    let (epoch, protected) = {
+        let st = ctl.st();
+        (st.pool.epoch, st.pool.guests.len())
+    };
     ctl.emit(
         EventKind::Started,
         None,
         None,
         format!(
-            "eac-controller {} incarnation {} (pool configuration epoch {}, {} protected guests)",
+            "eac-controller {} incarnation {} (pool configuration epoch {epoch}, {protected} protected guests)",
             env!("CARGO_PKG_VERSION"),
             ctl.incarnation,
-            ctl.st().pool.epoch,
-            ctl.st().pool.guests.len()
         ),
     );
     tokio::select! {

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+
 #[derive(Parser)]
 #[command(name = "eac", version, about = "Dialable availability for KVM/libvirt hosts")]
 struct Cli {
@@ -116,7 +117,15 @@ enum VmCmd {
 
 fn main() {
     eac_common::init_logging();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // --help / --version print and succeed; a usage error exits 64 (EX_USAGE).
+            let code = if e.use_stderr() { eac_common::EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
     let target = match (&cli.target.connect, &cli.target.secret_file) {
         (Some(addr), Some(f)) => ctl::Target::Tcp {
             addr: *addr,
