@@ -25,6 +25,7 @@
 
 pub mod ctrl;
 pub mod dev;
+pub mod genid;
 pub mod sys;
 
 use std::io;
