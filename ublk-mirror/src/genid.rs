@@ -431,7 +431,13 @@ pub fn decide(local: &Side, peer: &Side) -> Decision {
     if let Some(d) = rule(bitmap_l, bitmap_p, Kind::Bitmap, local, peer) {
         return d;
     }
-    if let Some(d) = rule(l.in_history(p.current), p.in_history(l.current), Kind::Full, local, peer) {
+    if let Some(d) = rule(
+        l.in_history(p.current),
+        p.in_history(l.current),
+        Kind::Full,
+        local,
+        peer,
+    ) {
         return d;
     }
     if is_real(l.bitmap) && l.bitmap == p.bitmap {
@@ -526,7 +532,10 @@ mod tests {
     fn check(a: &Side, b: &Side, want: Decision) {
         let ab = decide(a, b);
         let ba = decide(b, a);
-        assert!(same_kind(&ab, &want), "decide(a, b) = {ab:?}, want {want:?}\na = {a:?}\nb = {b:?}");
+        assert!(
+            same_kind(&ab, &want),
+            "decide(a, b) = {ab:?}, want {want:?}\na = {a:?}\nb = {b:?}"
+        );
         assert!(
             same_kind(&ba, &want.mirror()),
             "decide(b, a) = {ba:?}, want {:?}\na = {a:?}\nb = {b:?}",
@@ -621,7 +630,11 @@ mod tests {
         check(&side(g(C, 0, H, 0)), &jc, Decision::SourceFull);
         check(&side(g(N, C, H, 0)), &jc, Decision::SourceFull);
         // Even if the fresh side is primary and claims consistency: it was never synced.
-        check(&side(g(C, 0, 0, 0)), &primary(GenIds::just_created()), Decision::SourceFull);
+        check(
+            &side(g(C, 0, 0, 0)),
+            &primary(GenIds::just_created()),
+            Decision::SourceFull,
+        );
         // ... but the other side must be consistent.
         let inconsistent = Side {
             consistent: false,
@@ -778,7 +791,10 @@ mod tests {
         assert_eq!(sync_finished_source(&g1), g(N, 0, C, H));
         assert_eq!(sync_finished_source(&g0), g0);
         assert_eq!(sync_finished_target(&g1), sync_finished_source(&g1));
-        assert_eq!(sync_finished_target(&sync_finished_source(&g1)), sync_finished_source(&g1));
+        assert_eq!(
+            sync_finished_target(&sync_finished_source(&g1)),
+            sync_finished_source(&g1)
+        );
         // A just-created copy that starts writing has no bitmap generation.
         let jc = new_data_generation_with(&GenIds::just_created(), N);
         assert_eq!(jc, g(N, 0, 0, 0));
@@ -846,7 +862,10 @@ mod tests {
     fn scenario_initial_sync_then_partition_then_bitmap_resync() {
         let mut p = Pair::fresh();
         assert_eq!(p.connect(), Decision::SourceFull);
-        assert!(!p.a.r#gen.is_just_created(), "the first sync gives the pair a real generation");
+        assert!(
+            !p.a.r#gen.is_just_created(),
+            "the first sync gives the pair a real generation"
+        );
         assert_eq!(p.connect(), Decision::NoSync);
         // Partition, the primary writes: new generation.
         p.a.r#gen = new_data_generation(&p.a.r#gen);
@@ -968,8 +987,8 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..200_000 {
             let mk = |rng: &mut Rng| Side {
-                device_id: if rng.next() % 16 == 0 { DEV + 1 } else { DEV },
-                size: if rng.next() % 16 == 0 { SIZE / 2 } else { SIZE },
+                device_id: if rng.next().is_multiple_of(16) { DEV + 1 } else { DEV },
+                size: if rng.next().is_multiple_of(16) { SIZE / 2 } else { SIZE },
                 r#gen: GenIds {
                     current: rng.pick(&pool),
                     bitmap: rng.pick(&pool),
@@ -978,7 +997,7 @@ mod tests {
                 role: if rng.bit() { Role::Primary } else { Role::Secondary },
                 consistent: rng.bit(),
                 crashed_primary: rng.bit(),
-                discard_my_data: rng.next() % 4 == 0,
+                discard_my_data: rng.next().is_multiple_of(4),
             };
             let a = mk(&mut rng);
             let b = mk(&mut rng);

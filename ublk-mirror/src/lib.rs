@@ -26,6 +26,7 @@
 pub mod ctrl;
 pub mod dev;
 pub mod genid;
+pub mod meta;
 pub mod sys;
 
 use std::io;
