@@ -151,6 +151,14 @@ pub struct MetaParams {
     pub al_slots: u32,
 }
 
+impl Default for MetaParams {
+    /// The defaults with `size` 0 (which [`validate`](MetaParams::validate) refuses): use as
+    /// `MetaParams { size, ..Default::default() }`.
+    fn default() -> MetaParams {
+        MetaParams::with_size(0)
+    }
+}
+
 impl MetaParams {
     /// The defaults for a disk of `size` bytes: 4 KiB regions, 64 extents of 4 MiB.
     pub fn with_size(size: u64) -> MetaParams {
@@ -791,6 +799,9 @@ impl Meta {
 
     /// After the write to `[offset, offset + len)` completed (or failed): releases the
     /// extents. They stay in the log, idle, until evicted or [`close_clean`](Meta::close_clean).
+    /// If the write must be resynced (the peer did not get it), call
+    /// [`mark_dirty`](Meta::mark_dirty) *before* `al_end`: once the extent is idle it may be
+    /// evicted, and only bits set by then are written with it.
     pub fn al_end(&mut self, offset: u64, len: u64) {
         let Some((first, last)) = self.extents_of(offset, len) else {
             return;
@@ -1498,6 +1509,13 @@ mod tests {
 
     #[test]
     fn errors_for_missing_existing_locked_and_bad_params() {
+        assert_eq!(
+            MetaParams {
+                size: 8192,
+                ..Default::default()
+            },
+            MetaParams::with_size(8192)
+        );
         let t = Tmp::new("errors");
         let e = Meta::open(&t.0).unwrap_err();
         assert!(matches!(e, MetaError::NotFound { .. }), "{e}");
