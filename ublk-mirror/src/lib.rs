@@ -26,6 +26,8 @@
 
 pub mod ctrl;
 pub mod dev;
+pub mod genid;
+pub mod meta;
 pub mod nbd;
 pub mod sys;
 
