@@ -399,6 +399,13 @@ async fn one_way_cut_still_fences_before_the_restart() {
     let a_stopped = w.stopped_at("a", "g").unwrap();
     let b_started = w.active_since("b", "g").unwrap();
     assert!(a_stopped <= last_contact + ms(4000));
+    eprintln!(
+        "one-way: b last saw a at +{:?}, a's last contact +{:?}, a's guest off +{:?}, b started it +{:?}",
+        last_seen - w.t0,
+        last_contact - w.t0,
+        a_stopped - w.t0,
+        b_started - w.t0
+    );
     assert!(
         b_started - a_stopped >= Timeouts::default().heartbeat,
         "{:?}",
@@ -606,6 +613,11 @@ async fn flapping_channels_soak_never_declares_anyone_dead() {
     }
     w.run_until(end).await;
     w.assert_safe();
+    eprintln!(
+        "soak: 30 simulated minutes, {outages} outages, {} redundancy-lost events on a, {} on b",
+        w.count("a", MembershipEvent::is_redundancy_loss),
+        w.count("b", MembershipEvent::is_redundancy_loss)
+    );
     assert!(outages > 500, "{outages}");
     for h in ["a", "b"] {
         assert_eq!(w.count(h, is_dead), 0, "{h}");
