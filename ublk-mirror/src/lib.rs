@@ -21,10 +21,14 @@
 //!
 //! (`rublk` is GPL and is not a source for this code; `libublk` was read for facts only.)
 //!
-//! Modules: [`sys`] — the kernel ABI; [`ctrl`] — the control device (features, …).
+//! Modules: [`sys`] — the kernel ABI; [`ctrl`] — the control device (features, …); [`dev`] —
+//! the block-device interface; [`genid`] — generation identifiers; [`proto`] — the replication
+//! protocol between primary and replica.
 
 pub mod ctrl;
 pub mod dev;
+pub mod genid;
+pub mod proto;
 pub mod sys;
 
 use std::io;
