@@ -1779,10 +1779,17 @@ mod tests {
         let (a, b) = duplex(64 * 1024);
         let (r, w) = fake_peer(b);
         let local = hello("a", Role::Primary);
-        let (res, ()) = tokio::join!(
-            handshake(a, Side::Client, SECRET, &local, RES, Duration::from_secs(5)),
-            peer(r, w)
-        );
+        // Bounded, so a handshake that wrongly succeeds (and leaves the fake peer waiting for
+        // an Error) fails the test instead of hanging it.
+        let both = async {
+            tokio::join!(
+                handshake(a, Side::Client, SECRET, &local, RES, Duration::from_secs(5)),
+                peer(r, w)
+            )
+        };
+        let (res, ()) = tokio::time::timeout(Duration::from_secs(10), both)
+            .await
+            .expect("the fake peer did not get its answer");
         res.expect_err("the handshake must fail")
     }
 
