@@ -656,6 +656,27 @@ vcpus = 4
     }
 
     #[test]
+    fn the_example_in_operations_md_is_valid() {
+        let dir = TempDir::new();
+        good(&dir);
+        let doc = include_str!("../../docs/operations.md");
+        let section = doc
+            .split("## The controller's configuration file")
+            .nth(1)
+            .expect("docs/operations.md has the controller configuration section");
+        let example = section
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|s| s.split("```").next())
+            .expect("a toml example");
+        let text = example.replace("/etc/eac/pool.secret", &dir.0.join("pool.secret").display().to_string());
+        let c = parse(&text).unwrap();
+        assert_eq!(c.networks.len(), 3);
+        assert_eq!(c.timeouts, Timeouts::default());
+        assert_eq!(c.peers[0].addresses.len(), 3);
+    }
+
+    #[test]
     fn timeouts_are_read_in_milliseconds() {
         let dir = TempDir::new();
         let text = format!(

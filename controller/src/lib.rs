@@ -14,3 +14,6 @@ pub mod pool;
 pub mod statefile;
 pub mod view;
 pub mod vmm;
+
+#[cfg(test)]
+mod scenario_tests;
