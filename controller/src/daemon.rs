@@ -434,8 +434,9 @@ impl Ctl {
     }
 
     /// Where a protected guest runs, as far as this host knows: here if libvirt says so; on a
-    /// peer whose state-file slot lists it; else its home (a dead home counts: its guests are
-    /// the ones to restart); else nowhere.
+    /// peer whose state-file slot lists it; else its home. A protected guest is meant to run,
+    /// so it counts against its home's capacity even while it is stopped (conservative for
+    /// admission control), and is restarted elsewhere if its home dies.
     fn where_runs(&self, st: &St, g: &ProtectedGuest) -> Option<String> {
         if st.local.get(&g.name).is_some_and(|d| d.state.is_active()) || st.starting.contains(&g.name) {
             return Some(self.me.clone());
@@ -443,10 +444,7 @@ impl Ctl {
         if let Some((peer, _)) = st.peers.iter().find(|(_, p)| p.running.contains(&g.name)) {
             return Some(peer.clone());
         }
-        if g.home != self.me {
-            return Some(g.home.clone());
-        }
-        None
+        Some(g.home.clone())
     }
 
     fn plan_report(&self, st: &St) -> Result<plan::PlanReport, plan::PlanError> {
@@ -1387,7 +1385,15 @@ impl Ctl {
                 Ok(json!({ "aborted": epoch }))
             }
             Op::Ext { name, args } => match name.as_str() {
-                "vm.local" => Ok(to_value(self.local_guests())?),
+                "vm.local" => {
+                    if let Ok(list) = self.vmm.list().await {
+                        let mut st = self.st();
+                        for d in list {
+                            st.local.insert(d.name.clone(), d);
+                        }
+                    }
+                    Ok(to_value(self.local_guests())?)
+                }
                 "vm.xml" => {
                     let guest = args.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
                     match self.vmm.xml(&guest).await {
@@ -1443,7 +1449,11 @@ impl Ctl {
         let level = Level::try_from(level).map_err(|m| ApiError::new("refused", m).with_hint("use --level 1"))?;
         level.available().map_err(|r| ApiError::new("level_unavailable", r.message).with_hint(r.hint))?;
         // Where the guest is: running here, running on a live peer, defined here, defined there.
-        let local = self.st().local.get(name).cloned();
+        // Ask libvirt now rather than the watcher's last look (the guest may be seconds old).
+        let local = match self.vmm.list().await {
+            Ok(list) => list.into_iter().find(|d| d.name == name),
+            Err(e) => return Err(internal("cannot list this host's guests", &e)),
+        };
         let (live, _) = self.live_peers();
         let mut remote: Vec<(String, view::LocalGuest)> = Vec::new();
         for p in &live {
