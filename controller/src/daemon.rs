@@ -84,7 +84,10 @@ pub enum DaemonError {
 impl DaemonError {
     /// True when the configuration itself is wrong (exit 64: do not restart).
     pub fn is_config(&self) -> bool {
-        matches!(self, DaemonError::Timeouts(_) | DaemonError::Membership(_) | DaemonError::Pool(_))
+        matches!(
+            self,
+            DaemonError::Timeouts(_) | DaemonError::Membership(_) | DaemonError::Pool(_)
+        )
     }
 }
 
@@ -133,7 +136,14 @@ impl LibvirtVmm {
             .await;
             let (hv, r) = match r {
                 Ok(x) => x,
-                Err(e) => return Err(VmmError::new(op, guest, ErrorKind::Other, format!("libvirt call panicked: {e}"))),
+                Err(e) => {
+                    return Err(VmmError::new(
+                        op,
+                        guest,
+                        ErrorKind::Other,
+                        format!("libvirt call panicked: {e}"),
+                    ));
+                }
             };
             match r {
                 Err(e) if e.kind() == ErrorKind::ConnectionLost && attempt == 0 => {
@@ -156,7 +166,12 @@ impl LibvirtVmm {
                 }
             }
         }
-        Err(VmmError::new(op, guest, ErrorKind::ConnectionLost, "libvirt connection lost twice"))
+        Err(VmmError::new(
+            op,
+            guest,
+            ErrorKind::ConnectionLost,
+            "libvirt connection lost twice",
+        ))
     }
 
     /// The persistent XML of a domain.
@@ -288,6 +303,8 @@ struct St {
     plan_ok: Option<bool>,
     redundancy_ok: bool,
     statefile_busy: bool,
+    /// The error of our last slot write, if it failed.
+    last_write_error: Option<String>,
     tick: u64,
     syncing: BTreeSet<String>,
 }
@@ -362,13 +379,18 @@ impl Ctl {
                 pool,
                 local: BTreeMap::new(),
                 local_known: false,
-                peers: cfg.peers.iter().map(|p| (p.name.clone(), PeerInfo::default())).collect(),
+                peers: cfg
+                    .peers
+                    .iter()
+                    .map(|p| (p.name.clone(), PeerInfo::default()))
+                    .collect(),
                 crash: BTreeMap::new(),
                 starting: BTreeSet::new(),
                 pending: None,
                 plan_ok: None,
                 redundancy_ok: true,
                 statefile_busy: false,
+                last_write_error: None,
                 tick: 0,
                 syncing: BTreeSet::new(),
             }),
@@ -417,9 +439,7 @@ impl Ctl {
         // Unprotected guests running here use capacity too.
         for d in st.local.values() {
             if d.state.is_active() && !st.pool.guests.contains_key(&d.name) {
-                let (mem, cpus) = st
-                    .local_resources(&d.name)
-                    .unwrap_or((0, 0));
+                let (mem, cpus) = st.local_resources(&d.name).unwrap_or((0, 0));
                 guests.push(plan::Guest {
                     name: d.name.clone(),
                     mem_mib: mem,
@@ -473,7 +493,12 @@ impl Ctl {
             changed
         };
         if changed {
-            self.emit(if ok { EventKind::PlanOk } else { EventKind::PlanBroken }, None, None, summary);
+            self.emit(
+                if ok { EventKind::PlanOk } else { EventKind::PlanBroken },
+                None,
+                None,
+                summary,
+            );
         }
     }
 
@@ -541,10 +566,15 @@ impl Ctl {
     // -----------------------------------------------------------------------------------------
     // State-file
 
+    /// Writes our slot every `statefile_interval` and reads every slot every
+    /// `heartbeat_interval` (a peer's progress is then seen within `statefile_interval +
+    /// heartbeat_interval` < `channel_timeout`, see docs/controller.md).
     async fn statefile_loop(self: Arc<Self>) {
-        let mut iv = tokio::time::interval(self.cfg.timeouts.statefile_interval);
+        let t = self.cfg.timeouts;
+        let mut iv = tokio::time::interval(t.heartbeat_interval);
         iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut tick: u64 = 0;
+        let mut last_write: Option<Instant> = None;
         loop {
             iv.tick().await;
             let now = Instant::now();
@@ -558,8 +588,10 @@ impl Ctl {
                 }
                 st.statefile_busy = true;
             }
-            tick += 1;
-            let record = {
+            let write_due = last_write.is_none_or(|w| now.saturating_duration_since(w) >= t.statefile_interval);
+            let record = if write_due {
+                last_write = Some(now);
+                tick += 1;
                 let st = self.st();
                 let mut guests: Vec<String> = st
                     .local
@@ -570,7 +602,7 @@ impl Ctl {
                 guests.extend(st.starting.iter().cloned());
                 guests.sort();
                 guests.dedup();
-                SlotRecord {
+                Some(SlotRecord {
                     host: self.me.clone(),
                     incarnation: self.incarnation,
                     tick,
@@ -579,7 +611,9 @@ impl Ctl {
                     guests,
                     guests_truncated: false,
                     config_epoch: st.pool.epoch,
-                }
+                })
+            } else {
+                None
             };
             let sf = lock(&self.statefile).clone();
             let path = self.cfg.state_file.clone();
@@ -589,7 +623,9 @@ impl Ctl {
                     Some(s) => s,
                     None => Arc::new(StateFile::open(&path, &hosts).map_err(|e| eac_common::error_chain(&e))?),
                 };
-                sf.write_slot(&record).map_err(|e| eac_common::error_chain(&e))?;
+                if let Some(record) = &record {
+                    sf.write_slot(record).map_err(|e| eac_common::error_chain(&e))?;
+                }
                 let all = sf.read_all().map_err(|e| eac_common::error_chain(&e))?;
                 Ok::<_, String>((sf, all))
             });
@@ -616,9 +652,18 @@ impl Ctl {
                 {
                     let mut st = me.st();
                     st.statefile_busy = false;
+                    if write_due {
+                        st.last_write_error = result.as_ref().err().cloned();
+                    }
                     match result {
                         Ok(all) => {
-                            st.membership.observe_statefile_result(Ok(()), at);
+                            // Reads alone do not prove our slot is written: a failing write
+                            // keeps the channel failing until a write succeeds.
+                            let own = match &st.last_write_error {
+                                Some(e) => Err(e.clone()),
+                                None => Ok(()),
+                            };
+                            st.membership.observe_statefile_result(own, at);
                             let our_epoch = st.pool.epoch;
                             for read in all {
                                 let host = read.host;
@@ -674,7 +719,12 @@ impl Ctl {
                 self.report_membership(ev);
             }
             if redundancy_change == Some(true) {
-                self.emit(EventKind::RedundancyRestored, None, None, "every channel to every peer works");
+                self.emit(
+                    EventKind::RedundancyRestored,
+                    None,
+                    None,
+                    "every channel to every peer works",
+                );
             }
             let mut rejoined = Vec::new();
             for ev in &events {
@@ -730,7 +780,10 @@ impl Ctl {
                     EventKind::Fencing,
                     None,
                     None,
-                    format!("fence incomplete, retrying: still running: {}", still_running.join(", ")),
+                    format!(
+                        "fence incomplete, retrying: still running: {}",
+                        still_running.join(", ")
+                    ),
                 );
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -745,7 +798,11 @@ impl Ctl {
                     None,
                     format!(
                         "contact is back after fencing; fenced guests ({}) stay off until the pool places them here",
-                        if fenced.is_empty() { "none".into() } else { fenced.join(", ") }
+                        if fenced.is_empty() {
+                            "none".into()
+                        } else {
+                            fenced.join(", ")
+                        }
                     ),
                 );
                 tokio::spawn(async move { self.sync_all().await });
@@ -795,7 +852,12 @@ impl Ctl {
         if let Some(t) = outcome.watchdog_armed
             && self.cfg.watchdog.is_some()
         {
-            self.emit(EventKind::WatchdogArmed, None, None, format!("watchdog armed ({t:?}) during the fence"));
+            self.emit(
+                EventKind::WatchdogArmed,
+                None,
+                None,
+                format!("watchdog armed ({t:?}) during the fence"),
+            );
         }
         if let Some(e) = &outcome.watchdog_error {
             tracing::warn!(error = %e, "watchdog");
@@ -871,7 +933,12 @@ impl Ctl {
             return;
         }
         for s in &unplaced {
-            self.emit(EventKind::GuestRestartFailed, Some(&s.guest), Some(&peer), s.explanation.clone());
+            self.emit(
+                EventKind::GuestRestartFailed,
+                Some(&s.guest),
+                Some(&peer),
+                s.explanation.clone(),
+            );
         }
         if mine.is_empty() {
             tracing::info!(%peer, "failover: no guest of the dead host is placed here");
@@ -893,8 +960,35 @@ impl Ctl {
         let Some(xml) = self.st().pool.guests.get(name).map(|g| g.xml.clone()) else {
             return;
         };
-        if !self.st().starting.insert(name.to_owned()) {
-            return;
+        {
+            let mut st = self.st();
+            if let Some((peer, _)) = st
+                .peers
+                .iter()
+                .find(|(p, i)| p.as_str() != from && i.running.iter().any(|g| g == name))
+            {
+                let peer = peer.clone();
+                drop(st);
+                self.emit(
+                    EventKind::GuestRestartFailed,
+                    Some(name),
+                    Some(from),
+                    format!("not restarting: host {peer} reports it running"),
+                );
+                return;
+            }
+            if !st.starting.insert(name.to_owned()) {
+                return;
+            }
+        }
+        // Record the new home first (on every live host; dead ones catch up), so that a
+        // failure of this host right after the start leaves the pool knowing where it runs.
+        let change = pool::Change::Moved {
+            name: name.to_owned(),
+            host: self.me.clone(),
+        };
+        if let Err(e) = self.change_pool(change, None).await {
+            tracing::warn!(guest = name, error = %e, "could not record the guest's new home; starting it anyway");
         }
         let t0 = Instant::now();
         let mut last_err = String::new();
@@ -964,14 +1058,6 @@ impl Ctl {
                 last_seen.elapsed().as_millis()
             ),
         );
-        // Record the new home (on every live host; dead ones catch up).
-        let change = pool::Change::Moved {
-            name: name.to_owned(),
-            host: self.me.clone(),
-        };
-        if let Err(e) = self.change_pool(change, None).await {
-            tracing::warn!(guest = name, error = %e, "could not record the guest's new home");
-        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1043,7 +1129,10 @@ impl Ctl {
             }
             _ => tracing::debug!(guest = name, %detail, "guest lifecycle"),
         }
-        if matches!(ev.kind, LifecycleKind::Started | LifecycleKind::Stopped | LifecycleKind::Crashed) {
+        if matches!(
+            ev.kind,
+            LifecycleKind::Started | LifecycleKind::Stopped | LifecycleKind::Crashed
+        ) {
             self.recheck_plan();
         }
     }
@@ -1202,14 +1291,21 @@ impl Ctl {
 
     /// Applies `change` on every live host or on none (see the `pool` module). `admit` is the
     /// admission check to run against the plan first.
-    async fn change_pool(&self, change: pool::Change, admit: Option<plan::Change>) -> Result<view::ChangeResult, ApiError> {
+    async fn change_pool(
+        &self,
+        change: pool::Change,
+        admit: Option<plan::Change>,
+    ) -> Result<view::ChangeResult, ApiError> {
         let _serial = self.change_lock.lock().await;
         let (next, live, dead) = {
             let st = self.st();
             if !st.fencer.may_start_guests() {
                 return Err(ApiError::new(
                     "isolated",
-                    format!("host {} is isolated or fenced: it cannot change the pool configuration", self.me),
+                    format!(
+                        "host {} is isolated or fenced: it cannot change the pool configuration",
+                        self.me
+                    ),
                 )
                 .with_hint("make the change through a host that is in contact with the pool"));
             }
@@ -1257,13 +1353,20 @@ impl Ctl {
             }
             let (p, e) = &failed[0];
             let transient = e.code == api::codes::UNREACHABLE || e.code == api::codes::PROTOCOL;
-            let msg = format!("refused: live host {p} did not accept the change ({change}): {}", e.message);
+            let msg = format!(
+                "refused: live host {p} did not accept the change ({change}): {}",
+                e.message
+            );
             return Err(if transient {
                 ApiError::new("peer_unreachable", msg).with_hint(format!(
                     "host {p} is alive (heartbeats) but its API cannot be reached; retry, or check its controller"
                 ))
             } else {
-                ApiError::new("refused", msg).with_hint(e.hint.clone().unwrap_or_else(|| "retry: the pool changed meanwhile".into()))
+                ApiError::new("refused", msg).with_hint(
+                    e.hint
+                        .clone()
+                        .unwrap_or_else(|| "retry: the pool changed meanwhile".into()),
+                )
             });
         }
         // Phase 2.
@@ -1272,7 +1375,8 @@ impl Ctl {
                 tracing::warn!(peer = %p, error = %e, "commit not confirmed; the peer catches up by epoch");
             }
         }
-        self.adopt(next.clone(), &format!("{change} (through {})", self.me)).await;
+        self.adopt(next.clone(), &format!("{change} (through {})", self.me))
+            .await;
         let mut applied_on = vec![self.me.clone()];
         applied_on.extend(accepted);
         Ok(view::ChangeResult {
@@ -1301,7 +1405,12 @@ impl Ctl {
                 st.pool.hosts = hosts;
             }
         }
-        self.emit(EventKind::ConfigChanged, None, None, format!("configuration epoch {epoch}: {why}"));
+        self.emit(
+            EventKind::ConfigChanged,
+            None,
+            None,
+            format!("configuration epoch {epoch}: {why}"),
+        );
         self.recheck_plan();
     }
 
@@ -1316,10 +1425,12 @@ impl Ctl {
                 return;
             }
         };
-        let cfg: PoolConfig = match serde_json::from_value(v).map_err(|e| e.to_string()).and_then(|c: PoolConfig| {
-            c.validate()?;
-            Ok(c)
-        }) {
+        let cfg: PoolConfig = match serde_json::from_value(v)
+            .map_err(|e| e.to_string())
+            .and_then(|c: PoolConfig| {
+                c.validate()?;
+                Ok(c)
+            }) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "peer sent an invalid pool configuration");
@@ -1354,7 +1465,9 @@ impl Ctl {
             Op::VmList => Ok(to_value(self.vm_list().await)?),
             Op::VmProtect { name, level } => self.protect(&name, level).await.and_then(to_value),
             Op::VmUnprotect { name } => {
-                let r = self.change_pool(pool::Change::Unprotect { name: name.clone() }, None).await?;
+                let r = self
+                    .change_pool(pool::Change::Unprotect { name: name.clone() }, None)
+                    .await?;
                 self.emit(EventKind::GuestUnprotected, Some(&name), None, "protection removed");
                 to_value(r)
             }
@@ -1373,7 +1486,10 @@ impl Ctl {
                 }
             }
             Op::EventsRecent { limit } => Ok(to_value(self.bus.recent(limit.unwrap_or(crate::events::HISTORY)))?),
-            Op::EventsFollow => Err(ApiError::new(api::codes::BAD_REQUEST, "events.follow is served by the transport")),
+            Op::EventsFollow => Err(ApiError::new(
+                api::codes::BAD_REQUEST,
+                "events.follow is served by the transport",
+            )),
             Op::PoolGet => Ok(to_value(self.st().pool.clone())?),
             Op::PoolPropose { epoch, config } => self.on_propose(epoch, config),
             Op::PoolCommit { epoch } => self.on_commit(epoch).await,
@@ -1398,7 +1514,9 @@ impl Ctl {
                     let guest = args.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
                     match self.vmm.xml(&guest).await {
                         Ok(x) => Ok(json!({ "xml": x })),
-                        Err(e) if e.kind == ErrorKind::NotFound => Err(ApiError::new("not_found", format!("no guest '{guest}' on {}", self.me))),
+                        Err(e) if e.kind == ErrorKind::NotFound => {
+                            Err(ApiError::new("not_found", format!("no guest '{guest}' on {}", self.me)))
+                        }
                         Err(e) => Err(internal("cannot read the guest's XML", &e)),
                     }
                 }
@@ -1407,10 +1525,18 @@ impl Ctl {
                         .get("host_failures_to_tolerate")
                         .and_then(Value::as_u64)
                         .and_then(|n| u32::try_from(n).ok())
-                        .ok_or_else(|| ApiError::new(api::codes::BAD_REQUEST, "pool.policy needs host_failures_to_tolerate (a number)"))?;
+                        .ok_or_else(|| {
+                            ApiError::new(
+                                api::codes::BAD_REQUEST,
+                                "pool.policy needs host_failures_to_tolerate (a number)",
+                            )
+                        })?;
                     self.set_policy(n).await.and_then(to_value)
                 }
-                other => Err(ApiError::new(api::codes::UNKNOWN_OP, format!("unknown extension '{other}'"))),
+                other => Err(ApiError::new(
+                    api::codes::UNKNOWN_OP,
+                    format!("unknown extension '{other}'"),
+                )),
             },
         }
     }
@@ -1425,7 +1551,12 @@ impl Ctl {
                 Ok(r) if !r.ok => {
                     let why = r.shortfalls().next().map(|s| s.explanation.clone()).unwrap_or_default();
                     drop(st);
-                    self.emit(EventKind::AdmissionRefused, None, None, format!("host-failures-to-tolerate {n}: {why}"));
+                    self.emit(
+                        EventKind::AdmissionRefused,
+                        None,
+                        None,
+                        format!("host-failures-to-tolerate {n}: {why}"),
+                    );
                     return Err(ApiError::new(
                         "plan_broken",
                         format!("refused: with host-failures-to-tolerate = {n} the plan breaks: {why}"),
@@ -1447,7 +1578,9 @@ impl Ctl {
 
     async fn protect(&self, name: &str, level: u8) -> Result<view::ChangeResult, ApiError> {
         let level = Level::try_from(level).map_err(|m| ApiError::new("refused", m).with_hint("use --level 1"))?;
-        level.available().map_err(|r| ApiError::new("level_unavailable", r.message).with_hint(r.hint))?;
+        level
+            .available()
+            .map_err(|r| ApiError::new("level_unavailable", r.message).with_hint(r.hint))?;
         // Where the guest is: running here, running on a live peer, defined here, defined there.
         // Ask libvirt now rather than the watcher's last look (the guest may be seconds old).
         let local = match self.vmm.list().await {
@@ -1481,11 +1614,17 @@ impl Ctl {
         } else if let Some((p, _)) = remote.first() {
             p.clone()
         } else {
-            return Err(ApiError::new("not_found", format!("no guest named '{name}' is defined on any live host"))
-                .with_hint("define it in libvirt on one of the pool's hosts first (virsh define), then protect it"));
+            return Err(ApiError::new(
+                "not_found",
+                format!("no guest named '{name}' is defined on any live host"),
+            )
+            .with_hint("define it in libvirt on one of the pool's hosts first (virsh define), then protect it"));
         };
         let xml = if home == self.me {
-            self.vmm.xml(name).await.map_err(|e| internal("cannot read the guest's definition", &e))?
+            self.vmm
+                .xml(name)
+                .await
+                .map_err(|e| internal("cannot read the guest's definition", &e))?
         } else {
             let v = self
                 .peer_call(
@@ -1502,7 +1641,10 @@ impl Ctl {
                 .to_owned()
         };
         let (mem_mib, vcpus) = pool::xml_resources(&xml).ok_or_else(|| {
-            ApiError::new("refused", format!("cannot read <memory> and <vcpu> from the definition of '{name}'"))
+            ApiError::new(
+                "refused",
+                format!("cannot read <memory> and <vcpu> from the definition of '{name}'"),
+            )
         })?;
         let uuid = pool::xml_uuid(&xml).unwrap_or_default().to_owned();
         let guest = ProtectedGuest {
@@ -1520,7 +1662,14 @@ impl Ctl {
             level: level.number(),
         };
         let r = self
-            .change_pool_with_candidate(pool::Change::Protect(guest), admit, mem_mib, vcpus, &home, local.is_some() || remote.iter().any(|(_, g)| g.active))
+            .change_pool_with_candidate(
+                pool::Change::Protect(guest),
+                admit,
+                mem_mib,
+                vcpus,
+                &home,
+                local.is_some() || remote.iter().any(|(_, g)| g.active),
+            )
             .await?;
         self.emit(
             EventKind::GuestProtected,
@@ -1545,7 +1694,10 @@ impl Ctl {
         {
             let st = self.st();
             let (hosts, mut guests) = self.plan_inputs(&st);
-            if let Some(g) = guests.iter_mut().find(|g| Some(g.name.as_str()) == plan_guest_name(&admit)) {
+            if let Some(g) = guests
+                .iter_mut()
+                .find(|g| Some(g.name.as_str()) == plan_guest_name(&admit))
+            {
                 // Already protected (a level change) or running here unprotected.
                 g.protected = false;
             } else {
@@ -1566,7 +1718,12 @@ impl Ctl {
                 &admit,
             ) {
                 drop(st);
-                self.emit(EventKind::AdmissionRefused, plan_guest_name(&admit), None, r.explanation.clone());
+                self.emit(
+                    EventKind::AdmissionRefused,
+                    plan_guest_name(&admit),
+                    None,
+                    r.explanation.clone(),
+                );
                 return Err(ApiError::new("plan_broken", r.explanation)
                     .with_hint("`eac plan` shows where every protected guest would restart"));
             }
@@ -1575,8 +1732,12 @@ impl Ctl {
     }
 
     fn on_propose(&self, epoch: u64, config: Value) -> Result<Value, ApiError> {
-        let cfg: PoolConfig = serde_json::from_value(config)
-            .map_err(|e| ApiError::new(api::codes::BAD_REQUEST, format!("proposal is not a pool configuration: {e}")))?;
+        let cfg: PoolConfig = serde_json::from_value(config).map_err(|e| {
+            ApiError::new(
+                api::codes::BAD_REQUEST,
+                format!("proposal is not a pool configuration: {e}"),
+            )
+        })?;
         cfg.validate()
             .map_err(|m| ApiError::new(api::codes::BAD_REQUEST, format!("invalid proposal: {m}")))?;
         let mut st = self.st();
@@ -1591,7 +1752,10 @@ impl Ctl {
             .with_hint("the configuration changed meanwhile; retry"));
         }
         if !st.fencer.may_start_guests() {
-            return Err(ApiError::new("refused", format!("host {} is fencing or fenced", self.me)));
+            return Err(ApiError::new(
+                "refused",
+                format!("host {} is fencing or fenced", self.me),
+            ));
         }
         if let Some((e, _, at)) = &st.pending
             && at.elapsed() < PROPOSAL_TTL
@@ -1614,7 +1778,10 @@ impl Ctl {
                 Some((e, cfg, _)) if e == epoch => cfg,
                 other => {
                     st.pending = other;
-                    return Err(ApiError::new("refused", format!("no proposal for epoch {epoch} on {}", self.me)));
+                    return Err(ApiError::new(
+                        "refused",
+                        format!("no proposal for epoch {epoch} on {}", self.me),
+                    ));
                 }
             }
         };
@@ -1753,27 +1920,33 @@ impl Ctl {
             };
             let reachable = list.is_some();
             let mut guests: Vec<view::VmView> = match list {
-                Some(list) => list
-                    .into_iter()
-                    // A protected guest defined everywhere shows only where it runs, or at home.
-                    .filter(|g| {
-                        st.pool
-                            .guests
-                            .get(&g.name)
-                            .is_none_or(|pg| g.active || (pg.home == *name && !self.runs_elsewhere(&st, &g.name, name)))
-                    })
-                    .map(|g| {
-                        let pg = st.pool.guests.get(&g.name);
-                        view::VmView {
-                            level: pg.map(|p| p.level.number()),
-                            health: health(pg.is_some(), g.active, st.starting.contains(&g.name), fence_state_name(st.fencer.state()), name == &self.me),
-                            name: g.name,
-                            state: g.state,
-                            mem_mib: g.mem_mib,
-                            vcpus: g.vcpus,
-                        }
-                    })
-                    .collect(),
+                Some(list) => {
+                    list.into_iter()
+                        // A protected guest defined everywhere shows only where it runs, or at home.
+                        .filter(|g| {
+                            st.pool.guests.get(&g.name).is_none_or(|pg| {
+                                g.active || (pg.home == *name && !self.runs_elsewhere(&st, &g.name, name))
+                            })
+                        })
+                        .map(|g| {
+                            let pg = st.pool.guests.get(&g.name);
+                            view::VmView {
+                                level: pg.map(|p| p.level.number()),
+                                health: health(
+                                    pg.is_some(),
+                                    g.active,
+                                    st.starting.contains(&g.name),
+                                    fence_state_name(st.fencer.state()),
+                                    name == &self.me,
+                                ),
+                                name: g.name,
+                                state: g.state,
+                                mem_mib: g.mem_mib,
+                                vcpus: g.vcpus,
+                            }
+                        })
+                        .collect()
+                }
                 None => st
                     .pool
                     .guests
@@ -1783,7 +1956,11 @@ impl Ctl {
                         name: g.name.clone(),
                         level: Some(g.level.number()),
                         state: "unknown".into(),
-                        health: if state == "dead" { "down".into() } else { "unknown".into() },
+                        health: if state == "dead" {
+                            "down".into()
+                        } else {
+                            "unknown".into()
+                        },
                         mem_mib: g.mem_mib,
                         vcpus: g.vcpus,
                     })
@@ -1924,10 +2101,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     })?;
     tasks.spawn(api::serve_unix(unix, handler.clone()));
     if let Some(addr) = cfg.api_listen {
-        let l = tokio::net::TcpListener::bind(addr).await.map_err(|source| DaemonError::Api {
-            what: format!("address {addr}"),
-            source,
-        })?;
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Api {
+                what: format!("address {addr}"),
+                source,
+            })?;
         tasks.spawn(api::serve_tcp(l, cfg.pool_secret.as_bytes().to_vec(), handler));
     }
     tasks.spawn(ctl.clone().statefile_loop());
@@ -1964,4 +2143,85 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<(), 
     tasks.shutdown().await;
     let _ = std::fs::remove_file(&cfg.api_socket);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_words() {
+        assert_eq!(health(false, true, false, "normal", true), "unprotected");
+        assert_eq!(health(true, true, false, "normal", true), "ok");
+        assert_eq!(health(true, false, true, "normal", true), "restarting");
+        assert_eq!(health(true, false, false, "fenced", true), "fenced");
+        assert_eq!(health(true, false, false, "fenced", false), "down");
+        assert_eq!(health(true, false, false, "normal", true), "down");
+    }
+
+    #[test]
+    fn pool_hosts_take_peer_capacity_or_ours() {
+        let dir = std::env::temp_dir().join(format!("eac-daemon-ut-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "0123456789abcdef0123").unwrap();
+        let text = format!(
+            "host = \"a\"\npool_secret_file = \"{}\"\nstate_file = \"{}/sf\"\ndata_dir = \"{}/data\"\n\
+             [capacity]\nmem_mib = 2048\nvcpus = 8\n\
+             [[network]]\nname = \"mgmt\"\nbind = \"127.0.0.1:7410\"\n\
+             [[peer]]\nname = \"b\"\naddresses = {{ mgmt = \"127.0.0.2:7410\" }}\ncapacity = {{ mem_mib = 512, vcpus = 2 }}\n\
+             [[peer]]\nname = \"c\"\naddresses = {{ mgmt = \"127.0.0.3:7410\" }}\n",
+            secret.display(),
+            dir.display(),
+            dir.display()
+        );
+        let cfg = Config::parse(&dir.join("c.toml"), &text).unwrap();
+        let h = pool_hosts(&cfg);
+        assert_eq!(
+            h["a"],
+            pool::HostEntry {
+                mem_mib: 2048,
+                vcpus: 8
+            }
+        );
+        assert_eq!(h["b"], pool::HostEntry { mem_mib: 512, vcpus: 2 });
+        assert_eq!(
+            h["c"],
+            pool::HostEntry {
+                mem_mib: 2048,
+                vcpus: 8
+            }
+        );
+        assert!(membership_timeouts(&cfg).validate().is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn libvirt_vmm_against_the_test_driver() {
+        let vmm = LibvirtVmm::new("test:///default");
+        let name = format!("eac-daemon-ut-{}", std::process::id());
+        let xml = format!(
+            "<domain type='test'><name>{name}</name><uuid>{:08x}-0000-4000-8000-00000000da01</uuid>\
+             <memory unit='MiB'>128</memory><vcpu>1</vcpu><os><type arch='x86_64'>hvm</type></os></domain>",
+            std::process::id()
+        );
+        assert_eq!(vmm.define(&xml).await.unwrap(), name);
+        assert_eq!(vmm.state(&name).await.unwrap(), DomainState::ShutOff);
+        vmm.start(&name).await.unwrap();
+        assert!(
+            vmm.list()
+                .await
+                .unwrap()
+                .iter()
+                .any(|d| d.name == name && d.state == DomainState::Running)
+        );
+        assert!(vmm.xml(&name).await.unwrap().contains(&name));
+        vmm.destroy(&name).await.unwrap();
+        let e = vmm.destroy(&name).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidState, "{e:?}");
+        let e = vmm.state("eac-daemon-ut-no-such").await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        let hv = Hypervisor::connect("test:///default").unwrap();
+        hv.undefine(&name).unwrap();
+    }
 }

@@ -14,7 +14,11 @@ use clap::{Parser, Subcommand};
 use eac_controller::{config::Config, daemon};
 
 #[derive(Parser)]
-#[command(name = "eac-controller", version, about = "The eac controller: membership, fencing, failover, libvirt")]
+#[command(
+    name = "eac-controller",
+    version,
+    about = "The eac controller: membership, fencing, failover, libvirt"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -46,7 +50,9 @@ fn main() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("eac-controller: {}", eac_common::error_chain(&e));
-            eprintln!("hint: fix the configuration file; the controller will not start with it (exit 64: do not restart)");
+            eprintln!(
+                "hint: fix the configuration file; the controller will not start with it (exit 64: do not restart)"
+            );
             std::process::exit(eac_common::EXIT_USAGE);
         }
     };
@@ -55,7 +61,13 @@ fn main() {
         std::process::exit(eac_common::EXIT_USAGE);
     }
     if !run {
-        println!("{}: valid (host {}, {} peers, {} networks)", path.display(), cfg.host, cfg.peers.len(), cfg.networks.len());
+        println!(
+            "{}: valid (host {}, {} peers, {} networks)",
+            path.display(),
+            cfg.host,
+            cfg.peers.len(),
+            cfg.networks.len()
+        );
         return;
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -65,7 +65,9 @@ impl TryFrom<u8> for Level {
         match v {
             1 => Ok(Level::L1),
             2 => Ok(Level::L2),
-            _ => Err(format!("level {v} does not exist (levels are 1 = restart, 2 = component fault tolerance)")),
+            _ => Err(format!(
+                "level {v} does not exist (levels are 1 = restart, 2 = component fault tolerance)"
+            )),
         }
     }
 }
@@ -159,9 +161,14 @@ pub struct PoolConfig {
 pub enum Change {
     /// Protect a guest (or change its level / definition).
     Protect(ProtectedGuest),
-    Unprotect { name: String },
+    Unprotect {
+        name: String,
+    },
     /// A guest now runs on `host` (after a restart there).
-    Moved { name: String, host: String },
+    Moved {
+        name: String,
+        host: String,
+    },
     SetPolicy(Policy),
 }
 
@@ -212,7 +219,10 @@ impl PoolConfig {
     /// Checks a configuration received from outside (a file or a peer).
     pub fn validate(&self) -> Result<(), String> {
         if self.version != FORMAT_VERSION {
-            return Err(format!("format version {} (this build reads {FORMAT_VERSION})", self.version));
+            return Err(format!(
+                "format version {} (this build reads {FORMAT_VERSION})",
+                self.version
+            ));
         }
         if self.hosts.is_empty() {
             return Err("no hosts".into());
@@ -225,7 +235,10 @@ impl PoolConfig {
                 return Err(format!("guest name '{name}' (use A-Z a-z 0-9 . _ -, at most 64)"));
             }
             if !self.hosts.contains_key(&g.home) {
-                return Err(format!("guest '{name}' has home '{}', which is not a host of the pool", g.home));
+                return Err(format!(
+                    "guest '{name}' has home '{}', which is not a host of the pool",
+                    g.home
+                ));
             }
             if g.xml.is_empty() || g.xml.len() > 1 << 20 {
                 return Err(format!("guest '{name}': domain XML of {} bytes", g.xml.len()));
@@ -416,7 +429,15 @@ mod tests {
     fn hosts() -> BTreeMap<String, HostEntry> {
         ["a", "b"]
             .into_iter()
-            .map(|h| (h.to_owned(), HostEntry { mem_mib: 1024, vcpus: 4 }))
+            .map(|h| {
+                (
+                    h.to_owned(),
+                    HostEntry {
+                        mem_mib: 1024,
+                        vcpus: 4,
+                    },
+                )
+            })
             .collect()
     }
 
@@ -442,20 +463,49 @@ mod tests {
         assert!(r.message.contains("level 2 not available yet"), "{r:?}");
         assert!(r.hint.contains("--level 1"));
         let c2 = c1
-            .apply(&Change::Moved { name: "g".into(), host: "b".into() }, "b", 12)
+            .apply(
+                &Change::Moved {
+                    name: "g".into(),
+                    host: "b".into(),
+                },
+                "b",
+                12,
+            )
             .unwrap();
         assert_eq!(c2.guests["g"].home, "b");
-        assert!(c2.apply(&Change::Moved { name: "g".into(), host: "z".into() }, "b", 13).is_err());
+        assert!(
+            c2.apply(
+                &Change::Moved {
+                    name: "g".into(),
+                    host: "z".into()
+                },
+                "b",
+                13
+            )
+            .is_err()
+        );
         let c3 = c2.apply(&Change::Unprotect { name: "g".into() }, "b", 14).unwrap();
         assert!(c3.guests.is_empty());
         assert_eq!(c3.epoch, 3);
         assert!(c3.apply(&Change::Unprotect { name: "g".into() }, "b", 15).is_err());
         let r = c3
-            .apply(&Change::SetPolicy(Policy { host_failures_to_tolerate: 2 }), "a", 16)
+            .apply(
+                &Change::SetPolicy(Policy {
+                    host_failures_to_tolerate: 2,
+                }),
+                "a",
+                16,
+            )
             .unwrap_err();
         assert!(r.message.contains("needs at least 3 hosts"), "{r:?}");
         let c4 = c3
-            .apply(&Change::SetPolicy(Policy { host_failures_to_tolerate: 0 }), "a", 16)
+            .apply(
+                &Change::SetPolicy(Policy {
+                    host_failures_to_tolerate: 0,
+                }),
+                "a",
+                16,
+            )
             .unwrap();
         assert_eq!(c4.policy.host_failures_to_tolerate, 0);
     }
@@ -468,9 +518,27 @@ mod tests {
         assert!(!c1.newer_than(&c1.clone()));
         // both sides of a partition changed it: later wins, then smaller host name
         let x = c1.apply(&Change::Unprotect { name: "g".into() }, "a", 20).unwrap();
-        let y = c1.apply(&Change::Moved { name: "g".into(), host: "b".into() }, "b", 30).unwrap();
+        let y = c1
+            .apply(
+                &Change::Moved {
+                    name: "g".into(),
+                    host: "b".into(),
+                },
+                "b",
+                30,
+            )
+            .unwrap();
         assert!(y.newer_than(&x) && !x.newer_than(&y));
-        let y2 = c1.apply(&Change::Moved { name: "g".into(), host: "b".into() }, "b", 20).unwrap();
+        let y2 = c1
+            .apply(
+                &Change::Moved {
+                    name: "g".into(),
+                    host: "b".into(),
+                },
+                "b",
+                20,
+            )
+            .unwrap();
         assert!(x.newer_than(&y2) && !y2.newer_than(&x));
     }
 
@@ -492,7 +560,10 @@ mod tests {
         std::fs::write(dir.join(FILE_NAME), serde_json::to_vec(&bad).unwrap()).unwrap();
         let e = PoolConfig::load(&dir).unwrap_err();
         assert!(e.to_string().contains("not a host of the pool"), "{e}");
-        let level3 = serde_json::to_string(&c).unwrap().replace("\"level\": 1", "\"level\":3").replace("\"level\":1", "\"level\":3");
+        let level3 = serde_json::to_string(&c)
+            .unwrap()
+            .replace("\"level\": 1", "\"level\":3")
+            .replace("\"level\":1", "\"level\":3");
         std::fs::write(dir.join(FILE_NAME), level3).unwrap();
         let e = PoolConfig::load(&dir).unwrap_err();
         assert!(e.to_string().contains("level 3 does not exist"), "{e}");
@@ -509,10 +580,19 @@ mod tests {
             xml_resources("<domain><memory unit=\"KiB\">524288</memory><vcpu placement='static'>2</vcpu></domain>"),
             Some((512, 2))
         );
-        assert_eq!(xml_resources("<domain><memory>1048576</memory><vcpu>4</vcpu></domain>"), Some((1024, 4)));
-        assert_eq!(xml_resources("<domain><memory unit='GiB'>2</memory><vcpu>1</vcpu></domain>"), Some((2048, 1)));
+        assert_eq!(
+            xml_resources("<domain><memory>1048576</memory><vcpu>4</vcpu></domain>"),
+            Some((1024, 4))
+        );
+        assert_eq!(
+            xml_resources("<domain><memory unit='GiB'>2</memory><vcpu>1</vcpu></domain>"),
+            Some((2048, 1))
+        );
         assert_eq!(xml_resources("<domain/>"), None);
-        assert_eq!(xml_resources("<domain><memory unit='parsec'>1</memory><vcpu>1</vcpu></domain>"), None);
+        assert_eq!(
+            xml_resources("<domain><memory unit='parsec'>1</memory><vcpu>1</vcpu></domain>"),
+            None
+        );
         assert_eq!(xml_uuid("<domain><uuid> abc </uuid></domain>"), Some("abc"));
     }
 

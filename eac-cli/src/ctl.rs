@@ -100,7 +100,10 @@ async fn connect(target: &Target) -> Result<Client, Failure> {
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
     let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &b[start..end]
 }
 
@@ -229,11 +232,7 @@ pub fn render_pool_status(s: &PoolStatus) -> String {
         if s.protected_guests == 1 { "" } else { "s" },
         s.host_failures_to_tolerate
     );
-    let _ = writeln!(
-        o,
-        "configuration: epoch {} ({})",
-        s.config_epoch, s.config_fingerprint
-    );
+    let _ = writeln!(o, "configuration: epoch {} ({})", s.config_epoch, s.config_fingerprint);
     let _ = writeln!(
         o,
         "plan: {} — {}",
@@ -264,7 +263,11 @@ pub fn render_pool_status(s: &PoolStatus) -> String {
 /// `eac host list` for people.
 pub fn render_hosts(hosts: &[HostView]) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "{:<12} {:<8} {:>16} {:>8}  channels", "HOST", "STATE", "MEMORY (MiB)", "VCPUS");
+    let _ = writeln!(
+        o,
+        "{:<12} {:<8} {:>16} {:>8}  channels",
+        "HOST", "STATE", "MEMORY (MiB)", "VCPUS"
+    );
     for h in hosts {
         let _ = writeln!(
             o,
@@ -288,7 +291,11 @@ pub fn render_vm_list(l: &VmList) -> String {
             "{} ({}{})",
             h.host,
             h.state,
-            if h.reachable { "" } else { ", not reachable: from the pool configuration" }
+            if h.reachable {
+                ""
+            } else {
+                ", not reachable: from the pool configuration"
+            }
         );
         if h.guests.is_empty() {
             let _ = writeln!(o, "  (no guests)");
@@ -297,11 +304,7 @@ pub fn render_vm_list(l: &VmList) -> String {
         for (i, g) in h.guests.iter().enumerate() {
             let branch = if i + 1 == n { "└─" } else { "├─" };
             let level = g.level.map_or_else(|| "-".to_owned(), |l| format!("level {l}"));
-            let _ = writeln!(
-                o,
-                "  {branch} {:<20} {:<8} {:<12} {}",
-                g.name, level, g.state, g.health
-            );
+            let _ = writeln!(o, "  {branch} {:<20} {:<8} {:<12} {}", g.name, level, g.state, g.health);
         }
     }
     o
@@ -352,7 +355,12 @@ pub fn render_plan(v: &Value) -> String {
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
-        let _ = writeln!(o, "\nif {} fail{}:", failed.join(" + "), if failed.len() == 1 { "s" } else { "" });
+        let _ = writeln!(
+            o,
+            "\nif {} fail{}:",
+            failed.join(" + "),
+            if failed.len() == 1 { "s" } else { "" }
+        );
         let placements = sc.get("placements").and_then(Value::as_array);
         let shortfalls = sc.get("shortfalls").and_then(Value::as_array);
         if placements.is_none_or(|p| p.is_empty()) && shortfalls.is_none_or(|s| s.is_empty()) {
@@ -431,7 +439,10 @@ mod tests {
             plan_summary: "every protected guest has a place".into(),
         };
         let t = render_pool_status(&s);
-        assert!(t.contains("pool: 2 hosts, 1 protected guest, host-failures-to-tolerate 1"), "{t}");
+        assert!(
+            t.contains("pool: 2 hosts, 1 protected guest, host-failures-to-tolerate 1"),
+            "{t}"
+        );
         assert!(t.contains("redundancy: LOST — b: mgmt down"), "{t}");
         assert!(t.contains("mgmt DOWN, statefile up"), "{t}");
         assert!(t.contains("160/1024"), "{t}");

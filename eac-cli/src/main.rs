@@ -13,7 +13,6 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-
 #[derive(Parser)]
 #[command(name = "eac", version, about = "Dialable availability for KVM/libvirt hosts")]
 struct Cli {

@@ -120,7 +120,10 @@ impl ControllerProc {
             .arg("run")
             .arg("--config")
             .arg(&host.config_path)
-            .env("RUST_LOG", std::env::var("EAC_LAB_CONTROLLER_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("EAC_LAB_CONTROLLER_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -155,7 +158,10 @@ impl ControllerProc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        eprintln!("lab: controller of {} ignored SIGTERM for {grace:?}; SIGKILL", self.host);
+        eprintln!(
+            "lab: controller of {} ignored SIGTERM for {grace:?}; SIGKILL",
+            self.host
+        );
         let _ = self.child.kill();
         self.child.wait().ok()
     }
@@ -196,9 +202,7 @@ impl CtlHost {
 
     /// Path of a guest's serial console as it ran on this host (see the module docs).
     pub fn console_path(&self, guest: &str) -> PathBuf {
-        self.libvirt
-            .dir()
-            .join(format!("var/log/libvirt/qemu/{guest}.console"))
+        self.libvirt.dir().join(format!("var/log/libvirt/qemu/{guest}.console"))
     }
 
     /// The guest's serial console on this host so far.
@@ -242,7 +246,11 @@ impl EacOutput {
 
 impl std::fmt::Display for EacOutput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
     }
 }
 
@@ -267,8 +275,11 @@ impl ControllerLab {
         let shared = dir.join("shared");
         fs::create_dir_all(shared.join("disks")).map_err(io_err("create shared dir"))?;
         let secret_file = dir.join("pool.secret");
-        fs::write(&secret_file, format!("lab-secret-{}-{}\n", std::process::id(), opts.tag))
-            .map_err(io_err("write the pool secret"))?;
+        fs::write(
+            &secret_file,
+            format!("lab-secret-{}-{}\n", std::process::id(), opts.tag),
+        )
+        .map_err(io_err("write the pool secret"))?;
         let statefile = shared.join("statefile");
         fs::File::create(&statefile).map_err(io_err("create the state-file"))?;
 
@@ -478,8 +489,10 @@ impl ControllerLab {
             let f = fs::File::create(&disk).map_err(io_err(format!("create {}", disk.display())))?;
             f.set_len(16 << 20).map_err(io_err("size the guest disk"))?;
         }
-        Ok(GuestSpec::new(guest, PathBuf::from(format!("/var/log/libvirt/qemu/{guest}.console")))?
-            .disk(Disk::File(disk)))
+        Ok(
+            GuestSpec::new(guest, PathBuf::from(format!("/var/log/libvirt/qemu/{guest}.console")))?
+                .disk(Disk::File(disk)),
+        )
     }
 
     /// Defines `spec` on `host` and starts it there.
@@ -514,7 +527,11 @@ impl ControllerLab {
     pub fn logs(&self) -> String {
         let mut s = String::new();
         for h in &self.hosts {
-            s.push_str(&format!("--- controller {} (last 40 lines)\n{}\n", h.name, tail(&h.log(), 40)));
+            s.push_str(&format!(
+                "--- controller {} (last 40 lines)\n{}\n",
+                h.name,
+                tail(&h.log(), 40)
+            ));
         }
         s
     }

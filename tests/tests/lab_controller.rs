@@ -73,8 +73,17 @@ fn protected_guest(lab: &ControllerLab, host: &str, guest: &str) {
     println!("$ eac vm protect {guest} --level 1\n{}", out.stdout.trim_end());
     // Replicated: the other host holds the same configuration and has the definition.
     let other = if host == "a" { "b" } else { "a" };
-    let epoch = |h: &str| lab.eac(h, &["pool", "status", "--json"]).json().ok().map(|v| v["config_epoch"].clone());
-    assert_eq!(epoch(host), epoch(other), "configuration epoch differs between the hosts");
+    let epoch = |h: &str| {
+        lab.eac(h, &["pool", "status", "--json"])
+            .json()
+            .ok()
+            .map(|v| v["config_epoch"].clone())
+    };
+    assert_eq!(
+        epoch(host),
+        epoch(other),
+        "configuration epoch differs between the hosts"
+    );
     wait_until(Duration::from_secs(10), "definition on the other host", || {
         lab.host(other).domain_state(guest) == Some(DomainState::ShutOff)
     })
@@ -97,7 +106,10 @@ fn first_event(evs: &[Value], kind: &str, after_ms: u64) -> Option<Value> {
 }
 
 fn print_timeline(evs: &[Value], since_ms: u64) {
-    for e in evs.iter().filter(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= since_ms)) {
+    for e in evs
+        .iter()
+        .filter(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= since_ms))
+    {
         let t = e["ts_ms"].as_u64().unwrap_or(0) as i64 - since_ms as i64;
         println!(
             "  +{:>6} ms  {:<2} {:<20} {}{}",
@@ -151,7 +163,10 @@ impl Watch {
 
     fn finish(mut self) -> Vec<String> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.take().map(|t| t.join().unwrap_or_default()).unwrap_or_default()
+        self.thread
+            .take()
+            .map(|t| t.join().unwrap_or_default())
+            .unwrap_or_default()
     }
 }
 
@@ -171,7 +186,9 @@ fn host_death_restarts_the_guest_on_the_survivor() {
     let killed = lab.kill_host("a");
     println!("killed host a: {killed} processes (controller, libvirtd, virtlogd, virtlockd, QEMU)");
     let running = wait_until(Duration::from_secs(40), "g1 running on b", || {
-        lab.host("b").domain_state("g1").is_some_and(|s| s == DomainState::Running)
+        lab.host("b")
+            .domain_state("g1")
+            .is_some_and(|s| s == DomainState::Running)
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     let ready = wait_until(BOOT, "GUEST-READY on b", || lab.host("b").console("g1").contains(READY))
@@ -223,7 +240,10 @@ fn management_network_cut_is_reported_not_acted_on() {
         "no redundancy_lost event on b"
     );
     assert!(first_event(&evs, "peer_dead", t_cut).is_none(), "b declared a dead");
-    assert!(first_event(&evs, "guest_restarted", t_cut).is_none(), "b restarted a guest");
+    assert!(
+        first_event(&evs, "guest_restarted", t_cut).is_none(),
+        "b restarted a guest"
+    );
     assert_eq!(lab.running_on("g1"), vec!["a".to_string()]);
     let st = lab.eac("b", &["pool", "status"]);
     println!("$ eac pool status (on b)\n{}", st.stdout.trim_end());
@@ -262,7 +282,9 @@ fn isolated_host_fences_before_the_survivor_restarts() {
     }
     lab.statefile_fault().unwrap().set(Mode::FailAll);
     let on_b = wait_until(Duration::from_secs(40), "g1 running on b", || {
-        lab.host("b").domain_state("g1").is_some_and(|s| s == DomainState::Running)
+        lab.host("b")
+            .domain_state("g1")
+            .is_some_and(|s| s == DomainState::Running)
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     wait_until(BOOT, "GUEST-READY on b", || lab.host("b").console("g1").contains(READY))
@@ -369,11 +391,15 @@ fn garbage_and_unauthenticated_input_is_rejected_with_a_reason() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("eac with a wrong secret: exit {:?}: {stderr}", out.status.code());
     assert_eq!(out.status.code(), Some(64));
-    assert!(stderr.contains("unauthenticated") || stderr.contains("secret"), "{stderr}");
+    assert!(
+        stderr.contains("unauthenticated") || stderr.contains("secret"),
+        "{stderr}"
+    );
     // Garbage on the API socket.
     let mut sock = std::os::unix::net::UnixStream::connect(&lab.host("a").api_socket).unwrap();
     use std::io::{BufRead, Write};
-    sock.write_all(b"{\"v\":1,\"id\":1,\"op\":\"no.such\"}\nnot json at all\n").unwrap();
+    sock.write_all(b"{\"v\":1,\"id\":1,\"op\":\"no.such\"}\nnot json at all\n")
+        .unwrap();
     let mut r = std::io::BufReader::new(sock);
     let (mut l1, mut l2) = (String::new(), String::new());
     r.read_line(&mut l1).unwrap();
@@ -387,7 +413,14 @@ fn garbage_and_unauthenticated_input_is_rejected_with_a_reason() {
     for l in log.lines().filter(|l| l.contains("rejected") || l.contains("refused")) {
         println!("a's log: {l}");
     }
-    for reason in ["unknown_source", "bad_magic", "too_large", "wrong proof", "unknown_op", "bad_request"] {
+    for reason in [
+        "unknown_source",
+        "bad_magic",
+        "too_large",
+        "wrong proof",
+        "unknown_op",
+        "bad_request",
+    ] {
         assert!(log.contains(reason), "no '{reason}' in a's log:\n{log}");
     }
     assert!(
@@ -396,7 +429,11 @@ fn garbage_and_unauthenticated_input_is_rejected_with_a_reason() {
     );
     // Still alive, in contact, no failover.
     wait_until(Duration::from_secs(15), "a and b alive again", || {
-        host_state(&lab.eac("a", &["pool", "status", "--json"]).json().unwrap_or_default(), "b").as_deref()
+        host_state(
+            &lab.eac("a", &["pool", "status", "--json"]).json().unwrap_or_default(),
+            "b",
+        )
+        .as_deref()
             == Some("alive")
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));

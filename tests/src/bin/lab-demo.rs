@@ -84,7 +84,10 @@ fn main() {
         lab.host("a").console("demo-vm").contains(READY)
     })
     .expect("demo-vm boots");
-    println!("demo-vm booted on host a: {READY} on its serial console after {}", ms(booted));
+    println!(
+        "demo-vm booted on host a: {READY} on its serial console after {}",
+        ms(booted)
+    );
     eac(&lab, "a", &["vm", "protect", "demo-vm", "--level", "1"]);
     eac(&lab, "a", &["vm", "list"]);
     eac(&lab, "b", &["plan"]);
@@ -153,7 +156,10 @@ fn main() {
 
 /// Level 2 networking: a TCP stream to a guest survives its host's NIC failing.
 fn netpair_tour(n: u32) {
-    step(n, "netpair: a lab with a switch, a client and a guest stand-in on host a");
+    step(
+        n,
+        "netpair: a lab with a switch, a client and a guest stand-in on host a",
+    );
     let mut lab = Lab::two_hosts("demonp", 1).expect("lab");
     lab.add_guest_ns("a", GUEST_MAC, GUEST_IP).expect("guest");
     for h in &lab.hosts {
@@ -260,5 +266,4 @@ fn ublk_tour(n: u32) {
             println!("(guest boot + run + power-off: {})", ms(run.wall));
         }
     }
-
 }
