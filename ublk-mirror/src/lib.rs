@@ -25,6 +25,8 @@
 
 pub mod ctrl;
 pub mod dev;
+pub mod engine;
+pub mod replica;
 pub mod sys;
 
 use std::io;
@@ -32,6 +34,8 @@ use std::path::PathBuf;
 
 pub use ctrl::{CONTROL_PATH, Control, Features};
 pub use dev::{BlockDev, IoError, IoResult, LocalDisk};
+pub use engine::{Mirror, MirrorConfig};
+pub use replica::Replica;
 
 /// Everything that can fail in this crate. Any variant maps to a negative errno
 /// ([`Error::to_errno`]) so a block request can always be completed with it.
