@@ -21,11 +21,13 @@
 //!
 //! (`rublk` is GPL and is not a source for this code; `libublk` was read for facts only.)
 //!
-//! Modules: [`sys`] — the kernel ABI; [`ctrl`] — the control device (features, …).
+//! Modules: [`sys`] — the kernel ABI; [`ctrl`] — the control device (features, …);
+//! [`dev`] — the block-device interface; [`nbd`] — the NBD export of any [`BlockDev`].
 
 pub mod ctrl;
 pub mod dev;
 pub mod engine;
+pub mod nbd;
 pub mod replica;
 pub mod sys;
 
