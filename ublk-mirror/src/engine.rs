@@ -167,7 +167,10 @@ pub fn random_u64() -> u64 {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Runs a metadata operation on the blocking pool (it may write and fsync).
@@ -215,7 +218,12 @@ impl Events {
 
     /// The last events, oldest first.
     pub fn recent(&self) -> Vec<Value> {
-        self.ring.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+        self.ring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 }
 
@@ -387,6 +395,54 @@ pub(crate) fn spawn_writer(
             }
         }
     });
+}
+
+/// What `ublk-mirror create-meta` creates.
+#[derive(Clone, Debug)]
+pub struct CreateMetaOptions {
+    /// Device size in bytes (a multiple of 512).
+    pub size: u64,
+    /// Dirty-bitmap granularity (a power of two, 4 KiB … 1 MiB).
+    pub region_size: u32,
+    /// The mirror's id; the same on both sides.
+    pub device_id: u64,
+    /// This side's data is valid (the first primary).
+    pub consistent: bool,
+    /// With `consistent`: the data generation to start with (the same on both sides
+    /// declares them identical).
+    pub generation: Option<u64>,
+}
+
+/// Creates a metadata file.
+pub fn create_meta_file(path: &std::path::Path, o: &CreateMetaOptions) -> Result<(), EngineError> {
+    if o.size == 0 || o.size % 512 != 0 {
+        return Err(EngineError::Mismatch(format!(
+            "size {}: must be a non-zero multiple of 512",
+            o.size
+        )));
+    }
+    if !o.region_size.is_power_of_two() || !(4096..=1 << 20).contains(&o.region_size) {
+        return Err(EngineError::Mismatch(format!(
+            "region size {}: must be a power of two from 4096 to 1048576",
+            o.region_size
+        )));
+    }
+    let params = meta::MetaParams {
+        size: o.size,
+        region_size: o.region_size,
+        al_extent: 4 << 20,
+        al_slots: 64,
+    };
+    let mut m = Meta::create(path, params, o.device_id).map_err(EngineError::Meta)?;
+    if o.consistent {
+        let g = o.generation.unwrap_or_else(|| random_u64() | 0x10);
+        m.update(|sb| {
+            sb.flags.consistent = true;
+            sb.r#gen.current = g;
+        })
+        .map_err(EngineError::Meta)?;
+    }
+    m.close_clean().map_err(EngineError::Meta)
 }
 
 /// Accepts connections on one availability link's listener: each is authenticated
@@ -625,7 +681,9 @@ pub struct Mirror {
 
 impl std::fmt::Debug for Mirror {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mirror").field("resource", &self.sh.cfg.resource).finish()
+        f.debug_struct("Mirror")
+            .field("resource", &self.sh.cfg.resource)
+            .finish()
     }
 }
 
@@ -634,7 +692,10 @@ impl Mirror {
     /// keepalive task. `disk` is None when the local disk is missing (diskless primary).
     pub async fn start(cfg: MirrorConfig, disk: Option<LocalDisk>, meta: SharedMeta) -> Result<Mirror, EngineError> {
         if cfg.links.is_empty() || cfg.links.len() > 2 {
-            return Err(EngineError::Mismatch(format!("expected 1 or 2 links, got {}", cfg.links.len())));
+            return Err(EngineError::Mismatch(format!(
+                "expected 1 or 2 links, got {}",
+                cfg.links.len()
+            )));
         }
         let (size, region, consistent) = {
             let m = lock_meta(&meta);
@@ -698,7 +759,11 @@ impl Mirror {
                 sh.cfg.resource,
                 size,
                 n,
-                if consistent { "" } else { "; the local copy is not consistent yet" }
+                if consistent {
+                    ""
+                } else {
+                    "; the local copy is not consistent yet"
+                }
             ),
         );
         for i in 0..n {
@@ -887,8 +952,13 @@ impl Shared {
         };
         self.set_sync(SyncState::Refused);
         if changed {
-            let k = if kind == "split-brain" { "split-brain" } else { "refused" };
-            self.events.emit(&self.cfg.resource, k, format!("connection refused: {reason}"));
+            let k = if kind == "split-brain" {
+                "split-brain"
+            } else {
+                "refused"
+            };
+            self.events
+                .emit(&self.cfg.resource, k, format!("connection refused: {reason}"));
         }
     }
 
@@ -1156,7 +1226,12 @@ impl Shared {
             let other = (0..p.links.len()).find(|&j| j != i && p.links[j].tx.is_some());
             match other {
                 Some(j) if p.established => {
-                    let ids: Vec<u64> = p.pending.iter().filter(|(_, pe)| pe.link == i).map(|(id, _)| *id).collect();
+                    let ids: Vec<u64> = p
+                        .pending
+                        .iter()
+                        .filter(|(_, pe)| pe.link == i)
+                        .map(|(id, _)| *id)
+                        .collect();
                     let tx = p.links[j].tx.clone();
                     for id in ids {
                         if let (Some(pe), Some(tx)) = (p.pending.get_mut(&id), &tx) {
@@ -1477,7 +1552,11 @@ impl Shared {
                         Some((offset, len)),
                     )
                     .await;
-                if self.check_ack(r)? { Ok(()) } else { Err(Lost::SessionEnded) }
+                if self.check_ack(r)? {
+                    Ok(())
+                } else {
+                    Err(Lost::SessionEnded)
+                }
             }
         }
     }
@@ -1490,7 +1569,10 @@ impl Shared {
                 self.events.emit(
                     &self.cfg.resource,
                     "peer-write-failed",
-                    format!("the peer's disk failed a write ({}); the region is marked for resync", IoError(errno)),
+                    format!(
+                        "the peer's disk failed a write ({}); the region is marked for resync",
+                        IoError(errno)
+                    ),
                 );
                 Ok(false)
             }
@@ -1657,7 +1739,9 @@ impl Shared {
                 .map_err(|_| "the peer was lost".to_string())?;
             match r.msg {
                 Message::Ack { errno: 0, .. } => {}
-                Message::Ack { errno, .. } => return Err(format!("the peer failed a resync write: {}", IoError(errno))),
+                Message::Ack { errno, .. } => {
+                    return Err(format!("the peer failed a resync write: {}", IoError(errno)));
+                }
                 _ => return Err("bad answer to ResyncData".into()),
             }
         } else {
@@ -1681,7 +1765,9 @@ impl Shared {
 
     async fn finish_resync(&self, source: bool) -> Result<(), String> {
         if source {
-            self.peer_flush().await.map_err(|_| "the final flush on the peer failed")?;
+            self.peer_flush()
+                .await
+                .map_err(|_| "the final flush on the peer failed")?;
             let r#gen = meta_blocking(&self.meta, |m| {
                 m.update(|sb| {
                     sb.r#gen = genid::sync_finished_source(sb.r#gen);
@@ -1732,7 +1818,8 @@ impl Shared {
             v.runs += 1;
             v.last_error = None;
         }
-        self.events.emit(&self.cfg.resource, "verify-started", "online verify started".into());
+        self.events
+            .emit(&self.cfg.resource, "verify-started", "online verify started".into());
         let started = Instant::now();
         let mut o = 0u64;
         let result: Result<(), String> = loop {
@@ -1817,7 +1904,9 @@ impl Shared {
                     }
                 }
             }
-            Err(e) => self.events.emit(&self.cfg.resource, "verify-failed", format!("verify stopped: {e}")),
+            Err(e) => self
+                .events
+                .emit(&self.cfg.resource, "verify-failed", format!("verify stopped: {e}")),
         }
     }
 
@@ -2107,8 +2196,18 @@ mod tests {
     }
 
     /// Starts a replica listening on `addrs` (one per link).
-    async fn replica(addrs: &[SocketAddr], disk: LocalDisk, meta: SharedMeta) -> (Replica, Vec<tokio::task::JoinHandle<()>>) {
-        let links = addrs.iter().map(|a| LinkAddr { local: Some(*a), peer: *a }).collect();
+    async fn replica(
+        addrs: &[SocketAddr],
+        disk: LocalDisk,
+        meta: SharedMeta,
+    ) -> (Replica, Vec<tokio::task::JoinHandle<()>>) {
+        let links = addrs
+            .iter()
+            .map(|a| LinkAddr {
+                local: Some(*a),
+                peer: *a,
+            })
+            .collect();
         let c = cfg("b", links);
         let r = Replica::start(c.clone(), disk, meta).await.unwrap();
         let c = Arc::new(c);
@@ -2116,9 +2215,13 @@ mod tests {
         for (i, a) in addrs.iter().enumerate() {
             let l = TcpListener::bind(a).await.unwrap();
             let rr = r.clone();
-            tasks.push(tokio::spawn(accept_loop(l, i, c.clone(), || Role::Secondary, move |i, rd, wr, h| {
-                rr.accept(i, rd, wr, h)
-            })));
+            tasks.push(tokio::spawn(accept_loop(
+                l,
+                i,
+                c.clone(),
+                || Role::Secondary,
+                move |i, rd, wr, h| rr.accept(i, rd, wr, h),
+            )));
         }
         (r, tasks)
     }
@@ -2152,7 +2255,14 @@ mod tests {
         let (rep, _t) = replica(&addrs, rd, rm).await;
         let links = addrs.iter().map(|a| LinkAddr { local: None, peer: *a }).collect();
         let m = Mirror::start(cfg("a", links), Some(pd), pm).await.unwrap();
-        until("both links", 10, || m.status()["links"].as_array().unwrap().iter().all(|l| l["connected"] == true)).await;
+        until("both links", 10, || {
+            m.status()["links"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|l| l["connected"] == true)
+        })
+        .await;
         assert_eq!(m.status()["sync"], "in-sync");
         for i in 0..400u64 {
             if i == 150 {
@@ -2161,7 +2271,9 @@ mod tests {
             if i == 300 {
                 m.drop_link(1);
             }
-            m.write((i % 256) * 4096 * 7 % SIZE, pattern(i, 1), i % 50 == 0).await.unwrap();
+            m.write((i % 256) * 4096 * 7 % SIZE, pattern(i, 1), i % 50 == 0)
+                .await
+                .unwrap();
         }
         m.write_zeroes(4096, 8192).await.unwrap();
         m.discard(1 << 20, 1 << 20).await.unwrap();
@@ -2183,7 +2295,13 @@ mod tests {
         let (rd, rm) = side(&d.0, "b");
         let addrs = [free_port()];
         let m = Mirror::start(
-            cfg("a", vec![LinkAddr { local: None, peer: addrs[0] }]),
+            cfg(
+                "a",
+                vec![LinkAddr {
+                    local: None,
+                    peer: addrs[0],
+                }],
+            ),
             Some(pd),
             pm.clone(),
         )
@@ -2217,7 +2335,13 @@ mod tests {
         let addrs = [free_port()];
         let (rep, tasks) = replica(&addrs, rd.clone(), rm.clone()).await;
         let m = Mirror::start(
-            cfg("a", vec![LinkAddr { local: None, peer: addrs[0] }]),
+            cfg(
+                "a",
+                vec![LinkAddr {
+                    local: None,
+                    peer: addrs[0],
+                }],
+            ),
             Some(pd),
             pm,
         )
@@ -2250,9 +2374,19 @@ mod tests {
         let (rd, rm) = side(&d.0, "b");
         let addrs = [free_port()];
         let (_rep, _t) = replica(&addrs, rd, rm).await;
-        let m = Mirror::start(cfg("a", vec![LinkAddr { local: None, peer: addrs[0] }]), Some(pd), pm)
-            .await
-            .unwrap();
+        let m = Mirror::start(
+            cfg(
+                "a",
+                vec![LinkAddr {
+                    local: None,
+                    peer: addrs[0],
+                }],
+            ),
+            Some(pd),
+            pm,
+        )
+        .await
+        .unwrap();
         until("connected", 10, || m.status()["sync"] == "in-sync").await;
         for i in 0..32u64 {
             m.write(i * 4096, pattern(i, 3), false).await.unwrap();
@@ -2270,8 +2404,14 @@ mod tests {
         let st = m.status();
         assert_eq!(st["verify"]["mismatched_bytes"], 2 * 4096, "{st}");
         assert_eq!(st["verify"]["mismatches"][0]["offset"], 5 * 4096, "{st}");
-        until("repaired", 10, || m.status()["dirty_bytes"] == 0 && m.status()["sync"] == "in-sync").await;
-        assert!(same(&d.0.join("a.img"), &d.0.join("b.img")), "copies differ after repair");
+        until("repaired", 10, || {
+            m.status()["dirty_bytes"] == 0 && m.status()["sync"] == "in-sync"
+        })
+        .await;
+        assert!(
+            same(&d.0.join("a.img"), &d.0.join("b.img")),
+            "copies differ after repair"
+        );
         m.shutdown().await;
     }
 
@@ -2282,12 +2422,23 @@ mod tests {
         let (rd, rm) = side(&d.0, "b");
         let addrs = [free_port()];
         let (rep, _t) = replica(&addrs, rd, rm).await;
-        let mut c = cfg("a", vec![LinkAddr { local: None, peer: addrs[0] }]);
+        let mut c = cfg(
+            "a",
+            vec![LinkAddr {
+                local: None,
+                peer: addrs[0],
+            }],
+        );
         c.secret = b"another-secret-entirely".to_vec();
         let m = Mirror::start(c, Some(pd), pm).await.unwrap();
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(m.status()["connection"], "connecting");
-        assert!(m.status()["links"][0]["last_error"].as_str().unwrap().contains("handshake"));
+        assert!(
+            m.status()["links"][0]["last_error"]
+                .as_str()
+                .unwrap()
+                .contains("handshake")
+        );
         assert!(!rep.connected());
         m.write(0, pattern(0, 0), false).await.unwrap();
         assert_eq!(m.status()["sync"], "degraded");
@@ -2394,7 +2545,10 @@ pub(crate) mod standin {
         }
         fn fresh() -> u64 {
             use std::time::{SystemTime, UNIX_EPOCH};
-            let n = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7);
+            let n = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(7);
             (n ^ (u64::from(std::process::id()) << 32)) | 8
         }
         pub fn new_data_generation(g: GenIds) -> GenIds {
@@ -2543,7 +2697,11 @@ pub(crate) mod standin {
                 // Only regions fully inside the range.
                 let first = off.div_ceil(self.rs());
                 let end = ((off + len) / self.rs()).min(self.sb.size.div_ceil(self.rs()));
-                let end = if off + len >= self.sb.size { self.sb.size.div_ceil(self.rs()) } else { end };
+                let end = if off + len >= self.sb.size {
+                    self.sb.size.div_ceil(self.rs())
+                } else {
+                    end
+                };
                 for r in first..end {
                     self.words[(r / 64) as usize] &= !(1 << (r % 64));
                 }
@@ -2552,13 +2710,15 @@ pub(crate) mod standin {
                 self.mark_dirty(0, self.sb.size);
             }
             pub fn is_dirty(&self, off: u64, len: u64) -> bool {
-                self.regions(off, len).any(|r| self.words[(r / 64) as usize] & (1 << (r % 64)) != 0)
+                self.regions(off, len)
+                    .any(|r| self.words[(r / 64) as usize] & (1 << (r % 64)) != 0)
             }
             pub fn dirty_bytes(&self) -> u64 {
                 let n = self.sb.size.div_ceil(self.rs());
-                (0..n).filter(|&r| self.words[(r / 64) as usize] & (1 << (r % 64)) != 0).map(|r| {
-                    (self.sb.size - r * self.rs()).min(self.rs())
-                }).sum()
+                (0..n)
+                    .filter(|&r| self.words[(r / 64) as usize] & (1 << (r % 64)) != 0)
+                    .map(|r| (self.sb.size - r * self.rs()).min(self.rs()))
+                    .sum()
             }
             pub fn next_dirty(&self, from: u64) -> Option<(u64, u64)> {
                 let n = self.sb.size.div_ceil(self.rs());
@@ -2626,24 +2786,80 @@ pub(crate) mod standin {
         #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
         pub enum Message {
             Hello(Hello),
-            Auth { mac: [u8; 32] },
-            Error { reason: String },
-            State { device_id: u64, size: u64, region_size: u32, r#gen: GenIds, role: Role, flags: StateFlags, dirty_bytes: u64 },
-            Bitmap { first_word: u64, words: Vec<u64> },
+            Auth {
+                mac: [u8; 32],
+            },
+            Error {
+                reason: String,
+            },
+            State {
+                device_id: u64,
+                size: u64,
+                region_size: u32,
+                r#gen: GenIds,
+                role: Role,
+                flags: StateFlags,
+                dirty_bytes: u64,
+            },
+            Bitmap {
+                first_word: u64,
+                words: Vec<u64>,
+            },
             BitmapDone,
-            Write { id: u64, offset: u64, fua: bool },
-            Flush { id: u64 },
-            Discard { id: u64, offset: u64, len: u64 },
-            WriteZeroes { id: u64, offset: u64, len: u64 },
-            Ack { id: u64, errno: i32 },
-            Read { id: u64, offset: u64, len: u64 },
-            ReadReply { id: u64, errno: i32 },
-            ResyncData { id: u64, offset: u64 },
-            ResyncDone { r#gen: GenIds },
-            Verify { id: u64, offset: u64, len: u64 },
-            VerifyReply { id: u64, errno: i32, digest: [u8; 32] },
-            Ping { id: u64 },
-            Pong { id: u64 },
+            Write {
+                id: u64,
+                offset: u64,
+                fua: bool,
+            },
+            Flush {
+                id: u64,
+            },
+            Discard {
+                id: u64,
+                offset: u64,
+                len: u64,
+            },
+            WriteZeroes {
+                id: u64,
+                offset: u64,
+                len: u64,
+            },
+            Ack {
+                id: u64,
+                errno: i32,
+            },
+            Read {
+                id: u64,
+                offset: u64,
+                len: u64,
+            },
+            ReadReply {
+                id: u64,
+                errno: i32,
+            },
+            ResyncData {
+                id: u64,
+                offset: u64,
+            },
+            ResyncDone {
+                r#gen: GenIds,
+            },
+            Verify {
+                id: u64,
+                offset: u64,
+                len: u64,
+            },
+            VerifyReply {
+                id: u64,
+                errno: i32,
+                digest: [u8; 32],
+            },
+            Ping {
+                id: u64,
+            },
+            Pong {
+                id: u64,
+            },
         }
         pub struct Frame {
             pub msg: Message,
@@ -2716,7 +2932,10 @@ pub(crate) mod standin {
                 .await
                 .map_err(|_| ProtoError::Bad("handshake timeout".into()))??;
             match f {
-                Some(Frame { msg: Message::Hello(h), payload }) if &payload[..] == secret && h.resource == expect_resource => Ok((r, w, h)),
+                Some(Frame {
+                    msg: Message::Hello(h),
+                    payload,
+                }) if &payload[..] == secret && h.resource == expect_resource => Ok((r, w, h)),
                 _ => Err(ProtoError::Bad("handshake refused".into())),
             }
         }

@@ -24,7 +24,9 @@
 //! Modules: [`sys`] — the kernel ABI; [`ctrl`] — the control device (features, …);
 //! [`dev`] — the block-device interface; [`nbd`] — the NBD export of any [`BlockDev`].
 
+pub mod control;
 pub mod ctrl;
+pub mod daemon;
 pub mod dev;
 pub mod engine;
 pub mod nbd;

@@ -98,7 +98,9 @@ pub struct Replica {
 
 impl std::fmt::Debug for Replica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Replica").field("resource", &self.sh.cfg.resource).finish()
+        f.debug_struct("Replica")
+            .field("resource", &self.sh.cfg.resource)
+            .finish()
     }
 }
 
@@ -205,8 +207,13 @@ impl Shared {
             changed
         };
         if changed {
-            let k = if kind == "split-brain" { "split-brain" } else { "refused" };
-            self.events.emit(&self.cfg.resource, k, format!("connection refused: {reason}"));
+            let k = if kind == "split-brain" {
+                "split-brain"
+            } else {
+                "refused"
+            };
+            self.events
+                .emit(&self.cfg.resource, k, format!("connection refused: {reason}"));
         }
     }
 
@@ -442,16 +449,31 @@ impl Shared {
             Message::Write { id, offset, fua } => {
                 self.stats.writes.fetch_add(1, Relaxed);
                 self.stats.write_bytes.fetch_add(f.payload.len() as u64, Relaxed);
-                self.apply(i, conn, epoch, id, Apply::Write {
-                    offset,
-                    data: f.payload,
-                    fua,
-                });
+                self.apply(
+                    i,
+                    conn,
+                    epoch,
+                    id,
+                    Apply::Write {
+                        offset,
+                        data: f.payload,
+                        fua,
+                    },
+                );
             }
             Message::ResyncData { id, offset } => {
                 self.stats.resync_frames.fetch_add(1, Relaxed);
                 self.stats.resync_bytes.fetch_add(f.payload.len() as u64, Relaxed);
-                self.apply(i, conn, epoch, id, Apply::Resync { offset, data: f.payload });
+                self.apply(
+                    i,
+                    conn,
+                    epoch,
+                    id,
+                    Apply::Resync {
+                        offset,
+                        data: f.payload,
+                    },
+                );
             }
             Message::Discard { id, offset, len } => {
                 self.stats.discards.fetch_add(1, Relaxed);
