@@ -225,7 +225,7 @@ mod tests {
         for bad in [
             "launch",
             r#"{"cmd":"resolve"}"#,
-            r#"{"cmd":"status","x":1}"#,
+            r#"{"cmd":"promote","force":"yes"}"#,
             "{",
             "\u{0}",
         ] {

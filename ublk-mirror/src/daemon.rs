@@ -39,10 +39,10 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::dev::LocalDisk;
-use crate::engine::standin::{genid, meta};
 use crate::engine::{EngineError, LinkAddr, Mirror, MirrorConfig, SharedMeta, accept_loop, meta_blocking};
 use crate::nbd;
 use crate::replica::Replica;
+use crate::{genid, meta};
 use genid::Role;
 
 /// Errors of the process (configuration, startup, control requests).

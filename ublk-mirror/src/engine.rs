@@ -49,7 +49,8 @@ use tokio::task::AbortHandle;
 
 use crate::dev::{BlockDev, IoError, IoResult, LocalDisk, check_range};
 
-use self::standin::{genid, meta, proto};
+use self::standin::proto;
+use crate::{genid, meta};
 use genid::{Decision, GenIds, Role};
 use meta::Meta;
 use proto::{Frame, Message};
@@ -430,8 +431,7 @@ pub fn create_meta_file(path: &std::path::Path, o: &CreateMetaOptions) -> Result
     let params = meta::MetaParams {
         size: o.size,
         region_size: o.region_size,
-        al_extent: 4 << 20,
-        al_slots: 64,
+        ..meta::MetaParams::default()
     };
     let mut m = Meta::create(path, params, o.device_id).map_err(EngineError::Meta)?;
     if o.consistent {
@@ -1439,7 +1439,7 @@ impl Shared {
             return;
         }
         let r = meta_blocking(&self.meta, |m| {
-            m.update(|sb| sb.r#gen = genid::new_data_generation(sb.r#gen))?;
+            m.update(|sb| sb.r#gen = genid::new_data_generation(&sb.r#gen))?;
             m.flush_bitmap()
         })
         .await;
@@ -1629,6 +1629,21 @@ impl Shared {
             return;
         }
         let source = matches!(plan, SyncPlan::Source { .. });
+        if source {
+            // A just-created source takes a real generation before its data exists twice.
+            let r = meta_blocking(&self.meta, |m| {
+                let g = genid::sync_started_source(&m.superblock().r#gen);
+                if g != m.superblock().r#gen {
+                    m.update(|sb| sb.r#gen = g)?;
+                }
+                Ok(())
+            })
+            .await;
+            if let Err(e) = r {
+                tracing::error!(error = %eac_common::error_chain(&e), "cannot persist the resync generation");
+                return;
+            }
+        }
         let dirty = lock_meta(&self.meta).dirty_bytes();
         let started = Instant::now();
         {
@@ -1770,7 +1785,7 @@ impl Shared {
                 .map_err(|_| "the final flush on the peer failed")?;
             let r#gen = meta_blocking(&self.meta, |m| {
                 m.update(|sb| {
-                    sb.r#gen = genid::sync_finished_source(sb.r#gen);
+                    sb.r#gen = genid::sync_finished_source(&sb.r#gen);
                     sb.flags.crashed_primary = false;
                 })?;
                 m.flush_bitmap()?;
@@ -1788,7 +1803,7 @@ impl Shared {
             let peer_gen = self.peer_lock().peer_gen.unwrap_or_default();
             let r#gen = meta_blocking(&self.meta, move |m| {
                 m.update(|sb| {
-                    sb.r#gen = genid::sync_finished_target(peer_gen);
+                    sb.r#gen = genid::sync_finished_target(&peer_gen);
                     sb.flags.consistent = true;
                     sb.flags.crashed_primary = false;
                     sb.flags.discard_my_data = false;
@@ -1834,7 +1849,13 @@ impl Shared {
                 let _x = self.locks.exclusive(o).await;
                 let disk = self.disk().ok_or("the local disk is detached")?;
                 let local = disk.read(o, n as usize).await.map_err(|e| format!("local read: {e}"))?;
-                let local_digest: [u8; 32] = Sha256::digest(&local).into();
+                let local = tokio::task::spawn_blocking(move || {
+                    let d: [u8; 32] = Sha256::digest(&local).into();
+                    (local, d)
+                })
+                .await
+                .map_err(|e| format!("hashing: {e}"))?;
+                let (local, local_digest) = local;
                 let remote = self.remote_digest(o, n).await?;
                 if remote == local_digest {
                     return Ok::<_, String>(Vec::new());
@@ -1987,7 +2008,7 @@ impl Shared {
             "dirty_bytes": dirty,
             "consistent": consistent,
             "crashed_primary": crashed,
-            "r#gen": gen_json(&r#gen),
+            "gen": gen_json(&r#gen),
             "in_flight": pending,
             "degraded_ms_ago": ld.map(|t| (now - t).as_millis() as u64),
             "resync": {
@@ -2189,7 +2210,7 @@ mod tests {
             host: host.into(),
             secret: b"0123456789abcdef-secret".to_vec(),
             links,
-            peer_timeout: Duration::from_millis(900),
+            peer_timeout: Duration::from_millis(1500),
             reconnect_interval: Duration::from_millis(100),
             resync_rate: 0,
         }
@@ -2455,314 +2476,13 @@ mod tests {
     }
 }
 
-/// Private stand-ins for `proto`, `genid` and `meta` (owned by other engineers, not merged
+/// Private stand-in for `proto` (owned by another engineer, not merged
 /// yet): the smallest subset of their spec'd API this engine needs, so it compiles and its
 /// tests run. Replaced by the real modules on merge; not part of the crate's API.
 #[allow(dead_code, missing_docs)]
 pub(crate) mod standin {
-    pub mod genid {
-        use serde::{Deserialize, Serialize};
-
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-        pub struct GenIds {
-            pub current: u64,
-            pub bitmap: u64,
-            pub history: [u64; 2],
-        }
-        pub const GEN_JUST_CREATED: u64 = 4;
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-        pub enum Role {
-            Primary,
-            Secondary,
-        }
-        #[derive(Clone, Debug)]
-        pub struct Side {
-            pub device_id: u64,
-            pub size: u64,
-            pub r#gen: GenIds,
-            pub role: Role,
-            pub consistent: bool,
-            pub crashed_primary: bool,
-            pub discard_my_data: bool,
-        }
-        #[derive(Clone, Debug, PartialEq, Eq)]
-        pub enum Decision {
-            NoSync,
-            SourceBitmap,
-            TargetBitmap,
-            SourceFull,
-            TargetFull,
-            SplitBrain,
-            Unrelated { reason: String },
-            SizeMismatch,
-            NeitherConsistent,
-        }
-        pub fn decide(l: &Side, p: &Side) -> Decision {
-            if l.device_id != p.device_id {
-                return Decision::Unrelated {
-                    reason: format!("device ids differ ({:#x} vs {:#x})", l.device_id, p.device_id),
-                };
-            }
-            if l.size != p.size {
-                return Decision::SizeMismatch;
-            }
-            if l.discard_my_data && !p.discard_my_data {
-                return Decision::TargetBitmap;
-            }
-            if p.discard_my_data && !l.discard_my_data {
-                return Decision::SourceBitmap;
-            }
-            match (l.consistent, p.consistent) {
-                (false, false) => return Decision::NeitherConsistent,
-                (true, false) => return Decision::SourceFull,
-                (false, true) => return Decision::TargetFull,
-                _ => {}
-            }
-            if l.r#gen.current == p.r#gen.current {
-                return match (l.crashed_primary, p.crashed_primary) {
-                    (true, false) => Decision::SourceBitmap,
-                    (false, true) => Decision::TargetBitmap,
-                    (true, true) => Decision::SourceBitmap,
-                    _ => Decision::NoSync,
-                };
-            }
-            if l.r#gen.bitmap != 0 && l.r#gen.bitmap == p.r#gen.current {
-                return Decision::SourceBitmap;
-            }
-            if p.r#gen.bitmap != 0 && p.r#gen.bitmap == l.r#gen.current {
-                return Decision::TargetBitmap;
-            }
-            if l.r#gen.bitmap != 0 && l.r#gen.bitmap == p.r#gen.bitmap {
-                return Decision::SplitBrain;
-            }
-            if p.r#gen.history.contains(&l.r#gen.current) {
-                return Decision::TargetFull;
-            }
-            if l.r#gen.history.contains(&p.r#gen.current) {
-                return Decision::SourceFull;
-            }
-            Decision::SplitBrain
-        }
-        fn fresh() -> u64 {
-            use std::time::{SystemTime, UNIX_EPOCH};
-            let n = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(7);
-            (n ^ (u64::from(std::process::id()) << 32)) | 8
-        }
-        pub fn new_data_generation(g: GenIds) -> GenIds {
-            let mut n = g;
-            if n.bitmap == 0 {
-                n.bitmap = g.current;
-            } else {
-                n.history = [g.current, g.history[0]];
-            }
-            n.current = fresh();
-            n
-        }
-        pub fn sync_finished_source(g: GenIds) -> GenIds {
-            GenIds {
-                current: g.current,
-                bitmap: 0,
-                history: [g.bitmap, g.history[0]],
-            }
-        }
-        pub fn sync_finished_target(src: GenIds) -> GenIds {
-            GenIds {
-                current: src.current,
-                bitmap: 0,
-                history: src.history,
-            }
-        }
-    }
-
-    pub mod meta {
-        use super::genid::{GenIds, Role};
-        use serde::{Deserialize, Serialize};
-        use std::path::{Path, PathBuf};
-
-        #[derive(Debug, thiserror::Error)]
-        #[error("metadata {0}")]
-        pub struct MetaError(pub String);
-        pub struct MetaParams {
-            pub size: u64,
-            pub region_size: u32,
-            pub al_extent: u64,
-            pub al_slots: u32,
-        }
-        #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
-        pub struct Flags {
-            pub consistent: bool,
-            pub crashed_primary: bool,
-            pub discard_my_data: bool,
-            pub clean: bool,
-        }
-        #[derive(Clone, Debug, Serialize, Deserialize)]
-        pub struct Superblock {
-            pub device_id: u64,
-            pub size: u64,
-            pub region_size: u32,
-            pub r#gen: GenIds,
-            pub role: Role,
-            pub flags: Flags,
-        }
-        #[derive(Serialize, Deserialize)]
-        struct Disk {
-            sb: Superblock,
-            words: Vec<u64>,
-        }
-        pub struct Meta {
-            path: PathBuf,
-            sb: Superblock,
-            words: Vec<u64>,
-            crashed: bool,
-        }
-        impl Meta {
-            pub fn create(path: &Path, p: MetaParams, device_id: u64) -> Result<Meta, MetaError> {
-                let n = p.size.div_ceil(u64::from(p.region_size)).div_ceil(64) as usize;
-                let m = Meta {
-                    path: path.to_owned(),
-                    sb: Superblock {
-                        device_id,
-                        size: p.size,
-                        region_size: p.region_size,
-                        r#gen: GenIds {
-                            current: super::genid::GEN_JUST_CREATED,
-                            ..GenIds::default()
-                        },
-                        role: Role::Secondary,
-                        flags: Flags {
-                            clean: true,
-                            ..Flags::default()
-                        },
-                    },
-                    words: vec![0; n],
-                    crashed: false,
-                };
-                m.save()?;
-                Ok(m)
-            }
-            pub fn open(path: &Path) -> Result<Meta, MetaError> {
-                let t = std::fs::read(path).map_err(|e| MetaError(format!("{}: {e}", path.display())))?;
-                let d: Disk = serde_json::from_slice(&t).map_err(|e| MetaError(format!("{}: {e}", path.display())))?;
-                let crashed = !d.sb.flags.clean;
-                let mut m = Meta {
-                    path: path.to_owned(),
-                    sb: d.sb,
-                    words: d.words,
-                    crashed,
-                };
-                if crashed {
-                    m.set_all_dirty();
-                    if m.sb.role == Role::Primary {
-                        m.sb.flags.crashed_primary = true;
-                    }
-                }
-                m.sb.flags.clean = false;
-                m.save()?;
-                Ok(m)
-            }
-            fn save(&self) -> Result<(), MetaError> {
-                let d = serde_json::to_vec(&Disk {
-                    sb: self.sb.clone(),
-                    words: self.words.clone(),
-                })
-                .map_err(|e| MetaError(e.to_string()))?;
-                std::fs::write(&self.path, d).map_err(|e| MetaError(e.to_string()))
-            }
-            pub fn recovered_from_crash(&self) -> bool {
-                self.crashed
-            }
-            pub fn superblock(&self) -> &Superblock {
-                &self.sb
-            }
-            pub fn update(&mut self, f: impl FnOnce(&mut Superblock)) -> Result<(), MetaError> {
-                f(&mut self.sb);
-                self.save()
-            }
-            fn rs(&self) -> u64 {
-                u64::from(self.sb.region_size)
-            }
-            fn regions(&self, off: u64, len: u64) -> std::ops::Range<u64> {
-                let end = (off + len.max(1)).min(self.sb.size.max(1));
-                off / self.rs()..end.div_ceil(self.rs())
-            }
-            pub fn mark_dirty(&mut self, off: u64, len: u64) {
-                for r in self.regions(off, len) {
-                    self.words[(r / 64) as usize] |= 1 << (r % 64);
-                }
-            }
-            pub fn clear(&mut self, off: u64, len: u64) {
-                // Only regions fully inside the range.
-                let first = off.div_ceil(self.rs());
-                let end = ((off + len) / self.rs()).min(self.sb.size.div_ceil(self.rs()));
-                let end = if off + len >= self.sb.size {
-                    self.sb.size.div_ceil(self.rs())
-                } else {
-                    end
-                };
-                for r in first..end {
-                    self.words[(r / 64) as usize] &= !(1 << (r % 64));
-                }
-            }
-            pub fn set_all_dirty(&mut self) {
-                self.mark_dirty(0, self.sb.size);
-            }
-            pub fn is_dirty(&self, off: u64, len: u64) -> bool {
-                self.regions(off, len)
-                    .any(|r| self.words[(r / 64) as usize] & (1 << (r % 64)) != 0)
-            }
-            pub fn dirty_bytes(&self) -> u64 {
-                let n = self.sb.size.div_ceil(self.rs());
-                (0..n)
-                    .filter(|&r| self.words[(r / 64) as usize] & (1 << (r % 64)) != 0)
-                    .map(|r| (self.sb.size - r * self.rs()).min(self.rs()))
-                    .sum()
-            }
-            pub fn next_dirty(&self, from: u64) -> Option<(u64, u64)> {
-                let n = self.sb.size.div_ceil(self.rs());
-                let bit = |r: u64| self.words[(r / 64) as usize] & (1 << (r % 64)) != 0;
-                let mut r = from / self.rs();
-                while r < n && !bit(r) {
-                    r += 1;
-                }
-                if r >= n {
-                    return None;
-                }
-                let s = r;
-                while r < n && bit(r) {
-                    r += 1;
-                }
-                let off = s * self.rs();
-                Some((off, (r * self.rs()).min(self.sb.size) - off))
-            }
-            pub fn words(&self) -> &[u64] {
-                &self.words
-            }
-            pub fn merge_words(&mut self, first: u64, w: &[u64]) {
-                for (i, x) in w.iter().enumerate() {
-                    if let Some(d) = self.words.get_mut(first as usize + i) {
-                        *d |= x;
-                    }
-                }
-            }
-            pub fn flush_bitmap(&mut self) -> Result<(), MetaError> {
-                self.save()
-            }
-            pub fn al_begin(&mut self, _off: u64, _len: u64) -> Result<bool, MetaError> {
-                Ok(false)
-            }
-            pub fn al_end(&mut self, _off: u64, _len: u64) {}
-            pub fn close_clean(&mut self) -> Result<(), MetaError> {
-                self.sb.flags.clean = true;
-                self.save()
-            }
-        }
-    }
-
     pub mod proto {
-        use super::genid::{GenIds, Role};
+        use crate::genid::{GenIds, Role};
         use bytes::Bytes;
         use serde::{Deserialize, Serialize};
         use std::time::Duration;

@@ -29,6 +29,8 @@ pub mod ctrl;
 pub mod daemon;
 pub mod dev;
 pub mod engine;
+pub mod genid;
+pub mod meta;
 pub mod nbd;
 pub mod replica;
 pub mod sys;

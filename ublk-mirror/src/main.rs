@@ -452,6 +452,12 @@ fn create_meta(a: CreateMeta) -> ExitCode {
     if a.backing.as_ref().is_some_and(|b| b == &a.meta) {
         return exit(EXIT_USAGE, "the metadata must not be the backing store");
     }
+    if a.force
+        && a.meta.exists()
+        && let Err(e) = std::fs::remove_file(&a.meta)
+    {
+        return exit(EXIT_USAGE, &format!("cannot remove {}: {e}", a.meta.display()));
+    }
     let opts = CreateMetaOptions {
         size,
         region_size: a.region_size,

@@ -18,11 +18,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
 use crate::dev::{BlockDev, IoError, LocalDisk, check_range};
-use crate::engine::standin::{genid, proto};
+use crate::engine::standin::proto;
 use crate::engine::{
     EngineError, Events, LinkReader, LinkWriter, MirrorConfig, SharedMeta, SyncPlan, exchange_bitmaps, gen_json,
     local_state, meta_blocking, msg_name, plan_of, side_of, spawn_writer,
 };
+use crate::genid;
 use genid::Role;
 use proto::{Frame, Message};
 
@@ -524,7 +525,10 @@ impl Shared {
                         _ => Err(IoError::EINVAL),
                     };
                     let (errno, digest) = match r {
-                        Ok(d) => (0, Sha256::digest(&d).into()),
+                        Ok(d) => match tokio::task::spawn_blocking(move || Sha256::digest(&d).into()).await {
+                            Ok(h) => (0, h),
+                            Err(_) => (libc::EIO, [0u8; 32]),
+                        },
                         Err(e) => (e.0, [0u8; 32]),
                     };
                     sh.reply(i, conn, Message::VerifyReply { id, errno, digest }, Bytes::new());
@@ -617,8 +621,8 @@ impl Shared {
         let r = meta_blocking(&self.meta, move |m| {
             m.update(|sb| {
                 sb.r#gen = match plan {
-                    SyncPlan::Source { .. } => genid::sync_finished_source(sb.r#gen),
-                    _ => genid::sync_finished_target(r#gen),
+                    SyncPlan::Source { .. } => genid::sync_finished_source(&sb.r#gen),
+                    _ => genid::sync_finished_target(&r#gen),
                 };
                 sb.flags.consistent = true;
                 sb.flags.discard_my_data = false;
@@ -736,7 +740,7 @@ impl Shared {
             "dirty_bytes": dirty,
             "consistent": consistent,
             "discard_my_data": discard,
-            "r#gen": gen_json(&r#gen),
+            "gen": gen_json(&r#gen),
             "resync": {
                 "received_bytes": st.resync_bytes.load(Relaxed),
                 "received_frames": st.resync_frames.load(Relaxed),
