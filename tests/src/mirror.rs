@@ -237,7 +237,11 @@ pub fn create_side(dir: &Path, name: &str, size: u64, consistent: bool) -> (Path
         cmd.arg("--consistent");
     }
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "create-meta: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "create-meta: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (backing, meta)
 }
 

@@ -73,8 +73,18 @@ fn setup(tag: &str, a_backing: Option<&dyn Fn(&Lab, &std::path::Path) -> PathBuf
 fn assert_copies(st: &Setup, a_copy: &std::path::Path, ledger: &Ledger) {
     let bad_a = check_copy(a_copy, ledger);
     let bad_b = check_copy(&st.b_img, ledger);
-    assert!(bad_a.is_empty(), "{} bad blocks on a: {:?}", bad_a.len(), &bad_a[..bad_a.len().min(5)]);
-    assert!(bad_b.is_empty(), "{} bad blocks on b: {:?}", bad_b.len(), &bad_b[..bad_b.len().min(5)]);
+    assert!(
+        bad_a.is_empty(),
+        "{} bad blocks on a: {:?}",
+        bad_a.len(),
+        &bad_a[..bad_a.len().min(5)]
+    );
+    assert!(
+        bad_b.is_empty(),
+        "{} bad blocks on b: {:?}",
+        bad_b.len(),
+        &bad_b[..bad_b.len().min(5)]
+    );
     same_bytes(a_copy, &st.b_img, SIZE).unwrap();
     println!(
         "checked: {} acknowledged writes ({} blocks touched) present on both copies; copies identical",
@@ -115,7 +125,9 @@ fn qemu_io_and_qemu_img_writes_reach_the_replica_byte_for_byte() {
     assert!(out.contains("read 65536/65536 bytes at offset 8388608"), "{out}");
     // qemu-img copies a random image into the export.
     let src = st.lab.dir().join("random.img");
-    let data: Vec<u8> = (0..4u64 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..4u64 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(&src, &data).unwrap();
     let conv = std::process::Command::new("qemu-img")
         .args(["convert", "-n", "-f", "raw", "-O", "raw"])
@@ -154,7 +166,13 @@ fn qemu_io_and_qemu_img_writes_reach_the_replica_byte_for_byte() {
 fn replica_killed_at_random_moments_loses_no_acknowledged_write() {
     let mut st = setup("mir-krep", None);
     let w = Workload::start(&st.a.nbd_url(), Ledger::new(BLOCKS), 0x5eed_0001);
-    w.wait_more(100, LONG);
+    let t = Instant::now();
+    w.wait_more(300, LONG);
+    let rate = w.acked() as f64 / t.elapsed().as_secs_f64();
+    println!("workload: {rate:.0} acknowledged 4 KiB writes/s while in sync");
+    // Writes acknowledged but not yet flushed on the peer (≤ 200 ms + a ping tick) are
+    // resynced too, like DRBD's transfer log.
+    let unflushed_window = (rate * 0.4) as u64 + 10;
     let mut rnd = 0x9e37_79b9_7f4a_7c15u64;
     for round in 1..=3 {
         rnd ^= rnd << 13;
@@ -181,12 +199,17 @@ fn replica_killed_at_random_moments_loses_no_acknowledged_write() {
         );
         assert_eq!(sent, dirty, "resync transferred exactly the dirty regions");
         assert!(dirty >= 4096, "writes while degraded were recorded");
-        assert!(dirty <= 4096 * (degraded_writes + 200), "dirty {dirty} for {degraded_writes} writes");
+        assert!(
+            dirty <= 4096 * (degraded_writes + unflushed_window),
+            "dirty {dirty} for {degraded_writes} writes (+ up to {unflushed_window} unflushed)"
+        );
     }
     w.wait_more(50, LONG);
     let ledger = w.stop();
     assert!(ledger.errors.is_empty(), "the client saw errors: {:?}", ledger.errors);
-    st.a.wait(LONG, "in sync at the end", |s| s["sync"] == "in-sync" && s["dirty_bytes"] == 0);
+    st.a.wait(LONG, "in sync at the end", |s| {
+        s["sync"] == "in-sync" && s["dirty_bytes"] == 0
+    });
     println!("slowest acknowledged write: {:?}", ledger.max_latency);
     assert_copies(&st, &st.a_img.clone(), &ledger);
 }
@@ -208,7 +231,10 @@ fn primary_killed_and_restarted_resyncs_only_its_activity_log() {
         let t0 = Instant::now();
         st.a.restart();
         let s = st.a.status().unwrap();
-        assert_eq!(s["crashed_primary"], true, "crash recovery through the activity log: {s:#}");
+        assert_eq!(
+            s["crashed_primary"], true,
+            "crash recovery through the activity log: {s:#}"
+        );
         st.a.wait(LONG, "in sync after the crash", |s| {
             s["sync"] == "in-sync" && s["dirty_bytes"] == 0 && s["crashed_primary"] == false
         });
@@ -292,7 +318,11 @@ fn a_failing_primary_disk_is_detached_and_io_continues_from_the_replica() {
     disk.set(Mode::FailAll);
     let t0 = Instant::now();
     st.a.wait(LONG, "diskless", |s| s["disk"] == "diskless");
-    println!("FailAll: detached after {:?} ({} EIO returned by the disk)", t0.elapsed(), disk.errors_returned());
+    println!(
+        "FailAll: detached after {:?} ({} EIO returned by the disk)",
+        t0.elapsed(),
+        disk.errors_returned()
+    );
     w.wait_more(200, LONG);
     // Reads are served by the replica now.
     let out = qemu_io(&st.a.nbd_url(), &["read -P 0 20M 64k"]).unwrap();
@@ -309,9 +339,14 @@ fn a_failing_primary_disk_is_detached_and_io_continues_from_the_replica() {
     disk.set(Mode::Healthy);
     let t1 = Instant::now();
     st.a.request(r#"{"cmd":"attach-disk"}"#).unwrap();
-    st.a.wait(LONG, "resynced from the peer", |s| s["disk"] == "up-to-date" && s["sync"] == "in-sync");
+    st.a.wait(LONG, "resynced from the peer", |s| {
+        s["disk"] == "up-to-date" && s["sync"] == "in-sync"
+    });
     let (dirty, sent, _) = resync_numbers(&st.a);
-    println!("attach-disk: resynced from the replica in {:?}: {sent} bytes for {dirty} dirty", t1.elapsed());
+    println!(
+        "attach-disk: resynced from the replica in {:?}: {sent} bytes for {dirty} dirty",
+        t1.elapsed()
+    );
     assert_eq!(sent, SIZE, "a re-attached disk is fully resynced");
     assert_copies(&st, disk.backing(), &ledger);
     drop(st);
@@ -352,7 +387,9 @@ fn split_brain_is_refused_and_resolve_discard_local_converges() {
     st.b.request(r#"{"cmd":"resolve","discard_local":true}"#).unwrap();
     st.a.request(r#"{"cmd":"resolve","discard_local":false}"#).unwrap();
     st.a.wait(LONG, "converged", |s| s["sync"] == "in-sync" && s["dirty_bytes"] == 0);
-    st.b.wait(LONG, "b in sync", |s| s["sync"] == "in-sync" && s["role"] == "secondary");
+    st.b.wait(LONG, "b in sync", |s| {
+        s["sync"] == "in-sync" && s["role"] == "secondary"
+    });
     let (dirty, sent, _) = resync_numbers(&st.a);
     println!(
         "resolved: converged after {:?}: {sent} bytes transferred for {dirty} dirty (a's 64 KiB + b's 64 KiB, not the disk)",
@@ -362,7 +399,13 @@ fn split_brain_is_refused_and_resolve_discard_local_converges() {
     assert!(dirty >= 2 * 65536 && dirty < SIZE, "{dirty}");
     same_bytes(&st.a_img, &st.b_img, SIZE).unwrap();
     let b = std::fs::read(&st.b_img).unwrap();
-    assert!(b[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0x22), "a's write survived");
-    assert!(b[2 << 20..(2 << 20) + 65536].iter().all(|&x| x == 0), "b's write was discarded");
+    assert!(
+        b[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0x22),
+        "a's write survived"
+    );
+    assert!(
+        b[2 << 20..(2 << 20) + 65536].iter().all(|&x| x == 0),
+        "b's write was discarded"
+    );
     assert_eq!(st.b.status().unwrap()["discard_my_data"], false);
 }

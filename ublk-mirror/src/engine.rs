@@ -33,7 +33,7 @@
 //! # Acknowledged but not yet flushed on the peer
 //! An `Ack` means the replica's write completed, not that it is durable. Like DRBD's
 //! transfer log, the primary remembers every acknowledged range until a later `Flush` was
-//! acknowledged (a guest flush, or one the engine sends every second); if the session is
+//! acknowledged (a guest flush, or one the engine sends every 200 ms); if the session is
 //! lost before, those ranges are marked dirty too.
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -73,7 +73,7 @@ const STRIPES: usize = 1024;
 /// How many events `status` keeps.
 const EVENTS_KEPT: usize = 32;
 /// Every this often the engine asks the peer to flush what it acknowledged.
-const PEER_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+const PEER_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Everything the engine can fail with outside of block I/O (that is [`IoError`]).
 #[derive(Debug, thiserror::Error)]
