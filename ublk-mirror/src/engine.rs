@@ -43,14 +43,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde_json::{Value, json};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
 use crate::dev::{BlockDev, IoError, IoResult, LocalDisk, check_range};
 
-use self::standin::proto;
-use crate::{genid, meta};
+use crate::{genid, meta, proto};
 use genid::{Decision, GenIds, Role};
 use meta::Meta;
 use proto::{Frame, Message};
@@ -60,9 +59,9 @@ use proto::{Frame, Message};
 pub type SharedMeta = Arc<Mutex<Meta>>;
 
 /// The read half of an authenticated link.
-pub type LinkReader = proto::FrameReader<tokio::io::ReadHalf<TcpStream>>;
+pub type LinkReader = proto::FrameReader<tokio::net::tcp::OwnedReadHalf>;
 /// The write half of an authenticated link.
-pub type LinkWriter = proto::FrameWriter<tokio::io::WriteHalf<TcpStream>>;
+pub type LinkWriter = proto::FrameWriter<tokio::net::tcp::OwnedWriteHalf>;
 
 /// Size of a resync / verify / lock chunk.
 pub const CHUNK: u64 = 1 << 20;
@@ -141,13 +140,7 @@ impl MirrorConfig {
     }
 
     pub(crate) fn hello(&self, role: Role) -> proto::Hello {
-        proto::Hello {
-            version: 1,
-            nonce: random_bytes(),
-            host: self.host.clone(),
-            resource: self.resource.clone(),
-            role,
-        }
+        proto::Hello::new(self.host.clone(), self.resource.clone(), role)
     }
 }
 
@@ -346,38 +339,13 @@ pub(crate) async fn exchange_bitmaps(
                     }
                     Message::BitmapDone => return Ok(()),
                     Message::Error { reason } => return Err(format!("the peer refused: {reason}")),
-                    other => return Err(format!("unexpected {} during the bitmap exchange", msg_name(&other))),
+                    other => return Err(format!("unexpected {} during the bitmap exchange", other.kind())),
                 },
             }
         }
     };
     let (s, r) = tokio::join!(send, recv);
     s.and(r)
-}
-
-/// A short name for logs.
-pub(crate) fn msg_name(m: &Message) -> &'static str {
-    match m {
-        Message::Hello(..) => "Hello",
-        Message::Auth { .. } => "Auth",
-        Message::Error { .. } => "Error",
-        Message::State { .. } => "State",
-        Message::Bitmap { .. } => "Bitmap",
-        Message::BitmapDone => "BitmapDone",
-        Message::Write { .. } => "Write",
-        Message::Flush { .. } => "Flush",
-        Message::Discard { .. } => "Discard",
-        Message::WriteZeroes { .. } => "WriteZeroes",
-        Message::Ack { .. } => "Ack",
-        Message::Read { .. } => "Read",
-        Message::ReadReply { .. } => "ReadReply",
-        Message::ResyncData { .. } => "ResyncData",
-        Message::ResyncDone { .. } => "ResyncDone",
-        Message::Verify { .. } => "Verify",
-        Message::VerifyReply { .. } => "VerifyReply",
-        Message::Ping { .. } => "Ping",
-        Message::Pong { .. } => "Pong",
-    }
 }
 
 type Out = (Message, Bytes);
@@ -473,8 +441,10 @@ pub async fn accept_loop<R, F>(
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             let hello = cfg.hello(role());
-            match proto::handshake(
-                stream,
+            let (r, w) = stream.into_split();
+            match proto::handshake_split(
+                r,
+                w,
                 proto::Side::Server,
                 &cfg.secret,
                 &hello,
@@ -1022,8 +992,10 @@ impl Shared {
         };
         let _ = stream.set_nodelay(true);
         let hello = self.cfg.hello(Role::Primary);
-        let (mut rd, mut wr, peer) = proto::handshake(
-            stream,
+        let (r, w) = stream.into_split();
+        let (mut rd, mut wr, peer) = proto::handshake_split(
+            r,
+            w,
             proto::Side::Client,
             &self.cfg.secret,
             &hello,
@@ -1056,7 +1028,7 @@ impl Shared {
                 self.refuse("refused", format!("{} refused: {reason}", peer.host));
                 return Err(err(&format!("refused by {}: {reason}", peer.host), None));
             }
-            (m, None) => return Err(err(&format!("expected State, got {}", msg_name(m)), None)),
+            (m, None) => return Err(err(&format!("expected State, got {}", m.kind()), None)),
         };
         let local_side = side_of(&local_state(&self.meta, Role::Primary))
             .ok_or_else(|| EngineError::Internal("local state".into()))?;
@@ -1191,7 +1163,7 @@ impl Shared {
             Message::Ack { id, .. } | Message::ReadReply { id, .. } | Message::VerifyReply { id, .. } => *id,
             Message::Pong { .. } => return Ok(()),
             Message::Error { reason } => return Err(format!("the peer reported an error: {reason}")),
-            m => return Err(format!("unexpected {} from the replica", msg_name(m))),
+            m => return Err(format!("unexpected {} from the replica", m.kind())),
         };
         if let Some(pe) = p.pending.remove(&id) {
             if let (Some(r), Message::Ack { errno: 0, .. }) = (pe.modifies, &f.msg) {
@@ -2473,191 +2445,5 @@ mod tests {
         assert_eq!(RegionLocks::stripes_of(0, u64::MAX / 2).len(), STRIPES);
         let w = RegionLocks::stripes_of((STRIPES as u64 - 1) * CHUNK, 2 * CHUNK);
         assert_eq!(w, vec![0, STRIPES - 1]);
-    }
-}
-
-/// Private stand-in for `proto` (owned by another engineer, not merged
-/// yet): the smallest subset of their spec'd API this engine needs, so it compiles and its
-/// tests run. Replaced by the real modules on merge; not part of the crate's API.
-#[allow(dead_code, missing_docs)]
-pub(crate) mod standin {
-    pub mod proto {
-        use crate::genid::{GenIds, Role};
-        use bytes::Bytes;
-        use serde::{Deserialize, Serialize};
-        use std::time::Duration;
-        use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-
-        pub const MAX_PAYLOAD: usize = 8 << 20;
-        #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-        pub struct Hello {
-            pub version: u16,
-            pub nonce: [u8; 32],
-            pub host: String,
-            pub resource: String,
-            pub role: Role,
-        }
-        #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-        pub struct StateFlags {
-            pub consistent: bool,
-            pub crashed_primary: bool,
-            pub discard_my_data: bool,
-        }
-        #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-        pub enum Message {
-            Hello(Hello),
-            Auth {
-                mac: [u8; 32],
-            },
-            Error {
-                reason: String,
-            },
-            State {
-                device_id: u64,
-                size: u64,
-                region_size: u32,
-                r#gen: GenIds,
-                role: Role,
-                flags: StateFlags,
-                dirty_bytes: u64,
-            },
-            Bitmap {
-                first_word: u64,
-                words: Vec<u64>,
-            },
-            BitmapDone,
-            Write {
-                id: u64,
-                offset: u64,
-                fua: bool,
-            },
-            Flush {
-                id: u64,
-            },
-            Discard {
-                id: u64,
-                offset: u64,
-                len: u64,
-            },
-            WriteZeroes {
-                id: u64,
-                offset: u64,
-                len: u64,
-            },
-            Ack {
-                id: u64,
-                errno: i32,
-            },
-            Read {
-                id: u64,
-                offset: u64,
-                len: u64,
-            },
-            ReadReply {
-                id: u64,
-                errno: i32,
-            },
-            ResyncData {
-                id: u64,
-                offset: u64,
-            },
-            ResyncDone {
-                r#gen: GenIds,
-            },
-            Verify {
-                id: u64,
-                offset: u64,
-                len: u64,
-            },
-            VerifyReply {
-                id: u64,
-                errno: i32,
-                digest: [u8; 32],
-            },
-            Ping {
-                id: u64,
-            },
-            Pong {
-                id: u64,
-            },
-        }
-        pub struct Frame {
-            pub msg: Message,
-            pub payload: Bytes,
-        }
-        pub enum Side {
-            Client,
-            Server,
-        }
-        #[derive(Debug, thiserror::Error)]
-        pub enum ProtoError {
-            #[error("i/o")]
-            Io(#[from] std::io::Error),
-            #[error("{0}")]
-            Bad(String),
-        }
-        pub struct FrameReader<R> {
-            r: R,
-        }
-        pub struct FrameWriter<W> {
-            w: W,
-        }
-        impl<R: AsyncRead + Unpin> FrameReader<R> {
-            pub async fn next(&mut self) -> Result<Option<Frame>, ProtoError> {
-                let mut h = [0u8; 8];
-                match self.r.read_exact(&mut h).await {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-                    Err(e) => return Err(e.into()),
-                }
-                let bl = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
-                let pl = u32::from_be_bytes([h[4], h[5], h[6], h[7]]) as usize;
-                if bl > 1 << 20 || pl > MAX_PAYLOAD {
-                    return Err(ProtoError::Bad("oversized".into()));
-                }
-                let mut b = vec![0u8; bl];
-                self.r.read_exact(&mut b).await?;
-                let mut p = vec![0u8; pl];
-                self.r.read_exact(&mut p).await?;
-                let msg = serde_json::from_slice(&b).map_err(|e| ProtoError::Bad(e.to_string()))?;
-                Ok(Some(Frame { msg, payload: p.into() }))
-            }
-        }
-        impl<W: AsyncWrite + Unpin> FrameWriter<W> {
-            pub async fn send(&mut self, msg: &Message, payload: &[u8]) -> Result<(), ProtoError> {
-                let b = serde_json::to_vec(msg).map_err(|e| ProtoError::Bad(e.to_string()))?;
-                let mut buf = Vec::with_capacity(8 + b.len() + payload.len());
-                buf.extend_from_slice(&(b.len() as u32).to_be_bytes());
-                buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-                buf.extend_from_slice(&b);
-                buf.extend_from_slice(payload);
-                self.w.write_all(&buf).await?;
-                self.w.flush().await?;
-                Ok(())
-            }
-        }
-        #[allow(clippy::type_complexity)]
-        pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-            stream: S,
-            _side: Side,
-            secret: &[u8],
-            local: &Hello,
-            expect_resource: &str,
-            timeout: Duration,
-        ) -> Result<(FrameReader<ReadHalf<S>>, FrameWriter<WriteHalf<S>>, Hello), ProtoError> {
-            let (r, w) = tokio::io::split(stream);
-            let (mut r, mut w) = (FrameReader { r }, FrameWriter { w });
-            w.send(&Message::Hello(local.clone()), secret).await?;
-            let f = tokio::time::timeout(timeout, r.next())
-                .await
-                .map_err(|_| ProtoError::Bad("handshake timeout".into()))??;
-            match f {
-                Some(Frame {
-                    msg: Message::Hello(h),
-                    payload,
-                }) if &payload[..] == secret && h.resource == expect_resource => Ok((r, w, h)),
-                _ => Err(ProtoError::Bad("handshake refused".into())),
-            }
-        }
     }
 }

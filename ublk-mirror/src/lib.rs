@@ -21,8 +21,12 @@
 //!
 //! (`rublk` is GPL and is not a source for this code; `libublk` was read for facts only.)
 //!
-//! Modules: [`sys`] — the kernel ABI; [`ctrl`] — the control device (features, …);
-//! [`dev`] — the block-device interface; [`nbd`] — the NBD export of any [`BlockDev`].
+//! Modules: [`sys`] — the kernel ABI; [`ctrl`] — the control device (features, …); [`dev`] —
+//! the block-device interface; [`nbd`] — the NBD export of any [`BlockDev`]; [`meta`] — the
+//! metadata file (bitmap, activity log); [`genid`] — generation identifiers; [`proto`] — the
+//! replication protocol between primary and replica; [`engine`] — the mirror (primary,
+//! [`Mirror`]); [`replica`] — the secondary; [`daemon`] / [`control`] — the process and its
+//! control socket.
 
 pub mod control;
 pub mod ctrl;
@@ -32,6 +36,7 @@ pub mod engine;
 pub mod genid;
 pub mod meta;
 pub mod nbd;
+pub mod proto;
 pub mod replica;
 pub mod sys;
 

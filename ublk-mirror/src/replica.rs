@@ -18,12 +18,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
 use crate::dev::{BlockDev, IoError, LocalDisk, check_range};
-use crate::engine::standin::proto;
 use crate::engine::{
     EngineError, Events, LinkReader, LinkWriter, MirrorConfig, SharedMeta, SyncPlan, exchange_bitmaps, gen_json,
-    local_state, meta_blocking, msg_name, plan_of, side_of, spawn_writer,
+    local_state, meta_blocking, plan_of, side_of, spawn_writer,
 };
-use crate::genid;
+use crate::{genid, proto};
 use genid::Role;
 use proto::{Frame, Message};
 
@@ -539,7 +538,7 @@ impl Shared {
                 tokio::spawn(async move { sh.resync_done(r#gen).await });
             }
             Message::Error { reason } => return Err(format!("the primary reported: {reason}")),
-            m => return Err(format!("unexpected {} from the primary", msg_name(&m))),
+            m => return Err(format!("unexpected {} from the primary", m.kind())),
         }
         Ok(())
     }
