@@ -384,7 +384,7 @@ pub struct CreateMetaOptions {
 
 /// Creates a metadata file.
 pub fn create_meta_file(path: &std::path::Path, o: &CreateMetaOptions) -> Result<(), EngineError> {
-    if o.size == 0 || o.size % 512 != 0 {
+    if o.size == 0 || !o.size.is_multiple_of(512) {
         return Err(EngineError::Mismatch(format!(
             "size {}: must be a non-zero multiple of 512",
             o.size
@@ -598,12 +598,15 @@ struct ResyncStatus {
     active: bool,
     direction: &'static str,
     dirty_at_start: u64,
+    /// Regions dirtied while the resync ran (writes that raced the reconnect).
+    dirty_added: u64,
     done: u64,
     transferred: u64,
     started: Option<Instant>,
     last_duration: Option<Duration>,
     last_transferred: u64,
     last_dirty_at_start: u64,
+    last_dirty_added: u64,
     runs: u64,
     interrupted: u64,
 }
@@ -1401,7 +1404,19 @@ impl Shared {
     /// A modification did not reach the peer: record it, and start a new data generation
     /// (persisted, with the bitmap) before the first such write completes.
     async fn unreplicated(&self, offset: u64, len: u64) {
-        lock_meta(&self.meta).mark_dirty(offset, len);
+        let added = {
+            let mut m = lock_meta(&self.meta);
+            let before = m.dirty_bytes();
+            m.mark_dirty(offset, len);
+            m.dirty_bytes() - before
+        };
+        if added > 0 {
+            // A write that raced a reconnect: the running resync copies this region too.
+            let mut r = self.resync.lock().unwrap_or_else(|p| p.into_inner());
+            if r.active {
+                r.dirty_added += added;
+            }
+        }
         self.stats.unreplicated.fetch_add(1, Relaxed);
         if self.gen_bumped.load(Relaxed) {
             return;
@@ -1623,6 +1638,7 @@ impl Shared {
             r.active = true;
             r.direction = if source { "to-peer" } else { "from-peer" };
             r.dirty_at_start = dirty;
+            r.dirty_added = 0;
             r.done = 0;
             r.transferred = 0;
             r.started = Some(started);
@@ -1681,7 +1697,8 @@ impl Shared {
         r.last_duration = Some(started.elapsed());
         r.last_transferred = r.transferred;
         r.last_dirty_at_start = r.dirty_at_start;
-        let (t, d) = (r.transferred, r.dirty_at_start);
+        r.last_dirty_added = r.dirty_added;
+        let (t, d) = (r.transferred, r.dirty_at_start + r.dirty_added);
         drop(r);
         match result {
             Ok(()) => {
@@ -1987,14 +2004,16 @@ impl Shared {
                 "active": r.active,
                 "direction": r.direction,
                 "dirty_bytes_at_start": r.dirty_at_start,
+                "dirty_bytes_added": r.dirty_added,
                 "done_bytes": r.done,
                 "transferred_bytes": r.transferred,
-                "percent": if r.dirty_at_start > 0 { (r.done as f64 * 100.0 / r.dirty_at_start as f64).min(100.0) } else if r.active { 0.0 } else { 100.0 },
+                "percent": if r.dirty_at_start + r.dirty_added > 0 { (r.done as f64 * 100.0 / (r.dirty_at_start + r.dirty_added) as f64).min(100.0) } else if r.active { 0.0 } else { 100.0 },
                 "rate_limit": self.cfg.resync_rate,
                 "elapsed_ms": r.started.filter(|_| r.active).map(|t| (now - t).as_millis() as u64),
                 "last_duration_ms": r.last_duration.map(|d| d.as_millis() as u64),
                 "last_transferred_bytes": r.last_transferred,
                 "last_dirty_bytes_at_start": r.last_dirty_at_start,
+                "last_dirty_bytes_added": r.last_dirty_added,
                 "runs": r.runs,
                 "interrupted": r.interrupted,
             },
@@ -2153,7 +2172,7 @@ mod tests {
     fn side(d: &Path, name: &str) -> (LocalDisk, SharedMeta) {
         let disk = LocalDisk::create(&d.join(format!("{name}.img")), SIZE).unwrap();
         let mut m = Meta::create(
-            &d.join(format!("{name}.meta")),
+            d.join(format!("{name}.meta")),
             meta::MetaParams {
                 size: SIZE,
                 region_size: 4096,
