@@ -553,6 +553,9 @@ struct Peer {
     unflushed_seq: u64,
     last_peer_flush: Instant,
     refused: Option<(String, String)>,
+    /// At the last session loss: acknowledged-but-unflushed writes, and the dirty bytes
+    /// marking them added.
+    last_loss_unflushed: (u64, u64),
 }
 
 /// Sync state shown in `status`.
@@ -635,7 +638,10 @@ struct Shared {
     setup: tokio::sync::Mutex<()>,
     resync_lock: tokio::sync::Mutex<()>,
     gen_lock: tokio::sync::Mutex<()>,
-    gen_bumped: AtomicBool,
+    /// The session epoch (a degraded period) in which the new data generation was started.
+    gen_bumped_for: AtomicU64,
+    /// Wakes the task that starts a resync when a connected session has dirty regions.
+    kick: Notify,
     stats: Stats,
     resync: Mutex<ResyncStatus>,
     verify: Mutex<VerifyStatus>,
@@ -707,13 +713,15 @@ impl Mirror {
                 unflushed_seq: 0,
                 last_peer_flush: Instant::now(),
                 refused: None,
+                last_loss_unflushed: (0, 0),
             }),
             sync: Mutex::new(SyncState::Degraded),
             locks: RegionLocks::new(),
             setup: tokio::sync::Mutex::new(()),
             resync_lock: tokio::sync::Mutex::new(()),
             gen_lock: tokio::sync::Mutex::new(()),
-            gen_bumped: AtomicBool::new(false),
+            gen_bumped_for: AtomicU64::new(u64::MAX),
+            kick: Notify::new(),
             stats: Stats::default(),
             resync: Mutex::new(ResyncStatus::default()),
             verify: Mutex::new(VerifyStatus::default()),
@@ -743,6 +751,7 @@ impl Mirror {
             tokio::spawn(sh.clone().connector(i));
         }
         tokio::spawn(sh.clone().keepalive());
+        tokio::spawn(sh.clone().resync_kicker());
         Ok(Mirror { sh })
     }
 
@@ -1081,7 +1090,6 @@ impl Shared {
             p.last_peer_flush = Instant::now();
             p.epoch
         };
-        self.gen_bumped.store(false, Relaxed);
         self.attach_link(i, rd, wr);
         let sync = match plan {
             SyncPlan::None => SyncState::InSync,
@@ -1102,6 +1110,10 @@ impl Shared {
         );
         if plan != SyncPlan::None {
             tokio::spawn(self.clone().resync(epoch, plan));
+        } else if dirty > 0 {
+            // Same generation, yet regions the peer lacks: degraded writes that raced this
+            // reconnect (after our State was sent). Copy them.
+            self.kick.notify_one();
         }
         for (j, w) in self.wake.iter().enumerate() {
             if j != i {
@@ -1227,9 +1239,11 @@ impl Shared {
                         // Acknowledged but maybe not durable on the peer: resync them.
                         let unflushed: Vec<(u64, u64)> = std::mem::take(&mut p.unflushed).into_values().collect();
                         let mut m = lock_meta(&self.meta);
-                        for (o, l) in unflushed {
-                            m.mark_dirty(o, l);
+                        let before = m.dirty_bytes();
+                        for (o, l) in &unflushed {
+                            m.mark_dirty(*o, *l);
                         }
+                        p.last_loss_unflushed = (unflushed.len() as u64, m.dirty_bytes() - before);
                     }
                 }
             }
@@ -1401,8 +1415,10 @@ impl Shared {
 
     // ---- degraded bookkeeping ----
 
-    /// A modification did not reach the peer: record it, and start a new data generation
-    /// (persisted, with the bitmap) before the first such write completes.
+    /// A modification did not reach the peer: record it, and — once per degraded period —
+    /// start a new data generation (persisted, with the bitmap) before it completes. A write
+    /// that raced a reconnect (the session is up again) starts no generation: the region is
+    /// dirty and a resync copies it.
     async fn unreplicated(&self, offset: u64, len: u64) {
         let added = {
             let mut m = lock_meta(&self.meta);
@@ -1418,11 +1434,19 @@ impl Shared {
             }
         }
         self.stats.unreplicated.fetch_add(1, Relaxed);
-        if self.gen_bumped.load(Relaxed) {
+        let (established, epoch) = {
+            let p = self.peer_lock();
+            (p.established, p.epoch)
+        };
+        if established {
+            self.kick.notify_one();
+            return;
+        }
+        if self.gen_bumped_for.load(Relaxed) == epoch {
             return;
         }
         let _g = self.gen_lock.lock().await;
-        if self.gen_bumped.load(Relaxed) {
+        if self.gen_bumped_for.load(Relaxed) == epoch {
             return;
         }
         let r = meta_blocking(&self.meta, |m| {
@@ -1438,7 +1462,39 @@ impl Shared {
             ),
             Err(e) => tracing::error!(error = %eac_common::error_chain(&e), "cannot persist the new data generation"),
         }
-        self.gen_bumped.store(true, Relaxed);
+        self.gen_bumped_for.store(epoch, Relaxed);
+        if self.peer_lock().established {
+            // The session came up meanwhile (with the old generation): copy what we marked.
+            self.kick.notify_one();
+        }
+    }
+
+    /// Starts a resync to the peer whenever a connected session has dirty regions and none
+    /// runs (writes that raced a reconnect, writes the peer's disk failed).
+    async fn resync_kicker(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        loop {
+            tokio::select! {
+                _ = self.kick.notified() => {}
+                _ = stop.changed() => return,
+            }
+            // Let a resync that is just starting take the lock first.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let epoch = {
+                let p = self.peer_lock();
+                p.established.then_some(p.epoch)
+            };
+            let Some(epoch) = epoch else { continue };
+            if self.resync.lock().unwrap_or_else(|p| p.into_inner()).active
+                || self.local_outdated.load(Relaxed)
+                || lock_meta(&self.meta).dirty_bytes() == 0
+                || self.resync_lock.try_lock().is_err()
+            {
+                continue;
+            }
+            self.set_sync(SyncState::ResyncSource);
+            tokio::spawn(self.clone().resync(epoch, SyncPlan::Source { full: false }));
+        }
     }
 
     /// The local disk failed: detach it and serve from the peer from now on.
@@ -1684,8 +1740,12 @@ impl Shared {
                 }
                 pos = end;
             }
-            if lock_meta(&self.meta).dirty_bytes() == 0 || passes >= 3 {
+            // Regions dirtied behind the scan (writes that raced the reconnect): another pass.
+            if lock_meta(&self.meta).dirty_bytes() == 0 {
                 break Ok(());
+            }
+            if passes >= 1000 {
+                break Err("the bitmap keeps getting dirty".into());
             }
         };
         let result = match outcome {
@@ -1958,6 +2018,7 @@ impl Shared {
         let pending = p.pending.len();
         let peer_host = p.peer_host.clone();
         let refused = p.refused.clone();
+        let (lost_unflushed_writes, lost_unflushed_bytes) = p.last_loss_unflushed;
         drop(p);
         let (r#gen, consistent, crashed, device_id, dirty, region) = {
             let m = lock_meta(&self.meta);
@@ -2000,6 +2061,10 @@ impl Shared {
             "gen": gen_json(&r#gen),
             "in_flight": pending,
             "degraded_ms_ago": ld.map(|t| (now - t).as_millis() as u64),
+            "last_peer_loss": {
+                "unflushed_writes": lost_unflushed_writes,
+                "unflushed_dirty_bytes": lost_unflushed_bytes,
+            },
             "resync": {
                 "active": r.active,
                 "direction": r.direction,
@@ -2454,6 +2519,77 @@ mod tests {
         assert!(!rep.connected());
         m.write(0, pattern(0, 0), false).await.unwrap();
         assert_eq!(m.status()["sync"], "degraded");
+        m.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_racing_repeated_reconnects_are_never_lost() {
+        let d = dir("race");
+        let (pd, pm) = side(&d.0, "a");
+        let (rd, rm) = side(&d.0, "b");
+        let addrs = [free_port()];
+        let m = Mirror::start(
+            cfg(
+                "a",
+                vec![LinkAddr {
+                    local: None,
+                    peer: addrs[0],
+                }],
+            ),
+            Some(pd),
+            pm.clone(),
+        )
+        .await
+        .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut writers = Vec::new();
+        for w in 0..4u64 {
+            let (m, stop) = (m.clone(), stop.clone());
+            writers.push(tokio::spawn(async move {
+                let mut x = w * 7919 + 1;
+                let mut n = 0u64;
+                while !stop.load(Relaxed) {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let block = (x >> 33) % 512;
+                    m.write(block * 4096, pattern(block, n), false).await.unwrap();
+                    n += 1;
+                }
+                n
+            }));
+        }
+        for round in 0..5 {
+            let (rep, tasks) = replica(&addrs, rd.clone(), rm.clone()).await;
+            until("connected", 20, || m.status()["connection"] == "connected").await;
+            tokio::time::sleep(Duration::from_millis(150 + 70 * round)).await;
+            for t in tasks {
+                t.abort();
+            }
+            rep.shutdown().await;
+            until("degraded", 20, || m.status()["sync"] == "degraded").await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (_rep, _t) = replica(&addrs, rd, rm.clone()).await;
+        until("connected", 20, || m.status()["connection"] == "connected").await;
+        stop.store(true, Relaxed);
+        let mut total = 0;
+        for w in writers {
+            total += w.await.unwrap();
+        }
+        until("in sync and clean", 30, || {
+            let s = m.status();
+            s["sync"] == "in-sync" && s["dirty_bytes"] == 0
+        })
+        .await;
+        m.flush().await.unwrap();
+        assert!(
+            same(&d.0.join("a.img"), &d.0.join("b.img")),
+            "copies differ after {total} writes"
+        );
+        assert_eq!(
+            pm.lock().unwrap().superblock().r#gen,
+            rm.lock().unwrap().superblock().r#gen,
+            "both copies end in the same generation"
+        );
         m.shutdown().await;
     }
 
