@@ -136,7 +136,12 @@ impl LocalDisk {
 
     /// Creates (or truncates) a regular file of `size` bytes and opens it.
     pub fn create(path: &Path, size: u64) -> io::Result<LocalDisk> {
-        let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
         f.set_len(size)?;
         drop(f);
         LocalDisk::open(path)
@@ -259,13 +264,19 @@ mod tests {
         d.discard(8192, 4096).await.unwrap();
         assert!(d.read(8192, 4096).await.unwrap().iter().all(|&b| b == 0));
         assert_eq!(d.read((1 << 20) - 512, 1024).await, Err(IoError::EINVAL));
-        assert_eq!(d.write(u64::MAX, Bytes::from_static(b"x"), true).await, Err(IoError::EINVAL));
+        assert_eq!(
+            d.write(u64::MAX, Bytes::from_static(b"x"), true).await,
+            Err(IoError::EINVAL)
+        );
         std::fs::remove_file(&p).unwrap();
     }
 
     #[test]
     fn io_error_keeps_the_errno() {
-        assert_eq!(IoError::from(io::Error::from_raw_os_error(libc::ENOSPC)), IoError::ENOSPC);
+        assert_eq!(
+            IoError::from(io::Error::from_raw_os_error(libc::ENOSPC)),
+            IoError::ENOSPC
+        );
         assert_eq!(IoError::from(io::Error::other("x")), IoError::EIO);
         assert!(IoError::EIO.to_string().contains("errno 5"));
     }
