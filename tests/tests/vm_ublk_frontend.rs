@@ -45,17 +45,17 @@ writes_done() {{ awk '{{ print $5 }}' "/sys/block/$NAME/stat"; }}
     )
 }
 
-fn run_guest(script: &str) -> GuestRun {
+fn run_guest(script: &str, modules: &[&str]) -> GuestRun {
     // An ignored test run on purpose (scripts/test.sh, after setup.sh) must not pass without
     // the guest: fail with the reason instead of returning early.
     if let Some(why) = skip_reason() {
         panic!("the ublk guest cannot run here: {why} (run scripts/setup.sh)");
     }
     let _one = GUEST.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let run = UblkGuest::new()
-        .timeout(Duration::from_secs(420))
-        .run_script(script)
-        .expect("run guest");
+    let guest = modules
+        .iter()
+        .fold(UblkGuest::new().timeout(Duration::from_secs(420)), |g, m| g.module(m));
+    let run = guest.run_script(script).expect("run guest");
     eprintln!("guest run: {:.1?} wall, status {:?}", run.wall, run.status);
     for line in run.read("timings").unwrap_or_default().lines() {
         eprintln!("  {line} s");
@@ -109,7 +109,7 @@ fn data_path_fio_verify_filesystem_discard_and_read_errors() {
     let bin = bin();
     let script = format!(
         r#"{prelude}
-MNT=/mnt/ublkfe.$$
+MNT=$(mktemp -d /tmp/ublkfe-mnt.XXXXXX)
 trap 'umount "$MNT" 2> /dev/null; [ -n "${{PID:-}}" ] && kill "$PID" 2> /dev/null' EXIT
 B=$(mktemp /tmp/ublkfe-back.XXXXXX)
 truncate -s 64M "$B"
@@ -148,7 +148,7 @@ lap discard_zeroes
 # the guest's own mount namespace and unmounted before the server stops (a server must not
 # outlive a mount of its own device in a namespace only it holds).
 mkfs.ext4 -q -F "$DEV" > mkfs.txt 2>&1; echo $? > mkfs.rc
-mkdir -p "$MNT"
+
 mount "$DEV" "$MNT" 2> mount.err; echo $? > mount.rc
 head -c 3M /dev/urandom > file
 cp file "$MNT/file" && sync "$MNT/file"; echo $? > fsync.rc
@@ -177,7 +177,7 @@ rm -f "$B"
 "#,
         prelude = prelude(&bin)
     );
-    let run = run_guest(&script);
+    let run = run_guest(&script, &["ext4"]);
     assert_ok(&run);
     let r = |f: &str| read(&run, f);
 
@@ -200,15 +200,35 @@ rm -f "$B"
     assert_eq!(r("fio.rc"), "0", "fio verify failed:\n{}", r("fio.txt"));
     assert!(r("fio.txt").contains("err= 0"), "{}", r("fio.txt"));
     assert_eq!(r("dd.rc"), "0", "{}", r("dd.err"));
-    assert_eq!(r("place.rc"), "0", "data written at 5 MiB is elsewhere in the backing file: {}", r("place.txt"));
+    assert_eq!(
+        r("place.rc"),
+        "0",
+        "data written at 5 MiB is elsewhere in the backing file: {}",
+        r("place.txt")
+    );
     assert_eq!(r("cmp.rc"), "0", "device and backing file differ: {}", r("cmp.txt"));
 
     // (2) discard and write-zeroes.
     assert_eq!(r("discard.rc"), "0", "blkdiscard: {}", r("discard.err"));
     assert_eq!(r("zero.rc"), "0", "blkdiscard -z: {}", r("zero.err"));
-    assert_eq!(r("zeroes.rc"), "0", "10M..12M not zero in the backing: {}", r("zeroes.txt"));
-    assert_eq!(r("around.rc"), "0", "discard touched its neighbours: {}", r("around.txt"));
-    assert_eq!(r("cmp2.rc"), "0", "device and backing differ after discard: {}", r("cmp2.txt"));
+    assert_eq!(
+        r("zeroes.rc"),
+        "0",
+        "10M..12M not zero in the backing: {}",
+        r("zeroes.txt")
+    );
+    assert_eq!(
+        r("around.rc"),
+        "0",
+        "discard touched its neighbours: {}",
+        r("around.txt")
+    );
+    assert_eq!(
+        r("cmp2.rc"),
+        "0",
+        "device and backing differ after discard: {}",
+        r("cmp2.txt")
+    );
 
     // The filesystem, with fsync (FLUSH must not fail: it carries a garbage sector).
     assert_eq!(r("mkfs.rc"), "0", "{}", r("mkfs.txt"));
@@ -235,7 +255,12 @@ rm -f "$B"
     assert_eq!(r("before.rc"), "0", "{}", r("before.err"));
     assert_eq!(r("after.rc"), "0", "{}", r("after.err"));
     assert_eq!(r("wr.rc"), "0", "a write to the failing range: {}", r("wr.err"));
-    assert_eq!(r("alive.rc"), "0", "the server died after a read error: {}", r("d2.err"));
+    assert_eq!(
+        r("alive.rc"),
+        "0",
+        "the server died after a read error: {}",
+        r("d2.err")
+    );
     assert_eq!(r("fio2.rc"), "0", "I/O after the error: {}", r("fio2.txt"));
     assert_eq!(r("d2.rc"), "0", "clean stop: {}", r("d2.err"));
     let s2 = stats(&run, "d2.out");
@@ -286,7 +311,7 @@ rm -f "$B"
 "#,
         prelude = prelude(&bin)
     );
-    let run = run_guest(&script);
+    let run = run_guest(&script, &[]);
     assert_ok(&run);
     let r = |f: &str| read(&run, f);
 
@@ -295,9 +320,19 @@ rm -f "$B"
         r("writes_at_kill"),
         r("writes_while_dead")
     );
-    assert_eq!(r("fio_running_at_kill"), "0", "fio ended before the kill: {}", r("fio.txt"));
+    assert_eq!(
+        r("fio_running_at_kill"),
+        "0",
+        "fio ended before the kill: {}",
+        r("fio.txt")
+    );
     assert_eq!(r("node_kept"), "0", "/dev/ublkbN vanished when its server died");
-    assert_eq!(r("fio_held"), "0", "fio ended while no server was running: {}", r("fio.txt"));
+    assert_eq!(
+        r("fio_held"),
+        "0",
+        "fio ended while no server was running: {}",
+        r("fio.txt")
+    );
     assert_eq!(
         r("writes_at_kill").parse::<u64>().ok(),
         r("writes_while_dead").parse::<u64>().ok(),
