@@ -173,6 +173,8 @@ fio --name=a --filename="$DEV" --rw=randwrite --bs=4k --iodepth=8 --ioengine=io_
 echo $? > fio2.rc
 stop_daemon d2
 lap read_errors
+dmesg | grep -cE "WARNING:|BUG:|Call Trace" > kwarn
+dmesg | tail -n 40 > dmesg.txt
 rm -f "$B"
 "#,
         prelude = prelude(&bin)
@@ -266,6 +268,7 @@ rm -f "$B"
     let s2 = stats(&run, "d2.out");
     eprintln!("d2 stats: {s2}");
     assert!(count(&s2, "errors") >= 1, "{s2}");
+    assert_eq!(r("kwarn"), "0", "kernel warnings:\n{}", r("dmesg.txt"));
 }
 
 #[test]
@@ -306,6 +309,8 @@ stop_daemon d2
 # Recovering a device that no longer exists: a clear operator error.
 "$BIN" ublk-local --backing "$B" --id "$ID" --recover > none.out 2> none.err; echo $? > none.rc
 dmesg | grep -ci "i/o error" > ioerrors
+dmesg | grep -cE "WARNING:|BUG:|Call Trace" > kwarn
+dmesg | tail -n 40 > dmesg.txt
 lap stop
 rm -f "$B"
 "#,
@@ -344,7 +349,8 @@ rm -f "$B"
     assert_eq!(r("cmp.rc"), "0", "device and backing differ: {}", r("cmp.txt"));
     assert_eq!(r("d2.rc"), "0", "clean stop: {}", r("d2.err"));
     assert_eq!(r("gone.rc"), "1", "the block device must be gone after the stop");
-    assert_eq!(r("ioerrors"), "0", "the kernel logged I/O errors");
+    assert_eq!(r("ioerrors"), "0", "the kernel logged I/O errors:\n{}", r("dmesg.txt"));
+    assert_eq!(r("kwarn"), "0", "kernel warnings:\n{}", r("dmesg.txt"));
     let s = stats(&run, "d2.out");
     eprintln!("recovered server's stats: {s}");
     assert!(count(&s, "writes") > 0 && count(&s, "reads") >= 4096, "{s}");

@@ -9,10 +9,11 @@
 //! (0.4.8, MIT/Apache, which works on the 6.12 guest) because:
 //!
 //! - **The mirror owns its I/O path.** A write completes only when it is durable locally
-//!   *and* on the partner; flushes, FUA, replication sends and local I/O must be submitted
-//!   on the same ring as the ublk commands, with our own completion bookkeeping and error
-//!   mapping (every request is always completed, with a negative errno if need be). A
-//!   library that owns the queue loop and its executor stands between us and that path.
+//!   *and* on the partner; each ublk request is handed to the mirror (a [`BlockDev`] on our
+//!   tokio runtime) and committed with its result, with our own completion bookkeeping,
+//!   buffer ownership and error mapping (every request is always completed, with a negative
+//!   errno if need be). A library that owns the queue loop and its executor stands between
+//!   us and that path.
 //! - **No libclang at build time.** `libublk` generates its ABI with bindgen. Our ABI is a
 //!   hand transcription of one uapi header ([`sys`], Linux 6.12) with size and encoding
 //!   checks, so the workspace builds with nothing but rustc.
