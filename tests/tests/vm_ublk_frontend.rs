@@ -28,7 +28,7 @@ lap() {{ local t; t=$(now); echo "$1 $(awk -v a="$T0" -v b="$t" 'BEGIN {{ printf
 start_daemon() {{
   local n=$1; shift
   : > "$n.out"
-  RUST_LOG=info "$BIN" ublk-local "$@" > "$n.out" 2> "$n.err" &
+  EAC_LOG_JSON=1 RUST_LOG=info "$BIN" ublk-local "$@" > "$n.out" 2> "$n.err" &
   PID=$!
   for _ in $(seq 1200); do
     [ -s "$n.out" ] && break
@@ -343,7 +343,15 @@ rm -f "$B"
         r("writes_while_dead").parse::<u64>().ok(),
         "writes completed while no server was running"
     );
-    assert!(r("d2.err").contains("ublk device recovered"), "{}", r("d2.err"));
+    let recovered = r("d2.err")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "ublk device recovered")
+        .unwrap_or_else(|| panic!("no recovery log line: {}", r("d2.err")));
+    eprintln!(
+        "recovery: START_USER_RECOVERY after {} ms of waiting, I/O released {} ms after the new server began",
+        recovered["fields"]["waited_ms"], recovered["fields"]["took_ms"]
+    );
     assert_eq!(r("fio.rc"), "0", "fio across the recovery:\n{}", r("fio.txt"));
     assert!(r("fio.txt").contains("err= 0"), "{}", r("fio.txt"));
     assert_eq!(r("cmp.rc"), "0", "device and backing differ: {}", r("cmp.txt"));

@@ -480,7 +480,8 @@ impl UblkDevice {
             }
         }
         let info = ctrl.get_dev_info(id)?;
-        tracing::info!(id, waited = ?t0.elapsed(), "ublk user recovery started");
+        let waited_ms = t0.elapsed().as_millis() as u64;
+        tracing::info!(id, waited_ms, "ublk user recovery started");
         let mut device = UblkDevice {
             id,
             info,
@@ -495,7 +496,12 @@ impl UblkDevice {
             device.abandon();
             return Err(e);
         }
-        tracing::info!(id, took = ?t0.elapsed(), "ublk device recovered");
+        tracing::info!(
+            id,
+            waited_ms,
+            took_ms = t0.elapsed().as_millis() as u64,
+            "ublk device recovered"
+        );
         Ok(device)
     }
 
