@@ -20,6 +20,9 @@
 //! reconnect_interval_ms = 1000           # optional
 //! resync_rate = "100M"                   # optional: bytes/s (K, M, G suffixes); 0 = unlimited
 //! nbd = "127.0.0.1:10809"                # optional: NBD export while primary (host:port or /path)
+//! ublk = true                            # optional: /dev/ublkbN while primary (needs ublk_drv)
+//! ublk_id = 7                            # optional: the device number; a device of a killed
+//!                                        # daemon with this number is taken over (user recovery)
 //!
 //! [[link]]                               # one or two availability links
 //! listen = "10.250.2.1:7789"             # our address on the link (also the source address)
@@ -42,6 +45,7 @@ use crate::dev::LocalDisk;
 use crate::engine::{EngineError, LinkAddr, Mirror, MirrorConfig, SharedMeta, accept_loop, meta_blocking};
 use crate::nbd;
 use crate::replica::Replica;
+use crate::ublk::{UblkDevice, UblkOptions};
 use crate::{genid, meta};
 use genid::Role;
 
@@ -83,6 +87,9 @@ pub enum DaemonError {
     /// The NBD export could not start.
     #[error("NBD export")]
     Nbd(#[source] nbd::NbdError),
+    /// The ublk device could not be created or recovered.
+    #[error("ublk device")]
+    Ublk(#[source] crate::Error),
     /// The engine refused or failed.
     #[error("engine")]
     Engine(#[from] EngineError),
@@ -94,6 +101,9 @@ pub enum DaemonError {
 impl DaemonError {
     /// True when restarting cannot help (bad configuration or files): exit 64.
     pub fn is_usage(&self) -> bool {
+        if let DaemonError::Ublk(e) = self {
+            return e.needs_operator();
+        }
         matches!(
             self,
             DaemonError::ReadConfig { .. }
@@ -148,6 +158,8 @@ pub struct Config {
     pub nbd: Option<String>,
     #[serde(default)]
     pub ublk: bool,
+    #[serde(default)]
+    pub ublk_id: Option<u32>,
     #[serde(rename = "link")]
     pub links: Vec<LinkConfig>,
 }
@@ -265,8 +277,8 @@ impl Config {
         {
             return Err("nbd: empty address".into());
         }
-        if self.ublk {
-            return Err("ublk = true: the ublk frontend is not part of this build yet; use nbd".into());
+        if self.ublk_id.is_some() && !self.ublk {
+            return Err("ublk_id without ublk = true".into());
         }
         Ok(())
     }
@@ -324,7 +336,11 @@ fn hostname() -> String {
 }
 
 enum Mode {
-    Primary { mirror: Mirror, nbd: Option<NbdFrontend> },
+    Primary {
+        mirror: Mirror,
+        nbd: Option<NbdFrontend>,
+        ublk: Option<UblkDevice>,
+    },
     Secondary(Replica),
     Stopped,
 }
@@ -348,7 +364,8 @@ struct Node {
 
 #[derive(Clone)]
 enum Current {
-    Primary(Mirror, Option<String>),
+    /// The mirror, the NBD URL and the ublk block device path.
+    Primary(Mirror, Option<String>, Option<PathBuf>),
     Secondary(Replica),
     Switching,
 }
@@ -416,7 +433,7 @@ impl Daemon {
                 let cur = n2.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 match cur {
                     Current::Secondary(r) => r.accept(link, rd, wr, hello),
-                    Current::Primary(m, _) => {
+                    Current::Primary(m, _, _) => {
                         tokio::spawn(async move { m.handle_incoming(link, rd, wr, hello).await });
                     }
                     Current::Switching => {}
@@ -425,9 +442,14 @@ impl Daemon {
             let t = tokio::spawn(accept_loop(listener, i, mcfg.clone(), role, dispatch));
             d.node.listeners.lock().unwrap_or_else(|p| p.into_inner()).push(t);
         }
-        match d.node.cfg.role {
-            StartRole::Primary => d.become_primary().await?,
-            StartRole::Secondary => d.become_secondary().await?,
+        let started = match d.node.cfg.role {
+            StartRole::Primary => d.become_primary().await,
+            StartRole::Secondary => d.become_secondary().await,
+        };
+        if let Err(e) = started {
+            // Nothing ran: leave the metadata clean, not "crashed".
+            d.shutdown().await;
+            return Err(e);
         }
         Ok(d)
     }
@@ -452,9 +474,25 @@ impl Daemon {
                 }
             },
         };
+        let ublk = if n.cfg.ublk {
+            match start_ublk(mirror.clone(), n.cfg.ublk_id).await {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    if let Some(f) = nbd {
+                        let _ = f.stop.send(());
+                        let _ = f.task.await;
+                    }
+                    mirror.shutdown().await;
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         let url = nbd.as_ref().map(|f| f.url.clone());
-        *n.current.lock().unwrap_or_else(|p| p.into_inner()) = Current::Primary(mirror.clone(), url);
-        *mode = Mode::Primary { mirror, nbd };
+        let dev = ublk.as_ref().map(|d| d.block_path());
+        *n.current.lock().unwrap_or_else(|p| p.into_inner()) = Current::Primary(mirror.clone(), url, dev);
+        *mode = Mode::Primary { mirror, nbd, ublk };
         Ok(())
     }
 
@@ -477,7 +515,14 @@ impl Daemon {
     async fn stop_mode(&self, mode: &mut Mode) {
         *self.node.current.lock().unwrap_or_else(|p| p.into_inner()) = Current::Switching;
         match std::mem::replace(mode, Mode::Stopped) {
-            Mode::Primary { mirror, nbd } => {
+            Mode::Primary { mirror, nbd, ublk } => {
+                if let Some(d) = ublk {
+                    match tokio::task::spawn_blocking(move || d.stop()).await {
+                        Ok(Ok(stats)) => tracing::info!(?stats, "ublk device removed"),
+                        Ok(Err(e)) => tracing::error!(error = %eac_common::error_chain(&e), "stopping the ublk device"),
+                        Err(e) => tracing::error!("stopping the ublk device: {e}"),
+                    }
+                }
                 if let Some(f) = nbd {
                     let _ = f.stop.send(());
                     let _ = f.task.await;
@@ -569,7 +614,7 @@ impl Daemon {
         }
         meta_blocking(&n.meta, |m| m.update(|sb| sb.flags.discard_my_data = false)).await?;
         let cur = n.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Current::Primary(m, _) = cur {
+        if let Current::Primary(m, _, _) = cur {
             m.resolve_keep();
         }
         tracing::info!(target: "event", resource = %n.cfg.resource, kind = "resolve", "keeping the local data; reconnecting");
@@ -580,7 +625,7 @@ impl Daemon {
     pub async fn verify(&self) -> Result<Value, DaemonError> {
         let cur = self.node.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match cur {
-            Current::Primary(m, _) => {
+            Current::Primary(m, _, _) => {
                 m.start_verify()?;
                 Ok(json!({"ok": true, "message": "verify started"}))
             }
@@ -599,7 +644,7 @@ impl Daemon {
         })?;
         let cur = n.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match cur {
-            Current::Primary(m, _) => m.attach_disk(disk.clone()).await?,
+            Current::Primary(m, _, _) => m.attach_disk(disk.clone()).await?,
             _ => return Err(DaemonError::Refused("attach-disk is for a diskless primary".into())),
         }
         *n.disk.lock().unwrap_or_else(|p| p.into_inner()) = Some(disk);
@@ -610,9 +655,10 @@ impl Daemon {
     pub fn status(&self) -> Value {
         let n = &self.node;
         let mut v = match n.current.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-            Current::Primary(m, url) => {
+            Current::Primary(m, url, dev) => {
                 let mut v = m.status();
                 v["nbd"] = json!(url);
+                v["ublk"] = json!(dev);
                 v
             }
             Current::Secondary(r) => r.status(),
@@ -638,6 +684,33 @@ impl Daemon {
             tracing::error!(error = %eac_common::error_chain(&e), "closing the metadata");
         }
     }
+}
+
+/// Creates `/dev/ublkbN` over the mirror — or, when device `id` is left by a killed daemon
+/// (created with user recovery), takes it over: the guest's held I/O resumes.
+async fn start_ublk(mirror: Mirror, id: Option<u32>) -> Result<UblkDevice, DaemonError> {
+    let rt = tokio::runtime::Handle::current();
+    let dev = Arc::new(mirror);
+    let r = tokio::task::spawn_blocking(move || {
+        let opts = UblkOptions {
+            id,
+            ..UblkOptions::default()
+        };
+        match UblkDevice::create(dev.clone(), opts, rt.clone()) {
+            Err(e) if e.to_errno() == -libc::EEXIST => {
+                let id = id.unwrap_or_default();
+                tracing::warn!(target: "event", kind = "ublk-recover", id,
+                    "/dev/ublkb{id} exists (a previous daemon died): taking it over");
+                UblkDevice::recover(dev, id, rt)
+            }
+            r => r,
+        }
+    })
+    .await
+    .map_err(|e| DaemonError::Refused(format!("ublk task: {e}")))?;
+    let d = r.map_err(DaemonError::Ublk)?;
+    tracing::info!(target: "event", kind = "ublk-up", "serving {}", d.block_path().display());
+    Ok(d)
 }
 
 async fn start_nbd(addr: &str, export: &str, mirror: Mirror) -> Result<NbdFrontend, DaemonError> {
@@ -744,6 +817,10 @@ peer = "10.250.3.2:7789"
                 "link",
             ),
             (GOOD.replace("10.250.2.2:7789", "[::1]:7789"), "address family"),
+            (
+                GOOD.replace("role = \"primary\"", "role = \"primary\"\nublk_id = 3"),
+                "ublk_id without ublk",
+            ),
         ];
         for (text, want) in cases {
             let e = parse(&text).unwrap_err();
