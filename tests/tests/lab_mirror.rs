@@ -365,8 +365,11 @@ fn a_failing_primary_disk_is_detached_and_io_continues_from_the_replica() {
     );
     assert_eq!(sent, SIZE, "a re-attached disk is fully resynced");
     assert_copies(&st, disk.backing(), &ledger);
-    drop(st);
+    // The daemons, then the FUSE mount (inside the lab's directory), then the lab.
+    let Setup { a, b, lab, .. } = st;
+    drop((a, b));
     disk.unmount().unwrap();
+    drop(lab);
 }
 
 #[test]
