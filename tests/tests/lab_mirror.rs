@@ -428,3 +428,46 @@ fn split_brain_is_refused_and_resolve_discard_local_converges() {
     );
     assert_eq!(st.b.status().unwrap()["discard_my_data"], false);
 }
+
+#[test]
+#[ignore = "privileged: network namespaces"]
+fn online_verify_finds_silent_corruption_on_the_replica_and_repairs_it() {
+    let st = setup("mir-verify", None);
+    qemu_io(&st.a.nbd_url(), &["write -P 0x6c 0 4M", "flush"]).unwrap();
+    same_bytes(&st.a_img, &st.b_img, SIZE).unwrap();
+    // Bit rot behind both daemons' backs: two 4 KiB regions of the replica's file change.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&st.b_img).unwrap();
+        f.write_all_at(&[0xeeu8; 4096], 3 << 20).unwrap();
+        f.write_all_at(&[0x01u8; 1], (20 << 20) + 4096 + 17).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert!(same_bytes(&st.a_img, &st.b_img, SIZE).is_err());
+    // The administrator's command, as documented: verify and wait for the result.
+    let t0 = Instant::now();
+    let out = std::process::Command::new(eac_lab::workspace_bin("ublk-mirror"))
+        .args(["verify", "--wait", "--socket"])
+        .arg(&st.a.socket)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ublk-mirror verify: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = st.a.status().unwrap();
+    println!("verify of {SIZE} bytes took {:?}: {}", t0.elapsed(), s["verify"]);
+    assert_eq!(u(&s["verify"]["mismatched_bytes"]), 2 * 4096, "{s:#}");
+    let offsets: Vec<u64> = s["verify"]["mismatches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| u(&m["offset"]))
+        .collect();
+    assert_eq!(offsets, vec![3 << 20, (20 << 20) + 4096], "{s:#}");
+    // The mismatching regions were marked for resync and copied from the primary.
+    st.a.wait(LONG, "repaired", |s| s["sync"] == "in-sync" && s["dirty_bytes"] == 0);
+    same_bytes(&st.a_img, &st.b_img, SIZE).unwrap();
+}
