@@ -797,7 +797,7 @@ impl Ctl {
                     None,
                     None,
                     format!(
-                        "contact is back after fencing; fenced guests ({}) stay off until the pool places them here",
+                        "contact is back after fencing; fenced guests ({}) restart here only if the pool still places them here and no peer runs them",
                         if fenced.is_empty() {
                             "none".into()
                         } else {
@@ -805,7 +805,10 @@ impl Ctl {
                         }
                     ),
                 );
-                tokio::spawn(async move { self.sync_all().await });
+                tokio::spawn(async move {
+                    self.clone().sync_all().await;
+                    self.restart_after_rejoin(fenced).await;
+                });
             }
             FenceDecision::RestartGuestsOf { peer, last_seen } => {
                 tokio::spawn(async move { self.failover(peer, last_seen).await });
@@ -1058,6 +1061,73 @@ impl Ctl {
                 last_seen.elapsed().as_millis()
             ),
         );
+    }
+
+    /// After a fence and regained contact (configuration re-synchronised first): starts the
+    /// fenced guests the pool still places here and that no peer reports running (its
+    /// state-file slot or its `vm.local`). A guest a survivor restarted meanwhile has its home
+    /// there, so it stays off here.
+    async fn restart_after_rejoin(self: Arc<Self>, fenced: Vec<String>) {
+        // Let slots and heartbeats from the peers arrive before deciding.
+        tokio::time::sleep(self.cfg.timeouts.statefile_interval + self.cfg.timeouts.heartbeat_interval).await;
+        let (live, _) = self.live_peers();
+        let mut elsewhere: BTreeSet<String> = BTreeSet::new();
+        for p in &live {
+            match self
+                .peer_call(
+                    p,
+                    Op::Ext {
+                        name: "vm.local".into(),
+                        args: Value::Null,
+                    },
+                )
+                .await
+                .ok()
+                .and_then(|v| serde_json::from_value::<Vec<view::LocalGuest>>(v).ok())
+            {
+                Some(list) => elsewhere.extend(list.into_iter().filter(|g| g.active).map(|g| g.name)),
+                None => {
+                    // Cannot ask it: trust only a definite answer; keep everything off.
+                    self.emit(
+                        EventKind::GuestRestartFailed,
+                        None,
+                        Some(p),
+                        format!("not restarting fenced guests: cannot ask host {p} what it runs"),
+                    );
+                    return;
+                }
+            }
+        }
+        for g in fenced {
+            let go = {
+                let st = self.st();
+                let here = st.pool.guests.get(&g).is_some_and(|pg| pg.home == self.me);
+                let reported = st.peers.values().any(|i| i.running.contains(&g));
+                here && !reported && !elsewhere.contains(&g) && st.fencer.may_start_guests()
+            };
+            if !go {
+                tracing::info!(guest = %g, "fenced guest stays off (runs elsewhere or is placed elsewhere)");
+                continue;
+            }
+            let t0 = Instant::now();
+            match self.vmm.start(&g).await {
+                Ok(()) => self.emit(
+                    EventKind::GuestRestarted,
+                    Some(&g),
+                    None,
+                    format!(
+                        "restarted here after this host's fence: contact is back and no peer runs it (start {} ms)",
+                        t0.elapsed().as_millis()
+                    ),
+                ),
+                Err(e) => self.emit(
+                    EventKind::GuestRestartFailed,
+                    Some(&g),
+                    None,
+                    format!("restart after the fence failed: {}", eac_common::error_chain(&e)),
+                ),
+            }
+        }
     }
 
     // -----------------------------------------------------------------------------------------

@@ -229,6 +229,16 @@ fn management_network_cut_is_reported_not_acted_on() {
     let _s = serial();
     let lab = up(Options::new("ctlmg"));
     protected_guest(&lab, "a", "g1");
+    // `eac events --follow` on b sees the loss live.
+    let mut follow = std::process::Command::new(eac_lab::workspace_bin("eac"))
+        .arg("--socket")
+        .arg(&lab.host("b").api_socket)
+        .args(["events", "--follow", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
     let t_cut = wall_ms();
     faults::link_down(&lab.lab.host("a").ns, "mgmt0").unwrap();
     // Longer than dead_after + fence_grace: a failover would have happened by now.
@@ -238,6 +248,16 @@ fn management_network_cut_is_reported_not_acted_on() {
     assert!(
         first_event(&evs, "redundancy_lost", t_cut).is_some(),
         "no redundancy_lost event on b"
+    );
+    let _ = follow.kill();
+    let out = follow.wait_with_output().unwrap();
+    let followed: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        followed.iter().any(|e| e["kind"] == "channel_down" && e["peer"] == "a"),
+        "eac events --follow did not show the channel going down: {followed:?}"
     );
     assert!(first_event(&evs, "peer_dead", t_cut).is_none(), "b declared a dead");
     assert!(

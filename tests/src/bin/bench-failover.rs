@@ -148,11 +148,13 @@ fn soak(outages: usize) -> Result<(), String> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut per_channel = [0usize; 4];
     let mut both_seen = 0usize;
+    let mut schedule: Vec<(u64, &str, u64)> = Vec::new();
     let a_ns = &lab.lab.host("a").ns;
     for i in 0..outages {
         let c = i % channels.len();
         let outage = Duration::from_millis(rng.next(200, 1500));
         let gap = Duration::from_millis(rng.next(300, 800));
+        schedule.push((wall_ms(), channels[c], outage.as_millis() as u64));
         match channels[c] {
             "statefile" => lab.statefile_fault().ok_or("no state-file fault")?.set(Mode::FailAll),
             ifname => faults::link_down(a_ns, ifname).map_err(|e| e.to_string())?,
@@ -198,6 +200,35 @@ fn soak(outages: usize) -> Result<(), String> {
         "RESULT test=soak outages={outages} false_dead={false_dead} false_restarts={false_restarts} fencing={fencing} \
          channel_down_reported={reported} statefile_errors_reported={sf_errors} both_active_samples={both_seen}"
     );
+    if fencing > 0 || false_dead > 0 {
+        // What happened around it: the outages and both hosts' events.
+        let t = ea
+            .iter()
+            .chain(eb.iter())
+            .filter(|e| matches!(e["kind"].as_str(), Some("isolated" | "peer_dead")))
+            .filter_map(|e| e["ts_ms"].as_u64())
+            .find(|t| *t >= t_start)
+            .unwrap_or(t_start);
+        println!("around +{} ms:", t - t_start);
+        for (at, ch, len) in schedule.iter().filter(|(at, _, _)| at + 6000 >= t && *at <= t + 3000) {
+            println!("  outage at {:+} ms: {ch} for {len} ms", *at as i64 - t as i64);
+        }
+        let mut all: Vec<&Value> = ea
+            .iter()
+            .chain(eb.iter())
+            .filter(|e| e["ts_ms"].as_u64().is_some_and(|x| x + 6000 >= t && x <= t + 4000))
+            .collect();
+        all.sort_by_key(|e| e["ts_ms"].as_u64());
+        for e in all {
+            println!(
+                "  {:+6} ms {} {:<18} {}",
+                e["ts_ms"].as_u64().unwrap_or(0) as i64 - t as i64,
+                e["host"].as_str().unwrap_or("?"),
+                e["kind"].as_str().unwrap_or("?"),
+                e["detail"].as_str().unwrap_or("")
+            );
+        }
+    }
     if false_dead + false_restarts + fencing + both_seen > 0 || on != ["a"] {
         return Err(format!("false failover in the soak (guest on {on:?})\n{}", lab.logs()));
     }
