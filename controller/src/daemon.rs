@@ -305,6 +305,10 @@ struct St {
     statefile_busy: bool,
     /// The error of our last slot write, if it failed.
     last_write_error: Option<String>,
+    /// Guests this host's fences were asked to stop (a retried fence finds them "already
+    /// off", which the fencer does not count as fenced): restarted after rejoining if the
+    /// pool still places them here.
+    fenced_guests: BTreeSet<String>,
     tick: u64,
     syncing: BTreeSet<String>,
 }
@@ -391,6 +395,7 @@ impl Ctl {
                 redundancy_ok: true,
                 statefile_busy: false,
                 last_write_error: None,
+                fenced_guests: BTreeSet::new(),
                 tick: 0,
                 syncing: BTreeSet::new(),
             }),
@@ -792,22 +797,21 @@ impl Ctl {
                 });
             }
             FenceDecision::Rejoin { fenced } => {
+                let mut all: BTreeSet<String> = std::mem::take(&mut self.st().fenced_guests);
+                all.extend(fenced);
+                let all: Vec<String> = all.into_iter().collect();
                 self.emit(
                     EventKind::NotIsolated,
                     None,
                     None,
                     format!(
                         "contact is back after fencing; fenced guests ({}) restart here only if the pool still places them here and no peer runs them",
-                        if fenced.is_empty() {
-                            "none".into()
-                        } else {
-                            fenced.join(", ")
-                        }
+                        if all.is_empty() { "none".into() } else { all.join(", ") }
                     ),
                 );
                 tokio::spawn(async move {
                     self.clone().sync_all().await;
-                    self.restart_after_rejoin(fenced).await;
+                    self.restart_after_rejoin(all).await;
                 });
             }
             FenceDecision::RestartGuestsOf { peer, last_seen } => {
@@ -845,6 +849,7 @@ impl Ctl {
     }
 
     async fn fence_now(self: Arc<Self>, guests: Vec<String>, deadline: Instant) {
+        self.st().fenced_guests.extend(guests.iter().cloned());
         let outcome: FenceOutcome = {
             // The watchdog is a blocking device but arm/disarm are single small writes.
             let mut wd = std::mem::replace(&mut *lock(&self.watchdog), Box::new(fence::NoWatchdog));

@@ -346,6 +346,74 @@ fn isolated_host_fences_before_the_survivor_restarts() {
     assert_eq!(lab.running_on("g1"), vec!["b".to_string()]);
     // a's console stopped before b's started: a's last line precedes b's boot.
     assert!(lab.host("a").console("g1").contains(READY));
+
+    // a comes back: it adopts b's configuration (g1's home is b now) and leaves g1 off.
+    let t_heal = wall_ms();
+    lab.statefile_fault().unwrap().set(Mode::Healthy);
+    for (_, ifname, _) in eac_lab::controller::NETWORKS {
+        faults::link_up(&lab.lab.host("a").ns, ifname).unwrap();
+    }
+    wait_until(Duration::from_secs(20), "a in contact again", || {
+        first_event(&events(&lab, "a"), "not_isolated", t_heal).is_some()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    std::thread::sleep(Duration::from_secs(4));
+    let ea = events(&lab, "a");
+    print_timeline(&ea, t_heal);
+    assert!(
+        first_event(&ea, "guest_restarted", t_heal).is_none(),
+        "a restarted g1 after rejoining"
+    );
+    assert_eq!(lab.running_on("g1"), vec!["b".to_string()]);
+    let (sa, sb) = (
+        lab.eac("a", &["pool", "status", "--json"]).json().unwrap(),
+        lab.eac("b", &["pool", "status", "--json"]).json().unwrap(),
+    );
+    assert_eq!(
+        sa["config_fingerprint"], sb["config_fingerprint"],
+        "a did not adopt b's configuration"
+    );
+}
+
+#[test]
+#[ignore = "privileged: needs root, namespaces, libvirtd, qemu, FUSE; run by scripts/test.sh"]
+fn brief_isolation_fences_then_restarts_in_place() {
+    require_root();
+    let _s = serial();
+    let mut opts = Options::new("ctlbi");
+    opts.statefile_fault_on_a = true;
+    let lab = up(opts);
+    protected_guest(&lab, "a", "g1");
+    let t_iso = wall_ms();
+    for (_, ifname, _) in eac_lab::controller::NETWORKS {
+        faults::link_down(&lab.lab.host("a").ns, ifname).unwrap();
+    }
+    lab.statefile_fault().unwrap().set(Mode::FailAll);
+    // Past isolation_after (a fences), before dead_after (b never declares a dead).
+    wait_until(Duration::from_secs(10), "a fencing", || {
+        first_event(&events(&lab, "a"), "fencing", t_iso).is_some()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    lab.statefile_fault().unwrap().set(Mode::Healthy);
+    for (_, ifname, _) in eac_lab::controller::NETWORKS {
+        faults::link_up(&lab.lab.host("a").ns, ifname).unwrap();
+    }
+    wait_until(Duration::from_secs(30), "g1 restarted on a", || {
+        first_event(&events(&lab, "a"), "guest_restarted", t_iso).is_some()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let (ea, eb) = (events(&lab, "a"), events(&lab, "b"));
+    println!("host a:");
+    print_timeline(&ea, t_iso);
+    println!("host b:");
+    print_timeline(&eb, t_iso);
+    assert!(first_event(&eb, "peer_dead", t_iso).is_none(), "b declared a dead");
+    assert!(first_event(&eb, "guest_restarted", t_iso).is_none(), "b restarted g1");
+    wait_until(Duration::from_secs(20), "g1 running on a", || {
+        lab.host("a").domain_state("g1") == Some(DomainState::Running)
+    })
+    .unwrap();
+    assert_eq!(lab.running_on("g1"), vec!["a".to_string()]);
 }
 
 #[test]
