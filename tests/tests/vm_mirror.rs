@@ -9,7 +9,8 @@
 //! 2. the replica is killed with SIGKILL mid-run: fio goes on (the primary degrades), the
 //!    replica restarts, the primary resyncs to "in-sync", the copies compare equal;
 //! 3. the primary daemon is killed with SIGKILL mid-run and restarted with ublk user
-//!    recovery (`--ublk --recover ID`): fio completes with verify OK, the kernel logs no I/O
+//!    recovery (`--ublk --ublk-id N` finds
+//!    the device left behind and takes it over): fio completes with verify OK, the kernel logs no I/O
 //!    error, the copies compare equal after the resync.
 //!
 //! The guest and the host meet through files in the guest's share: the guest announces a
@@ -254,7 +255,7 @@ start_primary() {{
     --secret-file "$S" {links} --peer-timeout-ms {peer_timeout} --control-socket "$SOCK" --ublk "$@" >> d.out 2>> d.err &
   PID=$!
   for _ in $(seq 600); do
-    DEV=$(field .ublk.path)
+    DEV=$(field .ublk)
     [ -n "$DEV" ] && [ "$DEV" != null ] && [ -b "$DEV" ] && break
     kill -0 "$PID" 2> /dev/null || fatal "the primary exited: $(tail -n 20 d.err)"
     sleep 0.1
@@ -276,24 +277,24 @@ lap primary_start
 wait_sync in-sync 30
 field '.links' > links.json
 lap connected_in_sync
-fio --name=s1 --filename="$DEV" $FIO --size=12M --output=fio1.txt > /dev/null 2>&1; echo $? > fio1.rc
-lap step1_fio_12M
+fio --name=s1 --filename="$DEV" $FIO --size=8M --output=fio1.txt > /dev/null 2>&1; echo $? > fio1.rc
+lap step1_fio_8M
 wait_sync in-sync 30
 sha256sum "$B" | cut -d' ' -f1 > sha1
 phase step1; wait_host step1
 lap step1_compare
 
 # --- (2) kill -9 the replica mid-run, restart it, resync
-fio --name=s2 --filename="$DEV" $FIO --offset=12M --size=12M --output=fio2.txt > /dev/null 2>&1 &
+fio --name=s2 --filename="$DEV" $FIO --offset=8M --size=8M --output=fio2.txt > /dev/null 2>&1 &
 FIOPID=$!
-wait_writes 300
+wait_writes 200
 phase kill-replica; wait_host kill-replica
 lap step2_until_replica_killed
 T=$(now)
 wait_sync degraded 30
 awk -v a="$T" -v b="$(now)" 'BEGIN {{ printf "%.2f", b - a }}' > degraded_after
 kill -0 "$FIOPID" 2> /dev/null; echo $? > fio2_running_degraded
-wait_writes 300
+wait_writes 200
 field '.dirty_bytes' > dirty_while_degraded
 lap step2_degraded_writes
 phase restart-replica; wait_host restart-replica
@@ -308,9 +309,9 @@ phase step2; wait_host step2
 lap step2_resync_compare
 
 # --- (3) kill -9 the primary mid-run, restart it with ublk user recovery
-fio --name=s3 --filename="$DEV" $FIO --offset=24M --size=8M --output=fio3.txt > /dev/null 2>&1 &
+fio --name=s3 --filename="$DEV" $FIO --offset=16M --size=8M --output=fio3.txt > /dev/null 2>&1 &
 FIOPID=$!
-wait_writes 300
+wait_writes 200
 kill -0 "$FIOPID" 2> /dev/null; echo $? > fio3_running_at_kill
 kill -9 "$PID"; wait "$PID" 2> /dev/null
 writes_done > writes_at_kill
@@ -321,7 +322,7 @@ kill -0 "$FIOPID" 2> /dev/null; echo $? > fio3_held
 writes_done > writes_while_dead
 OLD=$DEV
 T=$(now)
-start_primary --recover "$ID"
+start_primary --ublk-id "$ID"
 awk -v a="$T" -v b="$(now)" 'BEGIN {{ printf "%.2f", b - a }}' > recover_took
 [ "$DEV" = "$OLD" ]; echo $? > same_dev
 lap step3_recover
@@ -555,6 +556,13 @@ fn mirrored_ublk_device_survives_replica_and_primary_kill() {
     assert!(r("fio3.txt").contains("err= 0"), "{}", r("fio3.txt"));
     let st3: serde_json::Value = serde_json::from_str(&r("status3.json")).expect("status3 JSON");
     eprintln!("step 3 resync: {}", st3["resync"]);
+    for f in ["replica_status2.json", "replica_status3.json"] {
+        let v: serde_json::Value = serde_json::from_str(&r(f)).unwrap_or_default();
+        eprintln!(
+            "{f}: role {}, sync {}, connection {}",
+            v["role"], v["sync"], v["connection"]
+        );
+    }
     assert_eq!(
         r("sha3"),
         host_sha[2],
