@@ -46,6 +46,8 @@ use crate::vmm::{Vmm, VmmError, VmmOp};
 
 /// How often membership is ticked.
 const TICK: Duration = Duration::from_millis(100);
+/// A gap between two membership ticks this long means the process was not scheduled.
+const STALL: Duration = Duration::from_millis(500);
 /// Timeout of one call to a peer's API (connect + request).
 const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(3);
 /// A proposal not committed within this long is dropped.
@@ -707,9 +709,30 @@ impl Ctl {
     async fn tick_loop(self: Arc<Self>) {
         let mut iv = tokio::time::interval(TICK);
         iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_tick: Option<Instant> = None;
+        let mut deferred = false;
         loop {
             iv.tick().await;
             let now = Instant::now();
+            // After this process was not scheduled for a while (CPU starvation, a stopped
+            // process, a slow VM host), every channel looks silent only because the
+            // receivers have not run yet: judge once they caught up (one tick later), so a
+            // pause of our own is never taken for isolation or a peer's death. At most one
+            // tick in a row is deferred, so a host that is really cut off still fences.
+            let gap = last_tick.map(|t| now.saturating_duration_since(t));
+            last_tick = Some(now);
+            if let Some(gap) = gap
+                && gap >= STALL
+                && !deferred
+            {
+                deferred = true;
+                tracing::warn!(
+                    gap_ms = gap.as_millis() as u64,
+                    "the controller was not scheduled for {gap:?}; judging membership after the receivers caught up"
+                );
+                continue;
+            }
+            deferred = false;
             let (events, decisions, redundancy_change) = {
                 let mut st = self.st();
                 st.tick += 1;
