@@ -87,6 +87,7 @@ function stats(key,   n, i, j, t, a) {
     return n
 }
 function num(v, unit) {   # v in µs for unit "lat", else a plain number
+    if (unit == "r") return sprintf("%.3f", v)
     if (unit == "lat") return v >= 1000 ? sprintf("%.2f ms", v / 1000) : sprintf("%.0f us", v)
     if (v >= 100) return sprintf("%.0f", v)
     return sprintf("%.1f", v)
@@ -107,7 +108,8 @@ function row(env, job, metric, label, unit, devs, nd,   d, i, out) {
     if ($1 == "H") { kv($0); runs = R["runs"]; rt = R["rt"]; ramp = R["ramp"]; fsz = R["fsz"]; hmb = R["hmb"]; rmb = R["rmb"]; next }
     if ($1 == "R") { kv($0); for (m in R) if (m != "run" && m != "env" && m != "dev" && m != "job") add(R["env"] SUBSEP R["dev"] SUBSEP R["job"] SUBSEP m, R[m]); have[R["env"], R["dev"]] = 1; envs[R["env"]] = 1 }
     else if ($1 == "N") { kv($0); add(R["env"] SUBSEP "net" SUBSEP R["key"], R["value"]); envs[R["env"]] = 1 }
-    else if ($1 == "Y") { kv($0); add("y" SUBSEP "written", R["written"]); add("y" SUBSEP "dirty", R["dirty"]); add("y" SUBSEP "resync", R["resync"]); add("y" SUBSEP "wire", R["wire"]); add("y" SUBSEP "ratio", R["dirty"] + 0 > 0 ? R["resync"] / R["dirty"] : ""); envs["host"] = 1 }
+    else if ($1 == "Y") { kv($0); add("y" SUBSEP "written", R["written"]); add("y" SUBSEP "dirty", R["dirty"]); add("y" SUBSEP "resync", R["resync"]); add("y" SUBSEP "wire", R["wire"]); if (R["written"] + 0 > 0) { add("y" SUBSEP "ratio", R["resync"] / R["written"]); add("y" SUBSEP "wratio", R["wire"] / R["written"]) }; if (R["dirty"] + 0 > 0) add("y" SUBSEP "bratio", R["resync"] / R["dirty"]); envs["host"] = 1 }
+    else if ($1 == "C") { kv($0); ncmp++; if (R["identical"] == "yes") nsame++ }
     else if ($1 == "S") { kv($0); r = $0; sub(/^S +env=[^ ]+ +dev=[^ ]+ */, "", r); if (!((R["env"], R["dev"]) in skip)) skip[R["env"], R["dev"]] = r; envs[R["env"]] = 1 }
 }
 function status(env, dev, name) {
@@ -156,8 +158,10 @@ END {
         }
         printf "\n  resync efficiency (link cut, %d MiB of scattered distinct 4k blocks written, link back):\n", rmb
         if (cnt["y" SUBSEP "ratio"]) {
-            printf "    written %s B, dirty (bitmap) %s B, resynced (engine counter) %s B, on the wire %s B\n", cell("y" SUBSEP "written"), cell("y" SUBSEP "dirty"), cell("y" SUBSEP "resync"), cell("y" SUBSEP "wire")
-            printf "    resynced / dirty = %s\n", cell("y" SUBSEP "ratio")
+            printf "    dirty = written by the client %s B; the bitmap said %s B dirty\n", cell("y" SUBSEP "written"), cell("y" SUBSEP "dirty")
+            printf "    resynced (engine'\''s resync payload counter) %s B; both ALs carried %s B (rx+tx, headers included)\n", cell("y" SUBSEP "resync"), cell("y" SUBSEP "wire")
+            printf "    resynced / dirty = %s   (resynced / bitmap = %s, wire / dirty = %s)\n", cell("y" SUBSEP "ratio", "r"), cell("y" SUBSEP "bratio", "r"), cell("y" SUBSEP "wratio", "r")
+            printf "    copies byte-identical after the resync (cmp of both backing files): %d of %d runs\n", nsame, ncmp
         } else if (("host", "resync") in skip) printf "    not run: %s\n", skip["host", "resync"]
         else printf "    not run (no results)\n"
     }
@@ -380,19 +384,98 @@ host_run() {  # host_run RUN
 }
 
 # mirrored NBD + resync efficiency (needs the mirror engine)
+mirror_cli_check() {
+    "$BIN" --help 2>&1 | grep -qE '^ +run ' || { echo "this ublk-mirror has no 'run' subcommand (mirror engine not merged yet)"; return 1; }
+    "$BIN" run --help 2>&1 | grep -q -- '--config' || { echo "'ublk-mirror run' takes no --config"; return 1; }
+    "$BIN" --help 2>&1 | grep -qE '^ +create-meta ' || { echo "this ublk-mirror has no 'create-meta' subcommand"; return 1; }
+}
+mstatus() { "$BIN" status --json --socket "$1" 2>/dev/null; }   # mstatus CONTROL-SOCKET
+# wait_status SOCK SECS JQ-CONDITION: poll the daemon's status until the condition holds
+wait_status() {
+    local i
+    for ((i = 0; i < $2 * 5; i++)); do
+        mstatus "$1" | jq -e "$3" >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    return 1
+}
+# mirror_conf FILE EXTRA-TOML HOST ROLE BACKING META SECRET CTL LISTEN=PEER... : a daemon config
+mirror_conf() {
+    local f=$1 extra=$2 host=$3 role=$4 backing=$5 meta=$6 secret=$7 ctl=$8 l; shift 8
+    {
+        printf 'resource = "bench"\nhost = "%s"\nrole = "%s"\nbacking = "%s"\nmeta = "%s"\n' "$host" "$role" "$backing" "$meta"
+        printf 'pool_secret_file = "%s"\ncontrol_socket = "%s"\n' "$secret" "$ctl"
+        [[ -n $extra ]] && printf '%s\n' "$extra"
+        for l in "$@"; do printf '\n[[link]]\nlisten = "%s"\npeer = "%s"\n' "${l%=*}" "${l#*=}"; done
+    } > "$f"
+}
 host_mirror() {
-    local r=$1 H=$2 why
+    local r=$1 H=$2 why pa pb id gen s wire0 wire1 dirty resync
     if ! why=$(mirror_cli_check); then
         echo "S env=host dev=mirror $why" >> "$RESULTS"
         echo "S env=host dev=resync $why" >> "$RESULTS"
         return 0
     fi
-    echo "S env=host dev=mirror not written yet" >> "$RESULTS"
-    echo "S env=host dev=resync not written yet" >> "$RESULTS"
-}
-mirror_cli_check() {
-    "$BIN" --help 2>&1 | grep -qE '^ +run ' || { echo "this ublk-mirror has no 'run' subcommand (mirror engine not merged yet)"; return 1; }
-    "$BIN" run --help 2>&1 | grep -q -- '--config' || { echo "'ublk-mirror run' takes no --config"; return 1; }
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$SHM/secret"
+    dd if=/dev/zero of="$SHM/a.img" bs=1M count="$HOST_MB" status=none
+    dd if=/dev/zero of="$SHM/b.img" bs=1M count="$HOST_MB" status=none
+    # both copies are zeroed: the same data generation on both skips the first full sync
+    id=0x$(od -An -tx8 -N8 /dev/urandom | tr -d ' ') gen=0x1$(od -An -tx4 -N4 /dev/urandom | tr -d ' ')
+    for s in a b; do
+        "$BIN" create-meta --meta "$SHM/$s.meta" --backing "$SHM/$s.img" --device-id "$id" --consistent \
+            --generation "$gen" >> "$H/host.log" 2>&1 || {
+            echo "S env=host dev=mirror create-meta failed: $(tail -n 2 "$H/host.log" | tr '\n' ' ')" >> "$RESULTS"; return 0; }
+    done
+    mirror_conf "$SHM/b.toml" "" b secondary "$SHM/b.img" "$SHM/b.meta" "$SHM/secret" "$SHM/b.ctl" \
+        10.250.2.2:7789=10.250.2.1:7789 10.250.3.2:7789=10.250.3.1:7789
+    mirror_conf "$SHM/a.toml" "nbd = \"$SHM/a.sock\"" a primary "$SHM/a.img" "$SHM/a.meta" "$SHM/secret" "$SHM/a.ctl" \
+        10.250.2.1:7789=10.250.2.2:7789 10.250.3.1:7789=10.250.3.2:7789
+    cp "$SHM/a.toml" "$SHM/b.toml" "$H/"
+    ip netns exec "$HNS_B" "$BIN" run --config "$SHM/b.toml" >>"$H/mirror-b.log" 2>&1 & pb=$!; pids+=("$pb")
+    ip netns exec "$HNS_A" "$BIN" run --config "$SHM/a.toml" >>"$H/mirror-a.log" 2>&1 & pa=$!; pids+=("$pa")
+    if ! wait_socket "$SHM/a.sock" "$pa" 30 || ! wait_status "$SHM/a.ctl" 30 '.connection == "connected" and .sync == "in-sync"'; then
+        why="the mirror did not come up connected and in sync: $(mstatus "$SHM/a.ctl" | jq -c '{connection, sync, refused}' 2>/dev/null) $(tail -n 3 "$H/mirror-a.log" | tr '\n' ' ')"
+        echo "S env=host dev=mirror $why" >> "$RESULTS"; echo "S env=host dev=resync $why" >> "$RESULTS"
+        stop_pid "$pa"; stop_pid "$pb"; return 0
+    fi
+    log "run $r/$runs host: mirrored NBD"
+    host_fio "$r" mirror "nbd+unix:///?socket=$SHM/a.sock" "$H"
+    mstatus "$SHM/a.ctl" > "$H/status-after-fio.json"
+
+    # resync efficiency: cut both links, write scattered distinct 4k blocks, reconnect
+    log "run $r/$runs host: resync efficiency ($RESYNC_MB MiB of scattered 4k blocks while degraded)"
+    wait_status "$SHM/a.ctl" 60 '.sync == "in-sync" and .in_flight == 0' || log "mirror not idle/in sync before the resync test"
+    ip -n "$HNS_A" link set al1 down; ip -n "$HNS_A" link set al2 down
+    if ! wait_status "$SHM/a.ctl" 30 '.sync == "degraded"'; then
+        # an idle mirror may only notice on the next write: that write then waits out peer_timeout
+        log "not degraded yet while idle; the first write will wait for the peer timeout"
+    fi
+    local before_dirty; before_dirty=$(mstatus "$SHM/a.ctl" | jq -r '.dirty_bytes')
+    # randommap (fio's default): every 4k block is written once -> exactly RESYNC_MB distinct MiB
+    fio --name=scatter --ioengine=nbd --uri="nbd+unix:///?socket=$SHM/a.sock" --rw=randwrite --bs=4k \
+        --iodepth=16 --size="${HOST_MB}M" --io_size="${RESYNC_MB}M" --randrepeat=0 \
+        --output-format=json --output="$H/scatter.json" >>"$H/host.log" 2>&1 || log "scatter write failed"
+    wait_status "$SHM/a.ctl" 30 '.sync == "degraded"' || log "mirror never reported degraded"
+    mstatus "$SHM/a.ctl" > "$H/status-degraded.json"
+    dirty=$(jq -r '.dirty_bytes' "$H/status-degraded.json")
+    wire0=$(ip netns exec "$HNS_A" cat /sys/class/net/al1/statistics/tx_bytes /sys/class/net/al1/statistics/rx_bytes \
+        /sys/class/net/al2/statistics/tx_bytes /sys/class/net/al2/statistics/rx_bytes | awk '{s += $1} END {print s}')
+    local runs0; runs0=$(jq -r '.resync.runs' "$H/status-degraded.json")
+    ip -n "$HNS_A" link set al1 up; ip -n "$HNS_A" link set al2 up
+    ip -n "$HNS_B" link set al1 up; ip -n "$HNS_B" link set al2 up
+    if wait_status "$SHM/a.ctl" 180 ".connection == \"connected\" and .sync == \"in-sync\" and .resync.runs > $runs0"; then
+        wire1=$(ip netns exec "$HNS_A" cat /sys/class/net/al1/statistics/tx_bytes /sys/class/net/al1/statistics/rx_bytes \
+            /sys/class/net/al2/statistics/tx_bytes /sys/class/net/al2/statistics/rx_bytes | awk '{s += $1} END {print s}')
+        mstatus "$SHM/a.ctl" > "$H/status-resynced.json"
+        resync=$(jq -r '.resync.last_transferred_bytes' "$H/status-resynced.json")
+        echo "Y run=$r written=$((RESYNC_MB * 1048576)) dirty=$dirty resync=$resync wire=$((wire1 - wire0)) dirty_before=$before_dirty" >> "$RESULTS"
+        # the copies must be identical after the resync (I/O is stopped: the primary is idle)
+        if cmp -s "$SHM/a.img" "$SHM/b.img"; then echo "C run=$r identical=yes" >> "$RESULTS"
+        else echo "C run=$r identical=no" >> "$RESULTS"; log "the copies differ after the resync"; fi
+    else
+        echo "S env=host dev=resync no in-sync after reconnecting: $(mstatus "$SHM/a.ctl" | jq -c '{connection, sync, resync}' 2>/dev/null)" >> "$RESULTS"
+    fi
+    stop_pid "$pa"; stop_pid "$pb"
 }
 
 # ---------------------------------------------------------------------------------------
