@@ -29,6 +29,8 @@
 #   --quick        smoke run: 4 s per fio job after 1 s ramp, 256 MiB disks, 3 s iperf3
 #   --runtime S    measured seconds per fio job (default 10, after a 2 s ramp)
 #   --guest-only / --host-only   one part only
+# Environment: UBLK_MIRROR_BIN=PATH benchmarks that binary instead of building this tree's
+#   (release) ublk-mirror; it must be visible in the guest (not under /tmp).
 # Results (fio JSON, logs, consoles, RESULT lines) stay in target/bench-mirror/<stamp>/.
 # Everything else it creates (namespaces, QEMU guests, daemons, tmpfs files) is removed on
 # exit, on error and on Ctrl-C. Needs root; runs scripts/setup.sh when a tool is missing.
@@ -108,7 +110,7 @@ function row(env, job, metric, label, unit, devs, nd,   d, i, out) {
     if ($1 == "H") { kv($0); runs = R["runs"]; rt = R["rt"]; ramp = R["ramp"]; fsz = R["fsz"]; hmb = R["hmb"]; rmb = R["rmb"]; next }
     if ($1 == "R") { kv($0); for (m in R) if (m != "run" && m != "env" && m != "dev" && m != "job") add(R["env"] SUBSEP R["dev"] SUBSEP R["job"] SUBSEP m, R[m]); have[R["env"], R["dev"]] = 1; envs[R["env"]] = 1 }
     else if ($1 == "N") { kv($0); add(R["env"] SUBSEP "net" SUBSEP R["key"], R["value"]); envs[R["env"]] = 1 }
-    else if ($1 == "Y") { kv($0); add("y" SUBSEP "written", R["written"]); add("y" SUBSEP "dirty", R["dirty"]); add("y" SUBSEP "resync", R["resync"]); add("y" SUBSEP "wire", R["wire"]); if (R["written"] + 0 > 0) { add("y" SUBSEP "ratio", R["resync"] / R["written"]); add("y" SUBSEP "wratio", R["wire"] / R["written"]) }; if (R["dirty"] + 0 > 0) add("y" SUBSEP "bratio", R["resync"] / R["dirty"]); envs["host"] = 1 }
+    else if ($1 == "Y") { kv($0); add("y" SUBSEP "written", R["written"]); add("y" SUBSEP "dirty", R["dirty"]); add("y" SUBSEP "resync", R["resync"]); add("y" SUBSEP "wire", R["wire"]); add("y" SUBSEP "ms", R["ms"]); if (R["written"] + 0 > 0) { add("y" SUBSEP "ratio", R["resync"] / R["written"]); add("y" SUBSEP "wratio", R["wire"] / R["written"]) }; if (R["dirty"] + 0 > 0) add("y" SUBSEP "bratio", R["resync"] / R["dirty"]); envs["host"] = 1 }
     else if ($1 == "C") { kv($0); ncmp++; if (R["identical"] == "yes") nsame++ }
     else if ($1 == "S") { kv($0); r = $0; sub(/^S +env=[^ ]+ +dev=[^ ]+ */, "", r); if (!((R["env"], R["dev"]) in skip)) skip[R["env"], R["dev"]] = r; envs[R["env"]] = 1 }
 }
@@ -140,6 +142,14 @@ END {
                 printf "%s %-8s %-8s\n", row("guest", jobs[j], m, k == 1 ? jl[j] : "", u, gd, 3), ratio(b, a), ratio(b, c)
             }
         }
+        printf "\n  the ublk frontend alone (ublk-local over the same brd, no mirror), for reading b/a:\n"
+        if (("guest", "ublk") in have) {
+            for (j = 1; j <= 3; j++) {
+                k = "guest" SUBSEP "ublk" SUBSEP jobs[j] SUBSEP
+                printf "    %-8s %s IOPS, lat p50 %s, p99 %s%s;  ublk-local/raw IOPS %s\n", jl[j], cell(k "iops"), cell(k "p50", "lat"), cell(k "p99", "lat"),
+                    jobs[j] == "seq" ? sprintf(", %s MiB/s", cell(k "mibs")) : "", ratio(med(k "iops"), med("guest" SUBSEP "raw" SUBSEP jobs[j] SUBSEP "iops"))
+            }
+        } else printf "%s", status("guest", "ublk", "    ublk-local")
     }
     if ("host" in envs) {
         printf "\n[host] this machine'\''s kernel, no guest: NBD (fio nbd engine) to files on tmpfs (%d MiB); two network\n", hmb
@@ -161,6 +171,7 @@ END {
             printf "    dirty = written by the client %s B; the bitmap said %s B dirty\n", cell("y" SUBSEP "written"), cell("y" SUBSEP "dirty")
             printf "    resynced (engine'\''s resync payload counter) %s B; both ALs carried %s B (rx+tx, headers included)\n", cell("y" SUBSEP "resync"), cell("y" SUBSEP "wire")
             printf "    resynced / dirty = %s   (resynced / bitmap = %s, wire / dirty = %s)\n", cell("y" SUBSEP "ratio", "r"), cell("y" SUBSEP "bratio", "r"), cell("y" SUBSEP "wratio", "r")
+            printf "    the resync took %s ms after the reconnect\n", cell("y" SUBSEP "ms")
             printf "    copies byte-identical after the resync (cmp of both backing files): %d of %d runs\n", nsame, ncmp
         } else if (("host", "resync") in skip) printf "    not run: %s\n", skip["host", "resync"]
         else printf "    not run (no results)\n"
@@ -202,9 +213,14 @@ done
 if [[ $need_setup = 1 ]]; then log "running scripts/setup.sh"; scripts/setup.sh; fi
 fio --enghelp 2>/dev/null | grep -qw nbd || { [[ $host = 1 ]] && log "this fio has no nbd engine: the host part will not run"; }
 
-log "cargo build --release -p ublk-mirror"
-cargo build --release -p ublk-mirror 2>&1 | tail -n 2 >&2
-BIN=$REPO/target/release/ublk-mirror
+if [[ -n ${UBLK_MIRROR_BIN:-} ]]; then
+    BIN=$(readlink -f "$UBLK_MIRROR_BIN")
+    log "using $BIN (UBLK_MIRROR_BIN)"
+else
+    log "cargo build --release -p ublk-mirror"
+    cargo build --release -p ublk-mirror 2>&1 | tail -n 2 >&2
+    BIN=$REPO/target/release/ublk-mirror
+fi
 [[ -x $BIN ]] || { echo "bench-mirror.sh: no $BIN after the build" >&2; exit 1; }
 
 stamp=$(date +%Y%m%d-%H%M%S)
@@ -278,6 +294,9 @@ guest_run() {  # guest_run RUN: boots both guests (retries a boot that crashed),
     for attempt in 1 2 3; do
         R=$OUT/guest-run$r; rm -rf "$R"; mkdir -p "$R"
         log "run $r/$runs guest: booting vma and vmb (attempt $attempt)"
+        # the mirror's pool secret and (device id, data generation) shared by both guests
+        head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$R/mirror.secret"
+        echo "0x$(od -An -tx8 -N8 /dev/urandom | tr -d ' ') 0x1$(od -An -tx4 -N4 /dev/urandom | tr -d ' ')" > "$R/mirror.ids"
         local envs=(env "RT=$RT" "RAMP=$RAMP" "RD_MB=$RD_MB" "FIO_SIZE=$FIO_SIZE" "IPERF_S=$IPERF_S" "BIN=$BIN")
         ip netns exec "$NS" scripts/lab/run-vm.sh --hostname vmb --ip 10.251.0.12/24 --net-tap tap1 --mem "$MEM" \
             --share "$R" --console "$R/b.console" --timeout 900 -- "${envs[@]}" bash "$REPO/scripts/lab/bench-mirror-node.sh" b "$R" \
@@ -301,7 +320,7 @@ guest_run() {  # guest_run RUN: boots both guests (retries a boot that crashed),
     done
     if [[ -e $R/a.failed ]]; then echo "S env=guest dev=raw guest a failed: $(head -c 300 "$R/a.failed")" >> "$RESULTS"; fi
     if [[ $ra != 0 && ! -e $R/a.failed ]]; then echo "S env=guest dev=raw guest a exited with $ra (see $R/a.console)" >> "$RESULTS"; fi
-    for dev in raw mirror drbd; do
+    for dev in raw ublk mirror drbd; do
         [[ -e $R/$dev.skipped ]] && echo "S env=guest dev=$dev $(tr '\n' ' ' < "$R/$dev.skipped" | head -c 400)" >> "$RESULTS"
         for j in qd1 qd32 seq; do
             f=$R/$dev-$j.json
@@ -459,16 +478,16 @@ host_mirror() {
     mstatus "$SHM/a.ctl" > "$H/status-degraded.json"
     dirty=$(jq -r '.dirty_bytes' "$H/status-degraded.json")
     wire0=$(ip netns exec "$HNS_A" cat /sys/class/net/al1/statistics/tx_bytes /sys/class/net/al1/statistics/rx_bytes \
-        /sys/class/net/al2/statistics/tx_bytes /sys/class/net/al2/statistics/rx_bytes | awk '{s += $1} END {print s}')
+        /sys/class/net/al2/statistics/tx_bytes /sys/class/net/al2/statistics/rx_bytes | awk '{s += $1} END {printf "%.0f\n", s}')
     local runs0; runs0=$(jq -r '.resync.runs' "$H/status-degraded.json")
     ip -n "$HNS_A" link set al1 up; ip -n "$HNS_A" link set al2 up
     ip -n "$HNS_B" link set al1 up; ip -n "$HNS_B" link set al2 up
     if wait_status "$SHM/a.ctl" 180 ".connection == \"connected\" and .sync == \"in-sync\" and .resync.runs > $runs0"; then
         wire1=$(ip netns exec "$HNS_A" cat /sys/class/net/al1/statistics/tx_bytes /sys/class/net/al1/statistics/rx_bytes \
-            /sys/class/net/al2/statistics/tx_bytes /sys/class/net/al2/statistics/rx_bytes | awk '{s += $1} END {print s}')
+            /sys/class/net/al2/statistics/tx_bytes /sys/class/net/al2/statistics/rx_bytes | awk '{s += $1} END {printf "%.0f\n", s}')
         mstatus "$SHM/a.ctl" > "$H/status-resynced.json"
         resync=$(jq -r '.resync.last_transferred_bytes' "$H/status-resynced.json")
-        echo "Y run=$r written=$((RESYNC_MB * 1048576)) dirty=$dirty resync=$resync wire=$((wire1 - wire0)) dirty_before=$before_dirty" >> "$RESULTS"
+        echo "Y run=$r written=$((RESYNC_MB * 1048576)) dirty=$dirty resync=$resync wire=$((wire1 - wire0)) dirty_before=$before_dirty ms=$(jq -r '.resync.last_duration_ms' "$H/status-resynced.json")" >> "$RESULTS"
         # the copies must be identical after the resync (I/O is stopped: the primary is idle)
         if cmp -s "$SHM/a.img" "$SHM/b.img"; then echo "C run=$r identical=yes" >> "$RESULTS"
         else echo "C run=$r identical=no" >> "$RESULTS"; log "the copies differ after the resync"; fi

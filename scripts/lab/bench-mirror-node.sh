@@ -60,20 +60,81 @@ mirror_stop() {
     wait "$mirror_pid" 2>/dev/null
     mirror_pid=""
 }
-# mirror_supported: prints why not and fails when this binary cannot run the mirror + ublk
+# mirror_supported: prints why not and fails when this binary has no mirror daemon (whether
+# it has the ublk frontend, the daemon itself says when asked for `ublk = true`)
 mirror_supported() {
     [[ -x $BIN ]] || { echo "no ublk-mirror binary at $BIN"; return 1; }
     local h
     h=$("$BIN" --help 2>&1)
     grep -qE '^ +run ' <<<"$h" || { echo "this ublk-mirror has no 'run' subcommand (mirror engine not merged yet)"; return 1; }
+    grep -qE '^ +create-meta ' <<<"$h" || { echo "this ublk-mirror has no 'create-meta' subcommand"; return 1; }
     "$BIN" run --help 2>&1 | grep -q -- '--config' || { echo "'ublk-mirror run' takes no --config"; return 1; }
     return 0
+}
+# mirror_conf FILE HOST ROLE META CTL EXTRA: the daemon's TOML (one link: the guest link)
+mirror_conf() {
+    local me peer
+    if [[ $3 = primary ]]; then me=$A_IP peer=$B_IP; else me=$B_IP peer=$A_IP; fi
+    cat > "$1" <<EOF
+resource = "bench"
+host = "$2"
+role = "$3"
+backing = "/dev/ram0"
+meta = "$4"
+pool_secret_file = "$SECRET"
+control_socket = "$5"
+$6
+
+[[link]]
+listen = "$me:$MPORT"
+peer = "$peer:$MPORT"
+EOF
+}
+mstatus() { "$BIN" status --json --socket "$1" 2>/dev/null; }
+wait_status() {  # wait_status SOCK SECS JQ-CONDITION
+    local i
+    for ((i = 0; i < $2 * 2; i++)); do
+        mstatus "$1" | jq -e "$3" >/dev/null 2>&1 && return 0
+        kill -0 "$mirror_pid" 2>/dev/null || return 1
+        sleep 0.5
+    done
+    return 1
+}
+# create-meta: both copies are zeroed brd disks with the same data generation -> no first sync
+mirror_meta() {  # mirror_meta META
+    local id gen
+    read -r id gen < "$RUN/mirror.ids"
+    "$BIN" create-meta --meta "$1" --backing /dev/ram0 --device-id "$id" --consistent --generation "$gen" --force
 }
 # mirror_replica_start (b) / mirror_primary_start (a, sets MIRROR_DEV to /dev/ublkbN): start
 # the daemon in the background (mirror_pid), wait until it serves; on failure print why.
 MIRROR_DEV=""
-mirror_replica_start() { echo "not written yet (waiting for the engine's CLI)"; return 1; }
-mirror_primary_start() { echo "not written yet (waiting for the engine's CLI)"; return 1; }
+mirror_replica_start() {
+    mirror_meta /run/mbench/b.meta || { echo "create-meta failed"; return 1; }
+    mirror_conf /run/mbench/b.toml vmb secondary /run/mbench/b.meta /run/mbench/b.ctl ""
+    cp /run/mbench/b.toml "$RUN/"
+    "$BIN" run --config /run/mbench/b.toml >> "$RUN/mirror-b.log" 2>&1 &
+    mirror_pid=$!
+    wait_status /run/mbench/b.ctl 30 '.role != null' || { echo "replica daemon not answering: $(tail -n 3 "$RUN/mirror-b.log")"; return 1; }
+}
+mirror_primary_start() {
+    local before d i
+    mirror_meta /run/mbench/a.meta || { echo "create-meta failed"; return 1; }
+    mirror_conf /run/mbench/a.toml vma primary /run/mbench/a.meta /run/mbench/a.ctl "ublk = true"
+    cp /run/mbench/a.toml "$RUN/"
+    before=$(ls /dev/ublkb* 2>/dev/null)
+    "$BIN" run --config /run/mbench/a.toml >> "$RUN/mirror-a.log" 2>&1 &
+    mirror_pid=$!
+    wait_status /run/mbench/a.ctl 60 '.connection == "connected" and .sync == "in-sync"' || {
+        echo "primary not connected and in sync: $(mstatus /run/mbench/a.ctl | jq -c '{connection, sync, refused}' 2>/dev/null) $(tail -n 3 "$RUN/mirror-a.log")"; return 1; }
+    for ((i = 0; i < 100; i++)); do
+        for d in /dev/ublkb*; do
+            [[ -b $d ]] && ! grep -qx "$d" <<<"$before" && { MIRROR_DEV=$d; return 0; }
+        done
+        sleep 0.2
+    done
+    echo "no new /dev/ublkbN appeared"; return 1
+}
 
 drbd_res() {
     cat > "$RES" <<EOF
@@ -143,6 +204,24 @@ runfio() {  # runfio PHASE DEV
 # (a) raw backing device, before anything else writes metadata to it
 runfio raw /dev/ram0
 
+# (a') the ublk frontend alone (ublk-local, no mirror) on the same brd: what ublk costs here
+ublk_phase() {
+    "$BIN" --help 2>&1 | grep -qE '^ +ublk-local ' || { skip ublk "this ublk-mirror has no ublk-local (frontend not merged yet)"; return; }
+    "$BIN" ublk-local --backing /dev/ram0 > /run/mbench/ublk-local.out 2>>"$RUN/ublk-local.log" &
+    mirror_pid=$!
+    local i dev=""
+    for ((i = 0; i < 100; i++)); do
+        dev=$(grep -o '/dev/ublkb[0-9]*' /run/mbench/ublk-local.out 2>/dev/null | head -n 1)
+        [[ -n $dev && -b $dev ]] && break
+        kill -0 "$mirror_pid" 2>/dev/null || break
+        sleep 0.2
+    done
+    if [[ -n $dev && -b $dev ]]; then runfio ublk "$dev"
+    else skip ublk "ublk-local did not create a device: $(tail -n 3 "$RUN/ublk-local.log" | tr '\n' ' ')"; fi
+    mirror_stop
+}
+ublk_phase
+
 # (b) ublk-mirror
 mirror_phase() {
     local why
@@ -154,10 +233,10 @@ mirror_phase() {
     mirror_primary_start > "$RUN/a.mirror.why" 2>&1 || {
         skip mirror "primary did not start: $(tail -n 5 "$RUN/a.mirror.why" | tr '\n' ' ')"; mirror_stop; return; }
     dev=$MIRROR_DEV
-    log "mirror: primary on $dev; $("$BIN" status --json --socket /run/mbench/a.ctl 2>&1 | head -c 600)"
-    "$BIN" status --json --socket /run/mbench/a.ctl > "$RUN/mirror-status-before.json" 2>&1
+    log "mirror: primary on $dev"
+    mstatus /run/mbench/a.ctl > "$RUN/mirror-status-before.json"
     runfio mirror "$dev"
-    "$BIN" status --json --socket /run/mbench/a.ctl > "$RUN/mirror-status-after.json" 2>&1
+    mstatus /run/mbench/a.ctl > "$RUN/mirror-status-after.json"
     mirror_stop
 }
 mirror_phase
