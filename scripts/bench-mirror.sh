@@ -63,6 +63,8 @@ else
 fi
 GUEST_KVER=6.12.107+deb12-amd64
 
+export NO_COLOR=1
+plain() { sed 's/\x1b\[[0-9;]*m//g' | tr '\n' ' ' | head -c 400; }   # log tail -> one plain line
 log() { printf '[bench-mirror %s] %s\n' "$(date +%T)" "$*" >&2; }
 
 # ---------------------------------------------------------------------------------------
@@ -90,6 +92,7 @@ function stats(key,   n, i, j, t, a) {
 }
 function num(v, unit) {   # v in µs for unit "lat", else a plain number
     if (unit == "r") return sprintf("%.3f", v)
+    if (unit == "b") return sprintf("%.0f", v)
     if (unit == "lat") return v >= 1000 ? sprintf("%.2f ms", v / 1000) : sprintf("%.0f us", v)
     if (v >= 100) return sprintf("%.0f", v)
     return sprintf("%.1f", v)
@@ -110,7 +113,7 @@ function row(env, job, metric, label, unit, devs, nd,   d, i, out) {
     if ($1 == "H") { kv($0); runs = R["runs"]; rt = R["rt"]; ramp = R["ramp"]; fsz = R["fsz"]; hmb = R["hmb"]; rmb = R["rmb"]; next }
     if ($1 == "R") { kv($0); for (m in R) if (m != "run" && m != "env" && m != "dev" && m != "job") add(R["env"] SUBSEP R["dev"] SUBSEP R["job"] SUBSEP m, R[m]); have[R["env"], R["dev"]] = 1; envs[R["env"]] = 1 }
     else if ($1 == "N") { kv($0); add(R["env"] SUBSEP "net" SUBSEP R["key"], R["value"]); envs[R["env"]] = 1 }
-    else if ($1 == "Y") { kv($0); add("y" SUBSEP "written", R["written"]); add("y" SUBSEP "dirty", R["dirty"]); add("y" SUBSEP "resync", R["resync"]); add("y" SUBSEP "wire", R["wire"]); add("y" SUBSEP "ms", R["ms"]); if (R["written"] + 0 > 0) { add("y" SUBSEP "ratio", R["resync"] / R["written"]); add("y" SUBSEP "wratio", R["wire"] / R["written"]) }; if (R["dirty"] + 0 > 0) add("y" SUBSEP "bratio", R["resync"] / R["dirty"]); envs["host"] = 1 }
+    else if ($1 == "Y") { kv($0); add("y" SUBSEP "written", R["written"]); add("y" SUBSEP "dirty", R["dirty"]); add("y" SUBSEP "resync", R["resync"]); add("y" SUBSEP "wire", R["wire"]); add("y" SUBSEP "ms", R["ms"]); add("y" SUBSEP "d0", R["dirty_before"]); if (R["written"] + 0 > 0) { add("y" SUBSEP "ratio", R["resync"] / R["written"]); add("y" SUBSEP "wratio", R["wire"] / R["written"]) }; if (R["dirty"] + 0 > 0) add("y" SUBSEP "bratio", R["resync"] / R["dirty"]); envs["host"] = 1 }
     else if ($1 == "C") { kv($0); ncmp++; if (R["identical"] == "yes") nsame++ }
     else if ($1 == "S") { kv($0); r = $0; sub(/^S +env=[^ ]+ +dev=[^ ]+ */, "", r); if (!((R["env"], R["dev"]) in skip)) skip[R["env"], R["dev"]] = r; envs[R["env"]] = 1 }
 }
@@ -168,10 +171,10 @@ END {
         }
         printf "\n  resync efficiency (link cut, %d MiB of scattered distinct 4k blocks written, link back):\n", rmb
         if (cnt["y" SUBSEP "ratio"]) {
-            printf "    dirty = written by the client %s B; the bitmap said %s B dirty\n", cell("y" SUBSEP "written"), cell("y" SUBSEP "dirty")
-            printf "    resynced (engine'\''s resync payload counter) %s B; both ALs carried %s B (rx+tx, headers included)\n", cell("y" SUBSEP "resync"), cell("y" SUBSEP "wire")
+            printf "    dirty = written by the client %s B; the bitmap said %s B dirty (%s B right after the cut)\n", cell("y" SUBSEP "written", "b"), cell("y" SUBSEP "dirty", "b"), cell("y" SUBSEP "d0", "b")
+            printf "    resynced (engine'\''s resync payload counter) %s B; both ALs carried %s B (rx+tx, headers included)\n", cell("y" SUBSEP "resync", "b"), cell("y" SUBSEP "wire", "b")
             printf "    resynced / dirty = %s   (resynced / bitmap = %s, wire / dirty = %s)\n", cell("y" SUBSEP "ratio", "r"), cell("y" SUBSEP "bratio", "r"), cell("y" SUBSEP "wratio", "r")
-            printf "    the resync took %s ms after the reconnect\n", cell("y" SUBSEP "ms")
+            printf "    the resync took %s ms after the reconnect\n", cell("y" SUBSEP "ms", "b")
             printf "    copies byte-identical after the resync (cmp of both backing files): %d of %d runs\n", nsame, ncmp
         } else if (("host", "resync") in skip) printf "    not run: %s\n", skip["host", "resync"]
         else printf "    not run (no results)\n"
@@ -393,7 +396,7 @@ host_run() {  # host_run RUN
         log "run $r/$runs host: local NBD"
         host_fio "$r" local "nbd+unix:///bench?socket=$SHM/local.sock" "$H"
     else
-        echo "S env=host dev=local nbd-local did not start: $(tail -n 3 "$H/nbd-local.log" | tr '\n' ' ')" >> "$RESULTS"
+        echo "S env=host dev=local nbd-local did not start: $(tail -n 3 "$H/nbd-local.log" | plain)" >> "$RESULTS"
     fi
     stop_pid "$p"
     rm -f "$SHM/local.img"
@@ -411,9 +414,9 @@ mirror_cli_check() {
 mstatus() { "$BIN" status --json --socket "$1" 2>/dev/null; }   # mstatus CONTROL-SOCKET
 # wait_status SOCK SECS JQ-CONDITION: poll the daemon's status until the condition holds
 wait_status() {
-    local i
+    local i out
     for ((i = 0; i < $2 * 5; i++)); do
-        mstatus "$1" | jq -e "$3" >/dev/null 2>&1 && return 0
+        out=$(mstatus "$1") && [[ -n $out ]] && jq -e "$3" <<<"$out" >/dev/null 2>&1 && return 0   # (jq 1.6 -e is 0 on no input)
         sleep 0.2
     done
     return 1
@@ -443,7 +446,7 @@ host_mirror() {
     for s in a b; do
         "$BIN" create-meta --meta "$SHM/$s.meta" --backing "$SHM/$s.img" --device-id "$id" --consistent \
             --generation "$gen" >> "$H/host.log" 2>&1 || {
-            echo "S env=host dev=mirror create-meta failed: $(tail -n 2 "$H/host.log" | tr '\n' ' ')" >> "$RESULTS"; return 0; }
+            echo "S env=host dev=mirror create-meta failed: $(tail -n 2 "$H/host.log" | plain)" >> "$RESULTS"; return 0; }
     done
     mirror_conf "$SHM/b.toml" "" b secondary "$SHM/b.img" "$SHM/b.meta" "$SHM/secret" "$SHM/b.ctl" \
         10.250.2.2:7789=10.250.2.1:7789 10.250.3.2:7789=10.250.3.1:7789
@@ -453,7 +456,7 @@ host_mirror() {
     ip netns exec "$HNS_B" "$BIN" run --config "$SHM/b.toml" >>"$H/mirror-b.log" 2>&1 & pb=$!; pids+=("$pb")
     ip netns exec "$HNS_A" "$BIN" run --config "$SHM/a.toml" >>"$H/mirror-a.log" 2>&1 & pa=$!; pids+=("$pa")
     if ! wait_socket "$SHM/a.sock" "$pa" 30 || ! wait_status "$SHM/a.ctl" 30 '.connection == "connected" and .sync == "in-sync"'; then
-        why="the mirror did not come up connected and in sync: $(mstatus "$SHM/a.ctl" | jq -c '{connection, sync, refused}' 2>/dev/null) $(tail -n 3 "$H/mirror-a.log" | tr '\n' ' ')"
+        why="the mirror did not come up connected and in sync: $(mstatus "$SHM/a.ctl" | jq -c '{connection, sync, refused}' 2>/dev/null) $(tail -n 3 "$H/mirror-a.log" | plain)"
         echo "S env=host dev=mirror $why" >> "$RESULTS"; echo "S env=host dev=resync $why" >> "$RESULTS"
         stop_pid "$pa"; stop_pid "$pb"; return 0
     fi
@@ -463,18 +466,18 @@ host_mirror() {
 
     # resync efficiency: cut both links, write scattered distinct 4k blocks, reconnect
     log "run $r/$runs host: resync efficiency ($RESYNC_MB MiB of scattered 4k blocks while degraded)"
-    wait_status "$SHM/a.ctl" 60 '.sync == "in-sync" and .in_flight == 0' || log "mirror not idle/in sync before the resync test"
+    # Start clean: a flush through the export makes every earlier write durable on both sides
+    # (the engine marks ranges the peer acknowledged but had not flushed yet as dirty when the
+    # link is lost, like DRBD's transfer log, so without it the last job's writes would count).
+    qemu-io -f raw -c flush "nbd+unix:///?socket=$SHM/a.sock" >>"$H/host.log" 2>&1 || log "flush through NBD failed"
+    wait_status "$SHM/a.ctl" 60 '.sync == "in-sync" and .in_flight == 0 and .dirty_bytes == 0' || log "mirror not idle/in sync before the resync test"
     ip -n "$HNS_A" link set al1 down; ip -n "$HNS_A" link set al2 down
-    if ! wait_status "$SHM/a.ctl" 30 '.sync == "degraded"'; then
-        # an idle mirror may only notice on the next write: that write then waits out peer_timeout
-        log "not degraded yet while idle; the first write will wait for the peer timeout"
-    fi
+    wait_status "$SHM/a.ctl" 30 '.sync == "degraded"' || log "the idle primary did not notice the cut links within 30 s"
     local before_dirty; before_dirty=$(mstatus "$SHM/a.ctl" | jq -r '.dirty_bytes')
     # randommap (fio's default): every 4k block is written once -> exactly RESYNC_MB distinct MiB
     fio --name=scatter --ioengine=nbd --uri="nbd+unix:///?socket=$SHM/a.sock" --rw=randwrite --bs=4k \
         --iodepth=16 --size="${HOST_MB}M" --io_size="${RESYNC_MB}M" --randrepeat=0 \
         --output-format=json --output="$H/scatter.json" >>"$H/host.log" 2>&1 || log "scatter write failed"
-    wait_status "$SHM/a.ctl" 30 '.sync == "degraded"' || log "mirror never reported degraded"
     mstatus "$SHM/a.ctl" > "$H/status-degraded.json"
     dirty=$(jq -r '.dirty_bytes' "$H/status-degraded.json")
     wire0=$(ip netns exec "$HNS_A" cat /sys/class/net/al1/statistics/tx_bytes /sys/class/net/al1/statistics/rx_bytes \

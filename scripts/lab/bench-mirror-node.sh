@@ -22,6 +22,8 @@ C="drbdadm -c $RES"
 SECRET=$RUN/mirror.secret
 MPORT=7800
 
+export NO_COLOR=1
+plain() { sed 's/\x1b\[[0-9;]*m//g' | tr '\n' ' ' | head -c 400; }   # log tail -> one plain line
 log() { echo "[$ROLE $(cut -d' ' -f1 /proc/uptime)s] $*" >> "$RUN/$ROLE.log"; }
 die() { log "FATAL: $*"; echo "$*" > "$RUN/$ROLE.failed"; [[ $ROLE = a ]] && touch "$RUN/a.done"; exit 1; }
 run() { log "+ $*"; "$@" >> "$RUN/$ROLE.log" 2>&1; }
@@ -92,9 +94,9 @@ EOF
 }
 mstatus() { "$BIN" status --json --socket "$1" 2>/dev/null; }
 wait_status() {  # wait_status SOCK SECS JQ-CONDITION
-    local i
+    local i out
     for ((i = 0; i < $2 * 2; i++)); do
-        mstatus "$1" | jq -e "$3" >/dev/null 2>&1 && return 0
+        out=$(mstatus "$1") && [[ -n $out ]] && jq -e "$3" <<<"$out" >/dev/null 2>&1 && return 0   # (jq 1.6 -e is 0 on no input)
         kill -0 "$mirror_pid" 2>/dev/null || return 1
         sleep 0.5
     done
@@ -104,7 +106,8 @@ wait_status() {  # wait_status SOCK SECS JQ-CONDITION
 mirror_meta() {  # mirror_meta META
     local id gen
     read -r id gen < "$RUN/mirror.ids"
-    "$BIN" create-meta --meta "$1" --backing /dev/ram0 --device-id "$id" --consistent --generation "$gen" --force
+    "$BIN" create-meta --meta "$1" --backing /dev/ram0 --device-id "$id" --consistent --generation "$gen" --force \
+        >> "$RUN/$ROLE.log" 2>&1
 }
 # mirror_replica_start (b) / mirror_primary_start (a, sets MIRROR_DEV to /dev/ublkbN): start
 # the daemon in the background (mirror_pid), wait until it serves; on failure print why.
@@ -115,7 +118,7 @@ mirror_replica_start() {
     cp /run/mbench/b.toml "$RUN/"
     "$BIN" run --config /run/mbench/b.toml >> "$RUN/mirror-b.log" 2>&1 &
     mirror_pid=$!
-    wait_status /run/mbench/b.ctl 30 '.role != null' || { echo "replica daemon not answering: $(tail -n 3 "$RUN/mirror-b.log")"; return 1; }
+    wait_status /run/mbench/b.ctl 30 '.role != null' || { echo "replica daemon not answering: $(tail -n 3 "$RUN/mirror-b.log" | plain)"; return 1; }
 }
 mirror_primary_start() {
     local before d i
@@ -126,14 +129,14 @@ mirror_primary_start() {
     "$BIN" run --config /run/mbench/a.toml >> "$RUN/mirror-a.log" 2>&1 &
     mirror_pid=$!
     wait_status /run/mbench/a.ctl 60 '.connection == "connected" and .sync == "in-sync"' || {
-        echo "primary not connected and in sync: $(mstatus /run/mbench/a.ctl | jq -c '{connection, sync, refused}' 2>/dev/null) $(tail -n 3 "$RUN/mirror-a.log")"; return 1; }
+        echo "primary not connected and in sync: $(mstatus /run/mbench/a.ctl | jq -c '{connection, sync, refused}' 2>/dev/null) $(tail -n 3 "$RUN/mirror-a.log" | plain)"; return 1; }
     for ((i = 0; i < 100; i++)); do
         for d in /dev/ublkb*; do
             [[ -b $d ]] && ! grep -qx "$d" <<<"$before" && { MIRROR_DEV=$d; return 0; }
         done
         sleep 0.2
     done
-    echo "no new /dev/ublkbN appeared"; return 1
+    echo "the primary is connected and in sync but no new /dev/ublkbN appeared (is 'ublk = true' supported by this build?): $(grep -i -E 'ublk|error|warn' "$RUN/mirror-a.log" | tail -n 3 | plain)"; return 1
 }
 
 drbd_res() {
@@ -217,7 +220,7 @@ ublk_phase() {
         sleep 0.2
     done
     if [[ -n $dev && -b $dev ]]; then runfio ublk "$dev"
-    else skip ublk "ublk-local did not create a device: $(tail -n 3 "$RUN/ublk-local.log" | tr '\n' ' ')"; fi
+    else skip ublk "ublk-local did not create a device: $(tail -n 3 "$RUN/ublk-local.log" | plain)"; fi
     mirror_stop
 }
 ublk_phase
@@ -231,7 +234,7 @@ mirror_phase() {
         skip mirror "replica in guest b did not start: $(cat "$RUN/b.mirror.failed" 2>/dev/null || echo timeout)"; return; }
     local dev
     mirror_primary_start > "$RUN/a.mirror.why" 2>&1 || {
-        skip mirror "primary did not start: $(tail -n 5 "$RUN/a.mirror.why" | tr '\n' ' ')"; mirror_stop; return; }
+        skip mirror "primary did not start: $(tail -n 5 "$RUN/a.mirror.why" | plain)"; mirror_stop; return; }
     dev=$MIRROR_DEV
     log "mirror: primary on $dev"
     mstatus /run/mbench/a.ctl > "$RUN/mirror-status-before.json"
