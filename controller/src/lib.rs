@@ -1,4 +1,16 @@
 //! The per-host controller daemon's logic.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod config;
+pub mod events;
+pub mod fence;
+pub mod heartbeat;
 pub mod libvirt;
+pub mod membership;
+pub mod plan;
+pub mod statefile;
+pub mod vmm;
+
+#[cfg(test)]
+mod scenario_tests;

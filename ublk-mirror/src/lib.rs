@@ -21,12 +21,17 @@
 //!
 //! (`rublk` is GPL and is not a source for this code; `libublk` was read for facts only.)
 //!
-//! Modules: [`sys`] — the kernel ABI; [`ctrl`] — the control device (features, …);
-//! [`dev`] — the block-device interface; [`nbd`] — the NBD export of any [`BlockDev`].
+//! Modules: [`sys`] — the kernel ABI; [`ctrl`] — the control device (features, …); [`dev`] —
+//! the block-device interface; [`nbd`] — the NBD export of any [`BlockDev`]; [`meta`] — the
+//! metadata file (bitmap, activity log); [`genid`] — generation identifiers; [`proto`] — the
+//! replication protocol between primary and replica.
 
 pub mod ctrl;
 pub mod dev;
+pub mod genid;
+pub mod meta;
 pub mod nbd;
+pub mod proto;
 pub mod sys;
 
 use std::io;

@@ -1,0 +1,1563 @@
+//! The controller's API: versioned JSON lines over a root-only unix socket (for `eac` on the
+//! host) and over TCP with a pool-secret challenge–response (for `eac` elsewhere and for
+//! peer controllers).
+//!
+//! # Framing
+//! One JSON object per line (`\n`), UTF-8, at most [`MAX_LINE`] bytes. Requests and responses
+//! carry `"v": 1` ([`VERSION`]).
+//!
+//! ```text
+//! → {"v":1,"id":7,"op":"vm.protect","name":"web","level":1}
+//! ← {"v":1,"id":7,"ok":{...}}
+//! ← {"v":1,"id":7,"error":{"code":"plan_broken","message":"...","hint":"..."}}
+//! ```
+//!
+//! The server answers requests of one connection in order. A line that is not JSON, not an
+//! object, lacks `id`, or has bad fields gets `bad_request` (with `"id": null` when the id
+//! could not be read) and the connection stays usable; another `v` gets
+//! `unsupported_version`; an unknown `op` gets `unknown_op`. A line over [`MAX_LINE`] gets
+//! `too_large` and the connection is closed (the stream cannot be resynchronised cheaply).
+//!
+//! `events.follow` turns the connection into an event stream: after its `ok` the server sends
+//! `{"v":1,"event":{...}}` lines (and `{"v":1,"lagged":N}` when the follower fell N events
+//! behind) until the client closes it.
+//!
+//! # Unix socket
+//! Created with mode 0600; every accepted peer's credentials (`SO_PEERCRED`) are checked and a
+//! peer whose uid is not root is answered `forbidden`, logged and disconnected.
+//!
+//! # TCP authentication (before any request)
+//! ```text
+//! ← {"v":1,"challenge":"<64 hex: server nonce, 32 random bytes>"}
+//! → {"v":1,"client_nonce":"<64 hex: 32 random bytes>","proof":"<64 hex>"}
+//!      proof = HMAC-SHA256(pool secret, "eac-api-v1" || server nonce || client nonce)
+//! ← {"v":1,"proof":"<64 hex>"}
+//!      proof = HMAC-SHA256(pool secret, "eac-api-v1 server" || server nonce || client nonce)
+//!    or {"v":1,"id":null,"error":{"code":"unauthenticated",...}} and the connection is closed.
+//! ```
+//! The client checks the server's proof, so it never sends requests to an impostor. The
+//! handshake must complete within [`HANDSHAKE_TIMEOUT`]. Known limit: after the handshake the
+//! lines are neither encrypted nor individually authenticated (someone able to inject into
+//! the TCP stream could alter requests): use the TCP endpoint on the management network only.
+
+use std::{fmt, io::Read, net::SocketAddr, os::unix::fs::PermissionsExt, path::Path, sync::Arc, time::Duration};
+
+use futures::{Stream, future::BoxFuture};
+use hmac::{KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
+    sync::{Semaphore, broadcast},
+};
+
+use crate::events::Event;
+
+/// The API version this build speaks.
+pub const VERSION: u32 = 1;
+/// The longest line a server accepts (1 MiB).
+pub const MAX_LINE: usize = 1 << 20;
+/// The longest line a client accepts (responses can be large: 16 MiB).
+pub const MAX_RESPONSE_LINE: usize = 16 << 20;
+/// Time allowed for the TCP handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once per listener; more are answered `busy` and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The label of the client's proof.
+const CLIENT_LABEL: &[u8] = b"eac-api-v1";
+/// The label of the server's proof.
+const SERVER_LABEL: &[u8] = b"eac-api-v1 server";
+
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
+/// Error codes (`error.code`). Handlers may use others; these are the transport's own and the
+/// common ones.
+pub mod codes {
+    /// The line is not a valid request (JSON, fields); the connection stays usable.
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// `v` is not a version this server speaks.
+    pub const UNSUPPORTED_VERSION: &str = "unsupported_version";
+    /// `op` is not an operation this server knows.
+    pub const UNKNOWN_OP: &str = "unknown_op";
+    /// A line exceeded the size limit; the connection is closed.
+    pub const TOO_LARGE: &str = "too_large";
+    /// Unix-socket peer is not root.
+    pub const FORBIDDEN: &str = "forbidden";
+    /// TCP handshake failed (wrong pool secret, or not an eac client/server).
+    pub const UNAUTHENTICATED: &str = "unauthenticated";
+    /// The server is at its connection limit.
+    pub const BUSY: &str = "busy";
+    /// The handler failed unexpectedly.
+    pub const INTERNAL: &str = "internal";
+    /// Client side: the controller could not be reached.
+    pub const UNREACHABLE: &str = "unreachable";
+    /// Client side: the connection broke or the server answered something unexpected.
+    pub const PROTOCOL: &str = "protocol";
+    /// Client side (event stream): events were missed.
+    pub const LAGGED: &str = "lagged";
+}
+
+/// An operation. On the wire its name is the `op` field and its fields sit beside it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op")]
+pub enum Op {
+    /// The pool: members, membership state, redundancy, plan summary.
+    #[serde(rename = "pool.status")]
+    PoolStatus,
+    /// Hosts with their state and capacity.
+    #[serde(rename = "host.list")]
+    HostList,
+    /// Guests per host, with level, state and health.
+    #[serde(rename = "vm.list")]
+    VmList,
+    /// Protect a guest at a level (admission control may refuse).
+    #[serde(rename = "vm.protect")]
+    VmProtect { name: String, level: u8 },
+    /// Remove a guest's protection.
+    #[serde(rename = "vm.unprotect")]
+    VmUnprotect { name: String },
+    /// The failover plan.
+    #[serde(rename = "plan")]
+    Plan,
+    /// Turn the connection into an event stream (handled by the server itself).
+    #[serde(rename = "events.follow")]
+    EventsFollow,
+    /// The last `limit` events (default: all kept).
+    #[serde(rename = "events.recent")]
+    EventsRecent {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+    },
+    /// Peer to peer: the current pool configuration (JSON) and its epoch.
+    #[serde(rename = "pool.get")]
+    PoolGet,
+    /// Peer to peer: propose pool configuration `config` as `epoch` (phase 1).
+    #[serde(rename = "pool.propose")]
+    PoolPropose { epoch: u64, config: Value },
+    /// Peer to peer: apply the proposal of `epoch` (phase 2).
+    #[serde(rename = "pool.commit")]
+    PoolCommit { epoch: u64 },
+    /// Peer to peer: drop the proposal of `epoch`.
+    #[serde(rename = "pool.abort")]
+    PoolAbort { epoch: u64 },
+    /// An operation without a typed variant yet (extensions; no protocol bump needed).
+    #[serde(rename = "ext")]
+    Ext {
+        name: String,
+        #[serde(default)]
+        args: Value,
+    },
+}
+
+impl Op {
+    /// Every operation name this build knows.
+    pub const NAMES: &'static [&'static str] = &[
+        "pool.status",
+        "host.list",
+        "vm.list",
+        "vm.protect",
+        "vm.unprotect",
+        "plan",
+        "events.follow",
+        "events.recent",
+        "pool.get",
+        "pool.propose",
+        "pool.commit",
+        "pool.abort",
+        "ext",
+    ];
+
+    /// The operation's wire name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::PoolStatus => "pool.status",
+            Op::HostList => "host.list",
+            Op::VmList => "vm.list",
+            Op::VmProtect { .. } => "vm.protect",
+            Op::VmUnprotect { .. } => "vm.unprotect",
+            Op::Plan => "plan",
+            Op::EventsFollow => "events.follow",
+            Op::EventsRecent { .. } => "events.recent",
+            Op::PoolGet => "pool.get",
+            Op::PoolPropose { .. } => "pool.propose",
+            Op::PoolCommit { .. } => "pool.commit",
+            Op::PoolAbort { .. } => "pool.abort",
+            Op::Ext { .. } => "ext",
+        }
+    }
+}
+
+/// Who sent a request (not on the wire; set by the server).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Origin {
+    /// A local process on the unix socket.
+    Unix { uid: u32, pid: Option<i32> },
+    /// An authenticated TCP client (an operator's `eac` or a peer controller).
+    Tcp { peer: SocketAddr },
+    /// Not set (a request built in code).
+    #[default]
+    Unknown,
+}
+
+/// A request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub v: u32,
+    /// Chosen by the client; echoed in the response.
+    pub id: u64,
+    #[serde(flatten)]
+    pub op: Op,
+    #[serde(skip)]
+    pub origin: Origin,
+}
+
+impl Request {
+    pub fn new(id: u64, op: Op) -> Self {
+        Self {
+            v: VERSION,
+            id,
+            op,
+            origin: Origin::Unknown,
+        }
+    }
+}
+
+/// An error as the API reports it: a stable `code`, a `message` for the operator, and a
+/// `hint` saying what to do. Client-side failures (unreachable, broken connection) use the same
+/// type, with the underlying error as `source()`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ApiError {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+    #[serde(skip)]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl ApiError {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+            hint: None,
+            source: None,
+        }
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+}
+
+impl PartialEq for ApiError {
+    fn eq(&self, o: &Self) -> bool {
+        self.code == o.code && self.message == o.message && self.hint == o.hint
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)?;
+        if let Some(h) = &self.hint {
+            write!(f, "; hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ApiError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}
+
+/// The outcome of a request.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    #[serde(rename = "ok")]
+    Ok(Value),
+    #[serde(rename = "error")]
+    Error(ApiError),
+}
+
+/// A response.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub v: u32,
+    /// The request's id; `null` when it could not be read.
+    pub id: Option<u64>,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+impl Response {
+    pub fn ok(id: u64, value: Value) -> Self {
+        Self {
+            v: VERSION,
+            id: Some(id),
+            outcome: Outcome::Ok(value),
+        }
+    }
+
+    pub fn error(id: Option<u64>, error: ApiError) -> Self {
+        Self {
+            v: VERSION,
+            id,
+            outcome: Outcome::Error(error),
+        }
+    }
+}
+
+/// What the daemon implements: answers requests, and supplies events for `events.follow`.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request (every op but `events.follow`). Should not panic; if it does, the
+    /// client gets `internal`.
+    fn handle(&self, req: Request) -> BoxFuture<'static, Response>;
+    /// A receiver of events published from now on.
+    fn events(&self) -> broadcast::Receiver<Event>;
+}
+
+/// Lines the server sends on an event stream.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+enum StreamLine {
+    Event { v: u32, event: Event },
+    Lagged { v: u32, lagged: u64 },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Challenge {
+    v: u32,
+    challenge: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ClientProof {
+    v: u32,
+    client_nonce: String,
+    proof: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ServerProof {
+    v: u32,
+    proof: String,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn nonce() -> std::io::Result<[u8; 32]> {
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b)
+}
+
+fn proof_mac(secret: &[u8], label: &[u8], server: &[u8; 32], client: &[u8; 32]) -> HmacSha256 {
+    // HMAC accepts keys of any length; an empty secret is refused before this is reached.
+    let mut m =
+        <HmacSha256 as KeyInit>::new_from_slice(secret).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    m.update(label);
+    m.update(server);
+    m.update(client);
+    m
+}
+
+/// How a line read ended.
+#[derive(Debug, PartialEq, Eq)]
+enum LineRead {
+    /// A line (without its `\n`) is in the buffer.
+    Complete,
+    /// End of stream (a partial last line is dropped).
+    Eof,
+    /// The line exceeded the limit (its bytes were consumed).
+    TooLong,
+}
+
+/// Reads one line of at most `limit` bytes into `buf` without ever buffering more.
+async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, limit: usize) -> std::io::Result<LineRead> {
+    buf.clear();
+    loop {
+        let avail = r.fill_buf().await?;
+        if avail.is_empty() {
+            return Ok(LineRead::Eof);
+        }
+        match avail.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                let too_long = buf.len() + i > limit;
+                if !too_long {
+                    buf.extend_from_slice(&avail[..i]);
+                }
+                r.consume(i + 1);
+                return Ok(if too_long {
+                    LineRead::TooLong
+                } else {
+                    LineRead::Complete
+                });
+            }
+            None => {
+                let n = avail.len();
+                if buf.len() + n > limit {
+                    r.consume(n);
+                    return Ok(LineRead::TooLong);
+                }
+                buf.extend_from_slice(avail);
+                r.consume(n);
+            }
+        }
+    }
+}
+
+async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, v: &T) -> std::io::Result<()> {
+    let mut s = serde_json::to_vec(v).map_err(std::io::Error::other)?;
+    s.push(b'\n');
+    w.write_all(&s).await?;
+    w.flush().await
+}
+
+/// Parses one request line. `Err` is the response to send instead.
+fn parse_request(line: &[u8]) -> Result<Request, Response> {
+    let bad = |id, msg: String| {
+        Response::error(
+            id,
+            ApiError::new(codes::BAD_REQUEST, msg)
+                .with_hint("send one JSON object per line: {\"v\":1,\"id\":N,\"op\":\"...\", ...}"),
+        )
+    };
+    let v: Value = serde_json::from_slice(line).map_err(|e| bad(None, format!("not JSON: {e}")))?;
+    let Value::Object(obj) = &v else {
+        return Err(bad(None, "a request must be a JSON object".into()));
+    };
+    let id = obj.get("id").and_then(Value::as_u64);
+    match obj.get("v") {
+        Some(x) if x.as_u64() == Some(u64::from(VERSION)) => {}
+        Some(x) => {
+            return Err(Response::error(
+                id,
+                ApiError::new(
+                    codes::UNSUPPORTED_VERSION,
+                    format!("API version {x} is not supported; this controller speaks version {VERSION}"),
+                )
+                .with_hint("use an eac of the same release as the controller"),
+            ));
+        }
+        None => return Err(bad(id, "missing \"v\" (the API version, 1)".into())),
+    }
+    let Some(id) = id else {
+        return Err(bad(None, "missing or invalid \"id\" (a non-negative integer)".into()));
+    };
+    let name = match obj.get("op") {
+        Some(Value::String(s)) => s.clone(),
+        _ => return Err(bad(Some(id), "missing \"op\" (a string)".into())),
+    };
+    if !Op::NAMES.contains(&name.as_str()) {
+        return Err(Response::error(
+            Some(id),
+            ApiError::new(codes::UNKNOWN_OP, format!("unknown operation {name:?}"))
+                .with_hint(format!("known operations: {}", Op::NAMES.join(", "))),
+        ));
+    }
+    let op: Op = serde_json::from_value(v).map_err(|e| bad(Some(id), format!("bad {name} request: {e}")))?;
+    Ok(Request::new(id, op))
+}
+
+/// Serves one connection after authentication: request lines until EOF, an oversized line, or
+/// an event stream that ends.
+async fn serve_lines<S>(stream: S, origin: Origin, handler: Arc<dyn Handler>, peer: String)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (r, mut w) = tokio::io::split(stream);
+    let mut r = BufReader::new(r);
+    let mut buf = Vec::new();
+    loop {
+        let line = match read_line(&mut r, &mut buf, MAX_LINE).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "api: connection read failed");
+                return;
+            }
+        };
+        match line {
+            LineRead::Eof => return,
+            LineRead::TooLong => {
+                tracing::warn!(%peer, limit = MAX_LINE, "api: request line too long; closing the connection");
+                let resp = Response::error(
+                    None,
+                    ApiError::new(
+                        codes::TOO_LARGE,
+                        format!("request line longer than {MAX_LINE} bytes; closing the connection"),
+                    ),
+                );
+                let _ = write_json(&mut w, &resp).await;
+                let _ = w.shutdown().await;
+                return;
+            }
+            LineRead::Complete => {}
+        }
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let mut req = match parse_request(&buf) {
+            Ok(r) => r,
+            Err(resp) => {
+                if let Outcome::Error(e) = &resp.outcome {
+                    tracing::warn!(%peer, code = %e.code, "api: request rejected: {}", e.message);
+                }
+                if write_json(&mut w, &resp).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        req.origin = origin.clone();
+        if req.op == Op::EventsFollow {
+            follow(req.id, &mut r, &mut w, handler.events(), &peer).await;
+            return;
+        }
+        let (id, op) = (req.id, req.op.name());
+        tracing::debug!(%peer, id, op, "api request");
+        let resp = match tokio::spawn(handler.handle(req)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(%peer, id, op, error = %e, "api: handler failed");
+                Response::error(
+                    Some(id),
+                    ApiError::new(codes::INTERNAL, format!("the controller failed while handling {op}"))
+                        .with_hint("see the controller's log"),
+                )
+            }
+        };
+        if write_json(&mut w, &resp).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Streams events until the client closes the connection.
+async fn follow<R, W>(id: u64, r: &mut R, w: &mut W, mut rx: broadcast::Receiver<Event>, peer: &str)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    tracing::debug!(%peer, "api: event follower attached");
+    if write_json(w, &Response::ok(id, serde_json::json!({ "following": true })))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut scratch = [0u8; 512];
+    loop {
+        tokio::select! {
+            ev = rx.recv() => {
+                let line = match ev {
+                    Ok(event) => StreamLine::Event { v: VERSION, event },
+                    Err(broadcast::error::RecvError::Lagged(n)) => StreamLine::Lagged { v: VERSION, lagged: n },
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                if write_json(w, &line).await.is_err() {
+                    break;
+                }
+            }
+            // The client sends nothing more; reading only notices that it went away.
+            n = r.read(&mut scratch) => {
+                if matches!(n, Ok(0) | Err(_)) {
+                    break;
+                }
+            }
+        }
+    }
+    tracing::debug!(%peer, "api: event follower detached");
+}
+
+/// Creates the API's unix socket at `path` with mode 0600, replacing a stale socket file (the
+/// directory is created, mode 0755, if missing). Refuses to replace anything but a socket.
+pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Serves the unix socket, admitting only root peers. Runs until the task is dropped.
+pub async fn serve_unix(listener: UnixListener, handler: Arc<dyn Handler>) {
+    serve_unix_for_uid(listener, handler, 0).await
+}
+
+/// As [`serve_unix`], admitting only peers with uid `allowed_uid` (tests and non-root
+/// deployments; production uses [`serve_unix`]).
+pub async fn serve_unix_for_uid(listener: UnixListener, handler: Arc<dyn Handler>, allowed_uid: u32) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "api: unix accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let handler = handler.clone();
+        let permit = limit.clone().try_acquire_owned();
+        tokio::spawn(async move {
+            let mut stream = stream;
+            let cred = match stream.peer_cred() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "api: cannot read the unix peer's credentials; refused");
+                    return;
+                }
+            };
+            let peer = format!("unix uid={} pid={}", cred.uid(), cred.pid().unwrap_or(-1));
+            if cred.uid() != allowed_uid {
+                tracing::warn!(%peer, "api: unix peer refused: only uid {allowed_uid} may use the controller socket");
+                let resp = Response::error(
+                    None,
+                    ApiError::new(
+                        codes::FORBIDDEN,
+                        format!("uid {} may not use the controller API", cred.uid()),
+                    )
+                    .with_hint("run eac as root (e.g. with sudo)"),
+                );
+                let _ = write_json(&mut stream, &resp).await;
+                return;
+            }
+            let Ok(_permit) = permit else {
+                refuse_busy(&mut stream, &peer).await;
+                return;
+            };
+            let origin = Origin::Unix {
+                uid: cred.uid(),
+                pid: cred.pid(),
+            };
+            serve_lines(stream, origin, handler, peer).await;
+        });
+    }
+}
+
+async fn refuse_busy<W: AsyncWrite + Unpin>(w: &mut W, peer: &str) {
+    tracing::warn!(%peer, max = MAX_CONNECTIONS, "api: connection refused: too many connections");
+    let resp = Response::error(
+        None,
+        ApiError::new(
+            codes::BUSY,
+            format!("the controller serves at most {MAX_CONNECTIONS} connections"),
+        )
+        .with_hint("retry shortly; close idle `eac events --follow` sessions"),
+    );
+    let _ = write_json(w, &resp).await;
+}
+
+/// Serves authenticated TCP clients (pool-secret challenge–response, then JSON lines). Runs
+/// until the task is dropped.
+pub async fn serve_tcp(listener: TcpListener, secret: Vec<u8>, handler: Arc<dyn Handler>) {
+    let secret: Arc<[u8]> = secret.into();
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (mut stream, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "api: tcp accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let handler = handler.clone();
+        let secret = secret.clone();
+        let permit = limit.clone().try_acquire_owned();
+        tokio::spawn(async move {
+            let peer = format!("tcp {addr}");
+            let Ok(_permit) = permit else {
+                refuse_busy(&mut stream, &peer).await;
+                return;
+            };
+            let mut stream = BufReader::new(stream);
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, server_handshake(&mut stream, &secret)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => {
+                    tracing::warn!(%peer, "api: tcp client refused: {reason}");
+                    let resp = Response::error(
+                        None,
+                        ApiError::new(codes::UNAUTHENTICATED, format!("authentication failed: {reason}"))
+                            .with_hint("use the pool secret of this pool (pool_secret_file)"),
+                    );
+                    let _ = write_json(&mut stream, &resp).await;
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "api: tcp client refused: no handshake within {HANDSHAKE_TIMEOUT:?}");
+                    return;
+                }
+            }
+            tracing::debug!(%peer, "api: tcp client authenticated");
+            serve_lines(stream, Origin::Tcp { peer: addr }, handler, peer).await;
+        });
+    }
+}
+
+/// The server's side of the handshake; `Err` is the reason to log.
+async fn server_handshake<S>(s: &mut BufReader<S>, secret: &[u8]) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let server_nonce = nonce().map_err(|e| format!("cannot read random bytes: {e}"))?;
+    write_json(
+        s,
+        &Challenge {
+            v: VERSION,
+            challenge: hex(&server_nonce),
+        },
+    )
+    .await
+    .map_err(|e| format!("cannot send the challenge: {e}"))?;
+    let mut buf = Vec::new();
+    match read_line(s, &mut buf, 4096).await {
+        Ok(LineRead::Complete) => {}
+        Ok(LineRead::Eof) => return Err("closed during the handshake".into()),
+        Ok(LineRead::TooLong) => return Err("oversized handshake line".into()),
+        Err(e) => return Err(format!("read failed: {e}")),
+    }
+    let answer: ClientProof = serde_json::from_slice(&buf).map_err(|e| format!("not a handshake answer ({e})"))?;
+    if answer.v != VERSION {
+        return Err(format!(
+            "client speaks API version {} (this server: {VERSION})",
+            answer.v
+        ));
+    }
+    let client_nonce = unhex32(&answer.client_nonce).ok_or("client_nonce is not 64 hex digits")?;
+    let proof = unhex32(&answer.proof).ok_or("proof is not 64 hex digits")?;
+    if client_nonce == server_nonce {
+        return Err("client_nonce repeats the challenge (reflection)".into());
+    }
+    proof_mac(secret, CLIENT_LABEL, &server_nonce, &client_nonce)
+        .verify_slice(&proof)
+        .map_err(|_| "wrong proof: the client does not have this pool's secret".to_string())?;
+    let mine = proof_mac(secret, SERVER_LABEL, &server_nonce, &client_nonce)
+        .finalize()
+        .into_bytes();
+    write_json(
+        s,
+        &ServerProof {
+            v: VERSION,
+            proof: hex(&mine),
+        },
+    )
+    .await
+    .map_err(|e| format!("cannot send the server proof: {e}"))
+}
+
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
+/// A connection to a controller's API.
+pub struct Client {
+    stream: BufReader<Box<dyn Conn>>,
+    next_id: u64,
+    peer: String,
+    buf: Vec<u8>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client").field("peer", &self.peer).finish()
+    }
+}
+
+fn broken(peer: &str, what: &str, e: std::io::Error) -> ApiError {
+    ApiError::new(
+        codes::PROTOCOL,
+        format!("connection to the controller at {peer} broke while {what}"),
+    )
+    .with_hint("check the controller's log; it may have restarted")
+    .with_source(e)
+}
+
+impl Client {
+    /// Connects to the local controller's unix socket.
+    pub async fn connect_unix(path: &Path) -> Result<Self, ApiError> {
+        let s = UnixStream::connect(path).await.map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::PermissionDenied => "run eac as root (the socket is root-only)".to_string(),
+                _ => format!(
+                    "is eac-controller running on this host? (socket {}; see `api_socket` in its configuration)",
+                    path.display()
+                ),
+            };
+            ApiError::new(
+                codes::UNREACHABLE,
+                format!("cannot connect to the controller at {}", path.display()),
+            )
+            .with_hint(hint)
+            .with_source(e)
+        })?;
+        Ok(Self {
+            stream: BufReader::new(Box::new(s)),
+            next_id: 1,
+            peer: path.display().to_string(),
+            buf: Vec::new(),
+        })
+    }
+
+    /// Connects to a controller's TCP endpoint and authenticates both ways with the pool secret.
+    pub async fn connect_tcp(addr: SocketAddr, secret: &[u8]) -> Result<Self, ApiError> {
+        let peer = addr.to_string();
+        if secret.is_empty() {
+            return Err(ApiError::new(codes::UNAUTHENTICATED, "the pool secret is empty"));
+        }
+        let s = TcpStream::connect(addr).await.map_err(|e| {
+            ApiError::new(
+                codes::UNREACHABLE,
+                format!("cannot connect to the controller at {addr}"),
+            )
+            .with_hint("is the host up and `api_listen` set in its configuration?")
+            .with_source(e)
+        })?;
+        let mut c = Self {
+            stream: BufReader::new(Box::new(s)),
+            next_id: 1,
+            peer,
+            buf: Vec::new(),
+        };
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, c.client_handshake(secret))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    codes::UNREACHABLE,
+                    format!("no handshake from {addr} within {HANDSHAKE_TIMEOUT:?}"),
+                )
+                .with_hint("is this the controller's api_listen address?")
+            })??;
+        Ok(c)
+    }
+
+    async fn client_handshake(&mut self, secret: &[u8]) -> Result<(), ApiError> {
+        let challenge: Challenge = self.read_handshake_line("reading the challenge").await?;
+        let server_nonce = unhex32(&challenge.challenge)
+            .ok_or_else(|| ApiError::new(codes::PROTOCOL, "the server's challenge is not 64 hex digits"))?;
+        let client_nonce = nonce()
+            .map_err(|e| ApiError::new(codes::PROTOCOL, "cannot read random bytes for the handshake").with_source(e))?;
+        let proof = proof_mac(secret, CLIENT_LABEL, &server_nonce, &client_nonce)
+            .finalize()
+            .into_bytes();
+        write_json(
+            &mut self.stream,
+            &ClientProof {
+                v: VERSION,
+                client_nonce: hex(&client_nonce),
+                proof: hex(&proof),
+            },
+        )
+        .await
+        .map_err(|e| broken(&self.peer, "authenticating", e))?;
+        let answer: ServerProof = self.read_handshake_line("authenticating").await?;
+        let theirs = unhex32(&answer.proof)
+            .ok_or_else(|| ApiError::new(codes::PROTOCOL, "the server's proof is not 64 hex digits"))?;
+        proof_mac(secret, SERVER_LABEL, &server_nonce, &client_nonce)
+            .verify_slice(&theirs)
+            .map_err(|_| {
+                ApiError::new(
+                    codes::UNAUTHENTICATED,
+                    format!("the server at {} does not know this pool's secret", self.peer),
+                )
+                .with_hint("check the address: it is not a controller of this pool")
+            })
+    }
+
+    /// Reads a handshake line: `T`, or the server's error response.
+    async fn read_handshake_line<T: serde::de::DeserializeOwned>(&mut self, what: &str) -> Result<T, ApiError> {
+        let line = self.read_raw_line(what).await?;
+        if let Ok(t) = serde_json::from_slice::<T>(&line) {
+            return Ok(t);
+        }
+        match serde_json::from_slice::<Response>(&line) {
+            Ok(Response {
+                outcome: Outcome::Error(e),
+                ..
+            }) => Err(e),
+            _ => Err(ApiError::new(
+                codes::PROTOCOL,
+                format!("unexpected answer from {} while {what}", self.peer),
+            )
+            .with_hint("is this the controller's API address?")),
+        }
+    }
+
+    async fn read_raw_line(&mut self, what: &str) -> Result<Vec<u8>, ApiError> {
+        self.read_line_or_eof(what).await?.ok_or_else(|| {
+            ApiError::new(
+                codes::PROTOCOL,
+                format!("the controller at {} closed the connection while {what}", self.peer),
+            )
+            .with_hint("check the controller's log")
+        })
+    }
+
+    /// A line, or `None` at the end of the stream.
+    async fn read_line_or_eof(&mut self, what: &str) -> Result<Option<Vec<u8>>, ApiError> {
+        match read_line(&mut self.stream, &mut self.buf, MAX_RESPONSE_LINE).await {
+            Ok(LineRead::Complete) => Ok(Some(std::mem::take(&mut self.buf))),
+            Ok(LineRead::Eof) => Ok(None),
+            Ok(LineRead::TooLong) => Err(ApiError::new(
+                codes::PROTOCOL,
+                format!("a line from {} exceeds {MAX_RESPONSE_LINE} bytes", self.peer),
+            )),
+            Err(e) => Err(broken(&self.peer, what, e)),
+        }
+    }
+
+    /// Sends `op` and waits for its response: the `ok` value, or the error the controller
+    /// returned (with its hint).
+    pub async fn call(&mut self, op: Op) -> Result<Value, ApiError> {
+        let id = match self.send(op).await {
+            Ok(id) => id,
+            Err(e) => {
+                // The server may have refused the connection (forbidden, busy, too_large) and
+                // closed it: its reason is still there to read, and more useful than EPIPE.
+                if let Ok(Some(line)) = self.read_line_or_eof("reading the refusal").await
+                    && let Ok(Response {
+                        outcome: Outcome::Error(refusal),
+                        ..
+                    }) = serde_json::from_slice::<Response>(&line)
+                {
+                    return Err(refusal);
+                }
+                return Err(e);
+            }
+        };
+        loop {
+            let line = self.read_raw_line("waiting for the response").await?;
+            let resp: Response = serde_json::from_slice(&line).map_err(|e| {
+                ApiError::new(
+                    codes::PROTOCOL,
+                    format!("the controller at {} sent an unreadable response", self.peer),
+                )
+                .with_source(e)
+            })?;
+            match resp.id {
+                Some(x) if x == id => {}
+                // An error the server could not attribute (e.g. too_large, forbidden): ours.
+                None => {}
+                Some(_) => continue,
+            }
+            return match resp.outcome {
+                Outcome::Ok(v) => Ok(v),
+                Outcome::Error(e) => Err(e),
+            };
+        }
+    }
+
+    async fn send(&mut self, op: Op) -> Result<u64, ApiError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = Request::new(id, op);
+        write_json(&mut self.stream, &req)
+            .await
+            .map_err(|e| broken(&self.peer, "sending a request", e))?;
+        Ok(id)
+    }
+
+    /// Sends a raw line (tests of the server's input handling).
+    #[cfg(test)]
+    async fn send_raw(&mut self, line: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(line).await?;
+        self.stream.flush().await
+    }
+
+    /// Turns the connection into the controller's event stream. Each item is an event, or an
+    /// error: `lagged` (events were missed; the stream goes on) or a broken connection (the
+    /// stream then ends).
+    pub async fn follow_events(mut self) -> Result<impl Stream<Item = Result<Event, ApiError>>, ApiError> {
+        self.call(Op::EventsFollow).await?;
+        Ok(futures::stream::unfold(Some(self), |state| async move {
+            let mut c = state?;
+            match c.read_line_or_eof("following events").await {
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+                Ok(Some(line)) => {
+                    let item = match serde_json::from_slice::<StreamLine>(&line) {
+                        Ok(StreamLine::Event { event, .. }) => Ok(event),
+                        Ok(StreamLine::Lagged { lagged, .. }) => Err(ApiError::new(
+                            codes::LAGGED,
+                            format!("{lagged} events were missed (this follower was too slow)"),
+                        )
+                        .with_hint("`eac events` shows the recent history")),
+                        Err(e) => Err(ApiError::new(codes::PROTOCOL, "unreadable event line").with_source(e)),
+                    };
+                    Some((item, Some(c)))
+                }
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use crate::events::{EventBus, EventKind};
+
+    const SECRET: &[u8] = b"api pool secret for tests";
+
+    /// A toy handler: echoes the op, fails vm.protect of "big", panics on ext "panic".
+    struct Toy {
+        bus: EventBus,
+    }
+
+    impl Handler for Toy {
+        fn handle(&self, req: Request) -> BoxFuture<'static, Response> {
+            let recent = self.bus.recent(10);
+            Box::pin(async move {
+                match req.op {
+                    Op::VmProtect { name, .. } if name == "big" => Response::error(
+                        Some(req.id),
+                        ApiError::new("plan_broken", "protecting big breaks the plan")
+                            .with_hint("add capacity or lower host_failures_to_tolerate"),
+                    ),
+                    Op::Ext { name, .. } if name == "panic" => panic!("toy handler panics on purpose"),
+                    Op::EventsRecent { .. } => Response::ok(req.id, serde_json::to_value(recent).unwrap()),
+                    op => Response::ok(
+                        req.id,
+                        serde_json::json!({ "op": op.name(), "origin": format!("{:?}", req.origin) }),
+                    ),
+                }
+            })
+        }
+        fn events(&self) -> broadcast::Receiver<Event> {
+            self.bus.subscribe()
+        }
+    }
+
+    fn toy() -> Arc<Toy> {
+        Arc::new(Toy {
+            bus: EventBus::new("a"),
+        })
+    }
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new() -> Self {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "eac-api-test-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn my_uid() -> u32 {
+        std::fs::metadata("/proc/self")
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .unwrap()
+    }
+
+    async fn unix_server(h: Arc<Toy>, allowed: u32) -> (TempDir, PathBuf, tokio::task::JoinHandle<()>) {
+        let dir = TempDir::new();
+        let path = dir.0.join("controller.sock");
+        let l = bind_unix(&path).unwrap();
+        let t = tokio::spawn(serve_unix_for_uid(l, h, allowed));
+        (dir, path, t)
+    }
+
+    async fn tcp_server(h: Arc<Toy>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        (addr, tokio::spawn(serve_tcp(l, SECRET.to_vec(), h)))
+    }
+
+    #[test]
+    fn wire_shapes_match_the_documentation() {
+        let r = Request::new(
+            7,
+            Op::VmProtect {
+                name: "web".into(),
+                level: 1,
+            },
+        );
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"v":1,"id":7,"op":"vm.protect","name":"web","level":1}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::new(1, Op::PoolStatus)).unwrap(),
+            r#"{"v":1,"id":1,"op":"pool.status"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::ok(7, serde_json::json!({"a":1}))).unwrap(),
+            r#"{"v":1,"id":7,"ok":{"a":1}}"#
+        );
+        let e = Response::error(None, ApiError::new("bad_request", "x").with_hint("y"));
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            s,
+            r#"{"v":1,"id":null,"error":{"code":"bad_request","message":"x","hint":"y"}}"#
+        );
+        assert_eq!(serde_json::from_str::<Response>(&s).unwrap(), e);
+        for name in Op::NAMES {
+            let mut v =
+                serde_json::json!({"v":1,"id":1,"op":name,"name":"g","level":1,"epoch":3,"config":{},"limit":5});
+            if *name == "ext" {
+                v["args"] = serde_json::json!([1]);
+            }
+            let req = parse_request(v.to_string().as_bytes()).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            assert_eq!(req.op.name(), *name);
+            let again = serde_json::to_string(&req).unwrap();
+            assert_eq!(parse_request(again.as_bytes()).unwrap(), req);
+        }
+    }
+
+    #[test]
+    fn bad_lines_get_precise_errors() {
+        let code = |l: &str| match parse_request(l.as_bytes()) {
+            Err(Response {
+                outcome: Outcome::Error(e),
+                id,
+                ..
+            }) => (e.code, id),
+            other => panic!("{l}: {other:?}"),
+        };
+        assert_eq!(code("not json"), (codes::BAD_REQUEST.into(), None));
+        assert_eq!(code("[1,2]"), (codes::BAD_REQUEST.into(), None));
+        assert_eq!(code(r#"{"v":1,"op":"plan"}"#), (codes::BAD_REQUEST.into(), None));
+        assert_eq!(
+            code(r#"{"v":1,"id":-1,"op":"plan"}"#),
+            (codes::BAD_REQUEST.into(), None)
+        );
+        assert_eq!(code(r#"{"id":3,"op":"plan"}"#), (codes::BAD_REQUEST.into(), Some(3)));
+        assert_eq!(
+            code(r#"{"v":2,"id":3,"op":"plan"}"#),
+            (codes::UNSUPPORTED_VERSION.into(), Some(3))
+        );
+        assert_eq!(
+            code(r#"{"v":1,"id":3,"op":"vm.fly"}"#),
+            (codes::UNKNOWN_OP.into(), Some(3))
+        );
+        assert_eq!(code(r#"{"v":1,"id":3,"op":7}"#), (codes::BAD_REQUEST.into(), Some(3)));
+        assert_eq!(
+            code(r#"{"v":1,"id":3,"op":"vm.protect","name":"x"}"#),
+            (codes::BAD_REQUEST.into(), Some(3))
+        );
+        assert_eq!(
+            code(r#"{"v":1,"id":3,"op":"vm.protect","name":"x","level":300}"#),
+            (codes::BAD_REQUEST.into(), Some(3))
+        );
+        match parse_request(br#"{"v":1,"id":3,"op":"vm.protect","name":"x"}"#) {
+            Err(Response {
+                outcome: Outcome::Error(e),
+                ..
+            }) => assert!(e.message.contains("missing field `level`"), "{}", e.message),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn unix_round_trip_with_a_toy_handler() {
+        let (_dir, path, server) = unix_server(toy(), my_uid()).await;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let mut c = Client::connect_unix(&path).await.unwrap();
+        let v = c.call(Op::PoolStatus).await.unwrap();
+        assert_eq!(v["op"], "pool.status");
+        assert!(v["origin"].as_str().unwrap().starts_with("Unix { uid"), "{v}");
+        let v = c
+            .call(Op::VmProtect {
+                name: "web".into(),
+                level: 1,
+            })
+            .await
+            .unwrap();
+        assert_eq!(v["op"], "vm.protect");
+        let e = c
+            .call(Op::VmProtect {
+                name: "big".into(),
+                level: 1,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, "plan_broken");
+        assert_eq!(
+            e.hint.as_deref(),
+            Some("add capacity or lower host_failures_to_tolerate")
+        );
+        assert_eq!(
+            e.to_string(),
+            "protecting big breaks the plan (plan_broken); hint: add capacity or lower host_failures_to_tolerate"
+        );
+        // A panicking handler: `internal`, and the connection survives.
+        let e = c
+            .call(Op::Ext {
+                name: "panic".into(),
+                args: Value::Null,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, codes::INTERNAL);
+        assert_eq!(c.call(Op::Plan).await.unwrap()["op"], "plan");
+        // A stale socket file is replaced on rebind; a regular file is not.
+        server.abort();
+        let _ = server.await;
+        drop(c);
+        let l = bind_unix(&path).unwrap();
+        drop(l);
+        let file = path.with_file_name("not-a-socket");
+        std::fs::write(&file, "x").unwrap();
+        assert!(bind_unix(&file).is_err());
+        // Nobody listening: a clear error with a hint.
+        let e = Client::connect_unix(&path.with_file_name("absent.sock"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, codes::UNREACHABLE);
+        assert!(e.hint.unwrap().contains("is eac-controller running"));
+    }
+
+    #[tokio::test]
+    async fn tcp_round_trip_with_challenge_response() {
+        let (addr, _server) = tcp_server(toy()).await;
+        let mut c = Client::connect_tcp(addr, SECRET).await.unwrap();
+        let v = c.call(Op::HostList).await.unwrap();
+        assert_eq!(v["op"], "host.list");
+        assert!(v["origin"].as_str().unwrap().starts_with("Tcp"), "{v}");
+        let v = c
+            .call(Op::PoolPropose {
+                epoch: 4,
+                config: serde_json::json!({"guests": []}),
+            })
+            .await
+            .unwrap();
+        assert_eq!(v["op"], "pool.propose");
+    }
+
+    #[tokio::test]
+    async fn tcp_with_the_wrong_secret_is_rejected_both_ways() {
+        let (addr, _server) = tcp_server(toy()).await;
+        let e = Client::connect_tcp(addr, b"some other pool secret").await.unwrap_err();
+        assert_eq!(e.code, codes::UNAUTHENTICATED, "{e}");
+        assert!(e.message.contains("wrong proof"), "{e}");
+        // A raw client that skips the handshake and sends a request: refused, closed.
+        let s = TcpStream::connect(addr).await.unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        assert!(line.contains("challenge"), "{line}");
+        r.get_mut()
+            .write_all(b"{\"v\":1,\"id\":1,\"op\":\"pool.status\"}\n")
+            .await
+            .unwrap();
+        line.clear();
+        r.read_line(&mut line).await.unwrap();
+        assert!(line.contains("unauthenticated"), "{line}");
+        line.clear();
+        assert_eq!(r.read_line(&mut line).await.unwrap(), 0, "connection closed");
+        // A server that does not know the secret: the client refuses it.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let impostor = l.local_addr().unwrap();
+        tokio::spawn(serve_tcp(l, b"the impostor's secret!!".to_vec(), toy()));
+        // The impostor checks the client's proof first and refuses it; either way no request
+        // is ever sent to it.
+        let e = Client::connect_tcp(impostor, SECRET).await.unwrap_err();
+        assert_eq!(e.code, codes::UNAUTHENTICATED);
+    }
+
+    #[tokio::test]
+    async fn a_client_refuses_a_server_that_cannot_prove_the_secret() {
+        // A fake server that answers any client proof with a made-up server proof.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut s = BufReader::new(s);
+            write_json(
+                &mut s,
+                &Challenge {
+                    v: 1,
+                    challenge: hex(&[7; 32]),
+                },
+            )
+            .await
+            .unwrap();
+            let mut line = String::new();
+            s.read_line(&mut line).await.unwrap();
+            write_json(
+                &mut s,
+                &ServerProof {
+                    v: 1,
+                    proof: hex(&[9; 32]),
+                },
+            )
+            .await
+            .unwrap();
+            let _ = s.read_line(&mut line).await;
+        });
+        let e = Client::connect_tcp(addr, SECRET).await.unwrap_err();
+        assert_eq!(e.code, codes::UNAUTHENTICATED);
+        assert!(e.message.contains("does not know this pool's secret"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn garbage_lines_get_bad_request_and_the_connection_still_works() {
+        let (_dir, path, _server) = unix_server(toy(), my_uid()).await;
+        let mut c = Client::connect_unix(&path).await.unwrap();
+        for garbage in [
+            &b"hello\n"[..],
+            b"{\"v\":1,\n",
+            b"\xff\xfe\x00\n",
+            b"{\"v\":1,\"id\":5,\"op\":\"vm.protect\"}\n",
+            b"{\"v\":9,\"id\":6,\"op\":\"plan\"}\n",
+            b"{\"v\":1,\"id\":7,\"op\":\"teleport\"}\n",
+            b"\n   \n",
+        ] {
+            c.send_raw(garbage).await.unwrap();
+        }
+        let mut codes_seen = Vec::new();
+        for _ in 0..6 {
+            let line = c.read_raw_line("test").await.unwrap();
+            let r: Response = serde_json::from_slice(&line).unwrap();
+            match r.outcome {
+                Outcome::Error(e) => codes_seen.push((e.code, r.id)),
+                Outcome::Ok(v) => panic!("garbage accepted: {v}"),
+            }
+        }
+        assert_eq!(
+            codes_seen,
+            [
+                (codes::BAD_REQUEST.to_string(), None),
+                (codes::BAD_REQUEST.to_string(), None),
+                (codes::BAD_REQUEST.to_string(), None),
+                (codes::BAD_REQUEST.to_string(), Some(5)),
+                (codes::UNSUPPORTED_VERSION.to_string(), Some(6)),
+                (codes::UNKNOWN_OP.to_string(), Some(7)),
+            ]
+        );
+        // Still usable.
+        assert_eq!(c.call(Op::VmList).await.unwrap()["op"], "vm.list");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_line_closes_the_connection_with_the_reason() {
+        let (addr, _server) = tcp_server(toy()).await;
+        let mut c = Client::connect_tcp(addr, SECRET).await.unwrap();
+        let mut big = vec![b'x'; MAX_LINE + 10];
+        big.push(b'\n');
+        // The server may close while we still write; that is fine.
+        let _ = c.send_raw(&big).await;
+        let line = c.read_raw_line("test").await.unwrap();
+        let r: Response = serde_json::from_slice(&line).unwrap();
+        match r.outcome {
+            Outcome::Error(e) => {
+                assert_eq!(e.code, codes::TOO_LARGE);
+                assert!(e.message.contains("closing the connection"));
+            }
+            Outcome::Ok(v) => panic!("{v}"),
+        }
+        let e = c.call(Op::Plan).await.unwrap_err();
+        assert_eq!(e.code, codes::PROTOCOL, "{e}");
+        // A line exactly at the limit is read (and is then just bad JSON).
+        let mut c = Client::connect_tcp(addr, SECRET).await.unwrap();
+        let mut at = vec![b' '; MAX_LINE - 1];
+        at.insert(0, b'x');
+        at.push(b'\n');
+        c.send_raw(&at).await.unwrap();
+        let r: Response = serde_json::from_slice(&c.read_raw_line("test").await.unwrap()).unwrap();
+        assert!(
+            matches!(r.outcome, Outcome::Error(ref e) if e.code == codes::BAD_REQUEST),
+            "{r:?}"
+        );
+        assert_eq!(c.call(Op::Plan).await.unwrap()["op"], "plan");
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_another_uid_is_refused() {
+        // The server admits a uid that is not ours: we are the "wrong" peer. This runs as root
+        // and as non-root alike; the test below does it with a real uid-65534 process.
+        let me = my_uid();
+        let (_dir, path, _server) = unix_server(toy(), me.wrapping_add(12345)).await;
+        let mut c = Client::connect_unix(&path).await.unwrap();
+        let e = c.call(Op::PoolStatus).await.unwrap_err();
+        assert_eq!(e.code, codes::FORBIDDEN);
+        assert!(e.message.contains(&format!("uid {me}")), "{e}");
+        assert_eq!(e.hint.as_deref(), Some("run eac as root (e.g. with sudo)"));
+    }
+
+    #[tokio::test]
+    async fn a_non_root_process_is_refused_by_the_root_only_socket() {
+        let (dir, path, _server) = unix_server(toy(), 0).await;
+        if my_uid() != 0 {
+            // We are a non-root process: the real check applies to us directly.
+            let e = match Client::connect_unix(&path).await {
+                Err(e) => e,
+                Ok(mut c) => c.call(Op::PoolStatus).await.unwrap_err(),
+            };
+            assert_eq!(e.code, codes::FORBIDDEN, "{e}");
+            println!("not root: checked that this uid {} is refused", my_uid());
+            return;
+        }
+        // As root: run a real client as uid 65534 (perl is part of Debian's essential set).
+        let perl = Path::new("/usr/bin/perl");
+        assert!(perl.exists(), "/usr/bin/perl is needed to run a client as another uid");
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let script = r#"use IO::Socket::UNIX; $SIG{PIPE} = "IGNORE"; my $s = IO::Socket::UNIX->new(Peer => $ARGV[0]) or do { print "CONNECT-FAILED $!\n"; exit 0 }; print $s "{\"v\":1,\"id\":1,\"op\":\"pool.status\"}\n"; my $l = <$s>; print "GOT $l";"#;
+        let run = |path: PathBuf| {
+            use std::os::unix::process::CommandExt;
+            let script = script.to_string();
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new("/usr/bin/perl")
+                    .uid(65534)
+                    .gid(65534)
+                    .args(["-e", &script])
+                    .arg(&path)
+                    .output()
+                    .unwrap()
+            })
+        };
+        // As deployed (0600): the kernel refuses the connection itself.
+        let out = run(path.clone()).await.unwrap();
+        let so = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            so.starts_with("CONNECT-FAILED Permission denied"),
+            "{so:?} {:?} {:?}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // With the file mode opened up, SO_PEERCRED is the line of defence: refused, logged.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let out = run(path.clone()).await.unwrap();
+        let so = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            so.starts_with("GOT "),
+            "{so:?} {:?}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: Response = serde_json::from_str(so.trim_start_matches("GOT ").trim()).unwrap();
+        match r.outcome {
+            Outcome::Error(e) => {
+                assert_eq!(e.code, codes::FORBIDDEN);
+                assert!(e.message.contains("uid 65534"), "{}", e.message);
+            }
+            Outcome::Ok(v) => panic!("uid 65534 was served: {v}"),
+        }
+        // Root itself is still served.
+        let mut c = Client::connect_unix(&path).await.unwrap();
+        c.call(Op::PoolStatus).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn events_follow_streams_emitted_events() {
+        let h = toy();
+        let (addr, _server) = tcp_server(h.clone()).await;
+        let (_dir, path, _userver) = unix_server(h.clone(), my_uid()).await;
+        h.bus.emit(EventKind::Started, None, None, "before anyone follows");
+        let mut recent = Client::connect_unix(&path).await.unwrap();
+        let r = recent.call(Op::EventsRecent { limit: Some(5) }).await.unwrap();
+        assert_eq!(r[0]["kind"], "started");
+        let tcp = Client::connect_tcp(addr, SECRET).await.unwrap();
+        let mut s1 = Box::pin(tcp.follow_events().await.unwrap());
+        let unix = Client::connect_unix(&path).await.unwrap();
+        let mut s2 = Box::pin(unix.follow_events().await.unwrap());
+        let sent = [
+            h.bus
+                .emit(EventKind::ChannelDown, None, Some("b"), "al1 silent for 1.0 s"),
+            h.bus.emit(
+                EventKind::GuestRestarted,
+                Some("web"),
+                Some("b"),
+                "restarted after b died",
+            ),
+        ];
+        for s in [&mut s1, &mut s2] {
+            for want in &sent {
+                let got = tokio::time::timeout(Duration::from_secs(5), s.next())
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(&got, want);
+            }
+        }
+        // The server notices a follower that went away (no leak, no error).
+        drop(s2);
+        h.bus.emit(EventKind::PlanOk, None, None, "after a follower left");
+        let got = tokio::time::timeout(Duration::from_secs(5), s1.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.kind, EventKind::PlanOk);
+    }
+
+    #[tokio::test]
+    async fn a_lagging_follower_is_told_how_many_events_it_missed() {
+        let h = toy();
+        let (_dir, path, _server) = unix_server(h.clone(), my_uid()).await;
+        let c = Client::connect_unix(&path).await.unwrap();
+        let mut s = Box::pin(c.follow_events().await.unwrap());
+        // This test runs on a single-threaded runtime: the server cannot run while we emit, so
+        // the broadcast channel (1024 events) overflows by exactly 5000 - 1024.
+        for i in 0..5000 {
+            h.bus
+                .emit(EventKind::GuestStarted, Some(&format!("g{i}")), None, "flood");
+        }
+        let first = tokio::time::timeout(Duration::from_secs(5), s.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let e = first.unwrap_err();
+        assert_eq!(e.code, codes::LAGGED, "{e}");
+        assert!(e.message.starts_with("3976 events were missed"), "{e}");
+        let mut events = Vec::new();
+        while events.len() < 1024 {
+            let ev = tokio::time::timeout(Duration::from_secs(5), s.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            events.push(ev);
+        }
+        assert_eq!(events[0].guest.as_deref(), Some("g3976"));
+        assert_eq!(events[1023].guest.as_deref(), Some("g4999"));
+    }
+}

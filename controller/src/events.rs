@@ -1,0 +1,297 @@
+//! Events: every failure detected, decision taken and action completed.
+//!
+//! An event is logged as one structured `tracing` line (target `eac::event`, fields `kind`,
+//! `host`, `guest`, `peer`, and the detail as the message) at the level its kind calls for,
+//! broadcast to API followers (`eac events --follow`), and kept in a bounded history (the
+//! last [`HISTORY`] events) for `eac events`.
+
+use std::{
+    collections::VecDeque,
+    sync::Mutex,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+/// How many past events [`EventBus::recent`] keeps.
+pub const HISTORY: usize = 1000;
+/// Capacity of the broadcast channel; a follower further behind sees a "lagged" gap.
+const CHANNEL: usize = 1024;
+
+/// One event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Wall-clock time, milliseconds since the Unix epoch (for humans and logs only; nothing
+    /// decides on it).
+    pub ts_ms: u64,
+    /// The host that saw it.
+    pub host: String,
+    pub kind: EventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// What happened and why, for the operator.
+    pub detail: String,
+}
+
+/// What kind of thing happened. Serialized in snake_case (`"peer_dead"`); a kind this build
+/// does not know (from a newer peer) reads as [`EventKind::Unknown`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The controller started (detail: version, incarnation).
+    Started,
+    /// The controller is stopping.
+    Stopping,
+    /// A heartbeat channel (network) or the state-file channel to a peer came up.
+    ChannelUp,
+    /// A heartbeat channel or the state-file channel to a peer went silent.
+    ChannelDown,
+    /// A channel was lost: one failure away from less protection (reported, not acted on).
+    RedundancyLost,
+    /// Every channel to every peer works again.
+    RedundancyRestored,
+    /// A peer is silent on some channels and may be failing.
+    PeerSuspect,
+    /// A peer is (again) alive.
+    PeerAlive,
+    /// Every channel to a peer has been silent past `dead_after`.
+    PeerDead,
+    /// This host can reach no peer and not the state-file.
+    Isolated,
+    /// This host regained contact.
+    NotIsolated,
+    /// This host is fencing itself (destroying its protected guests).
+    Fencing,
+    /// Fencing finished (detail: what was destroyed, how long it took).
+    Fenced,
+    /// The hardware watchdog was armed.
+    WatchdogArmed,
+    /// The state-file cannot be read or written.
+    StateFileError,
+    /// The state-file works again.
+    StateFileOk,
+    /// A guest was started (by an operator or a decision).
+    GuestStarted,
+    /// A guest stopped.
+    GuestStopped,
+    /// A guest crashed.
+    GuestCrashed,
+    /// A protected guest was restarted (after a crash or on a survivor).
+    GuestRestarted,
+    /// A restart was attempted and failed.
+    GuestRestartFailed,
+    /// A guest was protected (or its level changed).
+    GuestProtected,
+    /// A guest's protection was removed.
+    GuestUnprotected,
+    /// The failover plan holds again.
+    PlanOk,
+    /// The failover plan no longer covers the configured host failures.
+    PlanBroken,
+    /// A change was refused by admission control.
+    AdmissionRefused,
+    /// The pool configuration changed (detail: epoch, what).
+    ConfigChanged,
+    /// A kind this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl EventKind {
+    /// The level the event is logged at (docs/logging.md: error = redundancy or service lost
+    /// and not compensated; warn = failure detected and handled; info = state change).
+    pub fn level(self) -> tracing::Level {
+        use EventKind::*;
+        match self {
+            PeerDead | Isolated | Fencing | GuestRestartFailed | PlanBroken | StateFileError => tracing::Level::ERROR,
+            ChannelDown | RedundancyLost | PeerSuspect | GuestCrashed | WatchdogArmed | AdmissionRefused | Unknown => {
+                tracing::Level::WARN
+            }
+            _ => tracing::Level::INFO,
+        }
+    }
+
+    /// The snake_case name, as serialized.
+    pub fn as_str(self) -> &'static str {
+        use EventKind::*;
+        match self {
+            Started => "started",
+            Stopping => "stopping",
+            ChannelUp => "channel_up",
+            ChannelDown => "channel_down",
+            RedundancyLost => "redundancy_lost",
+            RedundancyRestored => "redundancy_restored",
+            PeerSuspect => "peer_suspect",
+            PeerAlive => "peer_alive",
+            PeerDead => "peer_dead",
+            Isolated => "isolated",
+            NotIsolated => "not_isolated",
+            Fencing => "fencing",
+            Fenced => "fenced",
+            WatchdogArmed => "watchdog_armed",
+            StateFileError => "state_file_error",
+            StateFileOk => "state_file_ok",
+            GuestStarted => "guest_started",
+            GuestStopped => "guest_stopped",
+            GuestCrashed => "guest_crashed",
+            GuestRestarted => "guest_restarted",
+            GuestRestartFailed => "guest_restart_failed",
+            GuestProtected => "guest_protected",
+            GuestUnprotected => "guest_unprotected",
+            PlanOk => "plan_ok",
+            PlanBroken => "plan_broken",
+            AdmissionRefused => "admission_refused",
+            ConfigChanged => "config_changed",
+            Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Logs, broadcasts and remembers this host's events. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct EventBus {
+    host: String,
+    tx: broadcast::Sender<Event>,
+    history: Mutex<VecDeque<Event>>,
+}
+
+impl EventBus {
+    /// A bus for events seen by `host`.
+    pub fn new(host: impl Into<String>) -> Self {
+        let (tx, _) = broadcast::channel(CHANNEL);
+        Self {
+            host: host.into(),
+            tx,
+            history: Mutex::new(VecDeque::with_capacity(64)),
+        }
+    }
+
+    /// Records an event seen by this host now: logs it, broadcasts it, keeps it. Returns it.
+    pub fn emit(&self, kind: EventKind, guest: Option<&str>, peer: Option<&str>, detail: impl Into<String>) -> Event {
+        let e = Event {
+            ts_ms: now_ms(),
+            host: self.host.clone(),
+            kind,
+            guest: guest.map(str::to_owned),
+            peer: peer.map(str::to_owned),
+            detail: detail.into(),
+        };
+        self.publish(e.clone());
+        e
+    }
+
+    /// Records a ready-made event (e.g. one relayed from a peer) as [`EventBus::emit`] does.
+    pub fn publish(&self, e: Event) {
+        log_event(&e);
+        {
+            let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            if h.len() == HISTORY {
+                h.pop_front();
+            }
+            h.push_back(e.clone());
+        }
+        // No follower is not an error.
+        let _ = self.tx.send(e);
+    }
+
+    /// A receiver of every event published from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+
+    /// The last `limit` events (at most [`HISTORY`]), oldest first.
+    pub fn recent(&self, limit: usize) -> Vec<Event> {
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let skip = h.len().saturating_sub(limit);
+        h.iter().skip(skip).cloned().collect()
+    }
+
+    /// The host name events are stamped with.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+}
+
+fn log_event(e: &Event) {
+    let guest = e.guest.as_deref().unwrap_or("");
+    let peer = e.peer.as_deref().unwrap_or("");
+    let kind = e.kind.as_str();
+    // tracing's level must be a constant per call site.
+    match e.kind.level() {
+        tracing::Level::ERROR => {
+            tracing::error!(target: "eac::event", kind, host = %e.host, guest, peer, ts_ms = e.ts_ms, "{}", e.detail)
+        }
+        tracing::Level::WARN => {
+            tracing::warn!(target: "eac::event", kind, host = %e.host, guest, peer, ts_ms = e.ts_ms, "{}", e.detail)
+        }
+        _ => tracing::info!(target: "eac::event", kind, host = %e.host, guest, peer, ts_ms = e.ts_ms, "{}", e.detail),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_serialize_in_snake_case_and_unknown_kinds_survive() {
+        let e = Event {
+            ts_ms: 1,
+            host: "a".into(),
+            kind: EventKind::PeerDead,
+            guest: None,
+            peer: Some("b".into()),
+            detail: "silent on mgmt, al1 and the state-file for 3.0 s".into(),
+        };
+        let j = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            j,
+            r#"{"ts_ms":1,"host":"a","kind":"peer_dead","peer":"b","detail":"silent on mgmt, al1 and the state-file for 3.0 s"}"#
+        );
+        assert_eq!(serde_json::from_str::<Event>(&j).unwrap(), e);
+        let newer = j.replace("peer_dead", "peer_teleported");
+        assert_eq!(serde_json::from_str::<Event>(&newer).unwrap().kind, EventKind::Unknown);
+        for k in [
+            EventKind::GuestRestartFailed,
+            EventKind::StateFileOk,
+            EventKind::RedundancyLost,
+        ] {
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_bus_broadcasts_and_keeps_a_bounded_history() {
+        let bus = EventBus::new("a");
+        let mut rx = bus.subscribe();
+        let e = bus.emit(EventKind::ChannelDown, None, Some("b"), "al1 silent for 1.0 s");
+        assert_eq!(e.host, "a");
+        assert!(e.ts_ms > 1_600_000_000_000);
+        assert_eq!(rx.recv().await.unwrap(), e);
+        for i in 0..HISTORY + 5 {
+            bus.emit(EventKind::GuestStarted, Some(&format!("g{i}")), None, "started");
+        }
+        let all = bus.recent(usize::MAX);
+        assert_eq!(all.len(), HISTORY);
+        assert_eq!(all[0].guest.as_deref(), Some("g5"));
+        let last = bus.recent(2);
+        assert_eq!(last.len(), 2);
+        assert_eq!(last[1].guest.as_deref(), Some(&*format!("g{}", HISTORY + 4)));
+    }
+}
