@@ -105,12 +105,12 @@ function cell(key, unit) {
 function med(key) { stats(key); return MED }
 function ratio(x, y) { return (x == "" || y == "" || y + 0 == 0) ? "-" : sprintf("%.3f", x / y) }
 function row(env, job, metric, label, unit, devs, nd,   d, i, out) {
-    out = sprintf("  %-9s %-10s", label, metric == "iops" ? "IOPS" : metric == "mibs" ? "MiB/s" : "lat " (metric == "p999" ? "p99.9" : metric))
+    out = sprintf("  %-9s %-10s", label, metric == "iops" ? "IOPS" : metric == "mibs" ? "MiB/s" : metric == "cpu" ? "host busy%" : metric == "srvcpu" ? "CPU us/IO" : "lat " (metric == "p999" ? "p99.9" : metric))
     for (i = 1; i <= nd; i++) out = out sprintf(" %-25s", cell(env SUBSEP devs[i] SUBSEP job SUBSEP metric, unit))
     return out
 }
 {
-    if ($1 == "H") { kv($0); runs = R["runs"]; rt = R["rt"]; ramp = R["ramp"]; fsz = R["fsz"]; hmb = R["hmb"]; rmb = R["rmb"]; next }
+    if ($1 == "H") { kv($0); load = R["load"]; cpus = R["cpus"]; runs = R["runs"]; rt = R["rt"]; ramp = R["ramp"]; fsz = R["fsz"]; hmb = R["hmb"]; rmb = R["rmb"]; next }
     if ($1 == "R") { kv($0); for (m in R) if (m != "run" && m != "env" && m != "dev" && m != "job") add(R["env"] SUBSEP R["dev"] SUBSEP R["job"] SUBSEP m, R[m]); have[R["env"], R["dev"]] = 1; envs[R["env"]] = 1 }
     else if ($1 == "N") { kv($0); add(R["env"] SUBSEP "net" SUBSEP R["key"], R["value"]); envs[R["env"]] = 1 }
     else if ($1 == "Y") { kv($0); add("y" SUBSEP "written", R["written"]); add("y" SUBSEP "dirty", R["dirty"]); add("y" SUBSEP "resync", R["resync"]); add("y" SUBSEP "wire", R["wire"]); add("y" SUBSEP "ms", R["ms"]); add("y" SUBSEP "d0", R["dirty_before"]); if (R["written"] + 0 > 0) { add("y" SUBSEP "ratio", R["resync"] / R["written"]); add("y" SUBSEP "wratio", R["wire"] / R["written"]) }; if (R["dirty"] + 0 > 0) add("y" SUBSEP "bratio", R["resync"] / R["dirty"]); envs["host"] = 1 }
@@ -126,6 +126,7 @@ function verdict(what, value, ok) { printf "  %-58s %-34s %s\n", what, value, ok
 END {
     printf "\n====================================================================================================\n"
     printf " ublk-mirror benchmark  (%d run%s; fio: guest libaio direct=1, host nbd engine; %d s measured after %d s ramp per job)\n", runs, (runs > 1 ? "s, cells: median (min..max)" : ""), rt, ramp
+    if (load != "") printf " machine: %s cores, load average %s at the start (other load competes with the guests and daemons)\n", cpus, load
     printf "====================================================================================================\n"
     split("qd1 qd32 seq", jobs, " "); split("4k-QD1 4k-QD32 1M-QD8", jl, " ")
     if ("guest" in envs) {
@@ -133,6 +134,7 @@ END {
         printf "        fio over the first %d MiB; (a) raw /dev/ram0, (b) ublk-mirror /dev/ublkbN + replica in guest b,\n", fsz
         printf "        (c) DRBD 8.4 protocol C /dev/drbd0 + secondary in guest b, default settings\n"
         printf "  link: ping 56 B %s ms, 4096 B %s ms; iperf3 1 TCP stream %s Mbit/s\n", cell("guest" SUBSEP "net" SUBSEP "ping56"), cell("guest" SUBSEP "net" SUBSEP "ping4096"), cell("guest" SUBSEP "net" SUBSEP "iperf")
+        printf "  host CPU busy while the guests ran: %s %%\n", cell("guest" SUBSEP "net" SUBSEP "hostcpu")
         printf "%s%s%s", status("guest", "raw", "(a) raw"), status("guest", "mirror", "(b) ublk-mirror"), status("guest", "drbd", "(c) DRBD")
         split("raw mirror drbd", gd, " ")
         printf "\n  %-9s %-10s %-25s %-25s %-25s %-8s %-8s\n", "job", "metric", "(a) raw", "(b) ublk-mirror", "(c) DRBD C", "b/a", "b/c"
@@ -160,9 +162,11 @@ END {
         printf "  link (veth): iperf3 1 TCP stream %s Mbit/s\n", cell("host" SUBSEP "net" SUBSEP "iperf")
         printf "%s%s", status("host", "local", "local"), status("host", "mirror", "mirrored")
         split("local mirror", hd, " ")
+        printf "  CPU us/IO: CPU time of the servers per request (nbd-local; primary + replica daemon);\n"
+        printf "  host busy%%: the whole machine during the job (other users included)\n"
         printf "\n  %-9s %-10s %-25s %-25s %-8s\n", "job", "metric", "local (NBD)", "mirrored (NBD)", "m/l"
         for (j = 1; j <= 3; j++) {
-            nm = (jobs[j] == "seq") ? "mibs p50 p99" : "iops p50 p99"
+            nm = (jobs[j] == "seq") ? "mibs p50 p99 srvcpu cpu" : "iops p50 p99 srvcpu cpu"
             nmet = split(nm, ms, " ")
             for (k = 1; k <= nmet; k++) {
                 m = ms[k]; u = (m ~ /^p/) ? "lat" : ""
@@ -230,7 +234,7 @@ stamp=$(date +%Y%m%d-%H%M%S)
 OUT=$REPO/target/bench-mirror/$stamp-$$
 mkdir -p "$OUT"
 RESULTS=$OUT/results.txt
-echo "H runs=$runs rt=$RT ramp=$RAMP fsz=$FIO_SIZE hmb=$HOST_MB rmb=$RESYNC_MB quick=$quick" > "$RESULTS"
+echo "H load=$(cut -d' ' -f1 /proc/loadavg) cpus=$(nproc) runs=$runs rt=$RT ramp=$RAMP fsz=$FIO_SIZE hmb=$HOST_MB rmb=$RESYNC_MB quick=$quick" > "$RESULTS"
 
 # ---------------------------------------------------------------------------------------
 # Clean-up: everything created below is registered here.
@@ -273,6 +277,12 @@ fio_result() {  # fio_result RUN ENV DEV JOB FILE
     jq -r --arg pre "R run=$1 env=$2 dev=$3 job=$4" '.jobs[0].write as $w |
         "\($pre) iops=\($w.iops) mibs=\($w.bw / 1024) p50=\($w.lat_ns.percentile["50.000000"] / 1000) p99=\($w.lat_ns.percentile["99.000000"] / 1000) p999=\($w.lat_ns.percentile["99.900000"] / 1000) mean=\($w.lat_ns.mean / 1000)"' "$5"
 }
+# machine-wide CPU: "busy idle" jiffies so far; cpu_busy A B -> percent busy between two snapshots
+cpu_snap() { local c u n sy i w q sq st; read -r c u n sy i w q sq st _ < /proc/stat; echo "$((u + n + sy + q + sq + st)) $((i + w))"; }
+cpu_busy() { awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " "); t = (y[1] - x[1]) + (y[2] - x[2]); printf "%.0f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0) }'; }
+# CPU ticks (user + system) the given processes used so far
+proc_ticks() { local p t=0 f; for p in "$@"; do f=$(cut -d')' -f2- "/proc/$p/stat" 2>/dev/null) || continue; set -- $f; t=$((t + ${12} + ${13})); done; echo "$t"; }
+TCK=$(getconf CLK_TCK)
 ping_avg() { sed -n 's|^rtt min/avg/max/mdev = [0-9.]*/\([0-9.]*\)/.*|\1|p' "$1"; }
 
 # ---------------------------------------------------------------------------------------
@@ -307,12 +317,14 @@ guest_run() {  # guest_run RUN: boots both guests (retries a boot that crashed),
         ip netns exec "$NS" scripts/lab/run-vm.sh --hostname vma --ip 10.251.0.11/24 --net-tap tap0 --mem "$MEM" \
             --share "$R" --console "$R/a.console" --timeout 900 -- "${envs[@]}" bash "$REPO/scripts/lab/bench-mirror-node.sh" a "$R" \
             2>>"$R/run-vm.log" & pa=$!; pids+=("$pa")
+        local c0; c0=$(cpu_snap)
         ra=0; wait "$pa" || ra=$?; unreg "$pa"
         [[ -e $R/a.done ]] || touch "$R/a.done"     # b stops when a is gone
         rb=0
         for ((j = 0; j < 300; j++)); do kill -0 "$pb" 2>/dev/null || break; sleep 0.2; done
         kill -0 "$pb" 2>/dev/null && stop_pid "$pb"
         wait "$pb" 2>/dev/null || rb=$?; unreg "$pb"
+        echo "N run=$r env=guest key=hostcpu value=$(cpu_busy "$c0" "$(cpu_snap)")" >> "$RESULTS"
         log "run $r guest: rc a=$ra b=$rb ($(tail -n 2 "$R/run-vm.log" | grep -o 'wall=[0-9.]*s' | tr '\n' ' '))"
         # 125: the guest reported no status (boot crash under TCG, recipes pitfall 10) -> retry
         if [[ $ra = 125 || $rb = 125 ]] && [[ $attempt -lt 3 ]]; then
@@ -361,16 +373,24 @@ wait_socket() {  # wait_socket PATH PID SECS
     return 1
 }
 
+SRV_PIDS=()
 HOST_JOBS=("qd1 randwrite 4k 1" "qd32 randwrite 4k 32" "seq write 1M 8")
 host_fio() {  # host_fio RUN DEV URI DIR
-    local j name rw bs qd
+    local j name rw bs qd c0 p0 t0 line
     for j in "${HOST_JOBS[@]}"; do
         read -r name rw bs qd <<<"$j"
+        c0=$(cpu_snap) p0=$(proc_ticks "${SRV_PIDS[@]}") t0=$(date +%s.%N)
         fio --name="$name" --ioengine=nbd --uri="$3" --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
             --size="${HOST_MB}M" --time_based --runtime="$RT" --ramp_time="$RAMP" --randrepeat=0 --norandommap \
             --lat_percentiles=1 --percentile_list=50:99:99.9 --output-format=json --output="$4/$2-$name.json" \
             >>"$4/host.log" 2>&1 || { log "fio $2 $name failed (see $4/host.log)"; continue; }
-        fio_result "$1" host "$2" "$name" "$4/$2-$name.json" >> "$RESULTS"
+        # the servers' CPU (nbd-local, or both mirror daemons) per I/O: contention changes
+        # latency and throughput, much less the CPU work each request costs
+        line=$(fio_result "$1" host "$2" "$name" "$4/$2-$name.json")
+        echo "$line cpu=$(cpu_busy "$c0" "$(cpu_snap)") $(awk -v t="$(($(proc_ticks "${SRV_PIDS[@]}") - p0))" -v tck="$TCK" \
+            -v w="$(echo "$(date +%s.%N) $t0" | awk '{print $1 - $2}')" -v l="$line" 'BEGIN {
+                n = split(l, f, " "); for (i = 1; i <= n; i++) if (f[i] ~ /^iops=/) iops = substr(f[i], 6)
+                printf "srvcpu=%.1f", (iops > 0 && w > 0) ? (t / tck) / (iops * w) * 1e6 : 0 }')" >> "$RESULTS"
     done
 }
 
@@ -394,6 +414,7 @@ host_run() {  # host_run RUN
         > "$H/local.url" 2>>"$H/nbd-local.log" & p=$!; pids+=("$p")
     if wait_socket "$SHM/local.sock" "$p" 20; then
         log "run $r/$runs host: local NBD"
+        SRV_PIDS=("$p")
         host_fio "$r" local "nbd+unix:///bench?socket=$SHM/local.sock" "$H"
     else
         echo "S env=host dev=local nbd-local did not start: $(tail -n 3 "$H/nbd-local.log" | plain)" >> "$RESULTS"
@@ -461,6 +482,7 @@ host_mirror() {
         stop_pid "$pa"; stop_pid "$pb"; return 0
     fi
     log "run $r/$runs host: mirrored NBD"
+    SRV_PIDS=("$pa" "$pb")
     host_fio "$r" mirror "nbd+unix:///?socket=$SHM/a.sock" "$H"
     mstatus "$SHM/a.ctl" > "$H/status-after-fio.json"
 
