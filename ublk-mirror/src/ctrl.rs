@@ -5,13 +5,14 @@
 //! so this ring is synchronous: submit one command, wait for its completion, reap it.
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::mem::size_of;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
-use crate::sys::{self, ublksrv_ctrl_cmd};
+use crate::sys::{self, Plain, ublk_params, ublksrv_ctrl_cmd, ublksrv_ctrl_dev_info};
 use crate::{Error, Result};
 
 /// Where ublk_drv puts its control node.
@@ -152,6 +153,115 @@ impl Control {
         Ok(features)
     }
 
+    /// `UBLK_U_CMD_ADD_DEV`: creates a device (and its `/dev/ublkcN`) from `info`; `info.dev_id`
+    /// is the wanted id or `u32::MAX` for any. Returns the kernel's view: the id it chose,
+    /// the flags it accepted (unsupported ones cleared, `CMD_IOCTL_ENCODE` and
+    /// `URING_CMD_COMP_IN_TASK` added), `nr_hw_queues` capped at the CPU count and
+    /// `max_io_buf_bytes` rounded down to the page size.
+    pub fn add_dev(&mut self, info: &ublksrv_ctrl_dev_info) -> Result<ublksrv_ctrl_dev_info> {
+        const OP: &str = "ADD_DEV";
+        let header = ublksrv_ctrl_cmd {
+            dev_id: info.dev_id,
+            queue_id: u16::MAX,
+            ..Default::default()
+        };
+        let (_, buf) = self.command_with_buf(OP, sys::UBLK_U_CMD_ADD_DEV, header, info.to_bytes())?;
+        let out = ublksrv_ctrl_dev_info::from_bytes(&buf).ok_or_else(|| short_reply(OP, buf.len()))?;
+        tracing::debug!(
+            dev_id = out.dev_id,
+            queues = out.nr_hw_queues,
+            depth = out.queue_depth,
+            max_io = out.max_io_buf_bytes,
+            flags = format_args!("{:#x}", out.flags),
+            "ublk device added"
+        );
+        Ok(out)
+    }
+
+    /// `UBLK_U_CMD_GET_DEV_INFO`: the device's description, including its state
+    /// (`sys::UBLK_S_DEV_*`) and the pid of its server.
+    pub fn get_dev_info(&mut self, dev_id: u32) -> Result<ublksrv_ctrl_dev_info> {
+        const OP: &str = "GET_DEV_INFO";
+        let buf = ublksrv_ctrl_dev_info::default().to_bytes();
+        let (_, buf) = self.command_with_buf(OP, sys::UBLK_U_CMD_GET_DEV_INFO, device_header(dev_id), buf)?;
+        ublksrv_ctrl_dev_info::from_bytes(&buf).ok_or_else(|| short_reply(OP, buf.len()))
+    }
+
+    /// `UBLK_U_CMD_SET_PARAMS`: size, limits and attributes; only before START_DEV.
+    pub fn set_params(&mut self, dev_id: u32, params: &ublk_params) -> Result<()> {
+        let mut p = *params;
+        p.len = size_of::<ublk_params>() as u32;
+        self.command_with_buf(
+            "SET_PARAMS",
+            sys::UBLK_U_CMD_SET_PARAMS,
+            device_header(dev_id),
+            p.to_bytes(),
+        )?;
+        Ok(())
+    }
+
+    /// `UBLK_U_CMD_GET_PARAMS`: the parameters the device was started with (plus
+    /// `UBLK_PARAM_TYPE_DEVT`, filled in by the kernel).
+    pub fn get_params(&mut self, dev_id: u32) -> Result<ublk_params> {
+        const OP: &str = "GET_PARAMS";
+        let p = ublk_params {
+            len: size_of::<ublk_params>() as u32,
+            ..Default::default()
+        };
+        let (_, buf) = self.command_with_buf(OP, sys::UBLK_U_CMD_GET_PARAMS, device_header(dev_id), p.to_bytes())?;
+        ublk_params::from_bytes(&buf).ok_or_else(|| short_reply(OP, buf.len()))
+    }
+
+    /// `UBLK_U_CMD_START_DEV`: waits until every queue has fetched all its tags, then adds
+    /// `/dev/ublkbN` (reading the partition table through the queues: they must be served
+    /// while this blocks). `pid` is recorded as the device's server.
+    pub fn start_dev(&mut self, dev_id: u32, pid: i32) -> Result<()> {
+        self.command_no_buf("START_DEV", sys::UBLK_U_CMD_START_DEV, dev_id, pid_data(pid))
+    }
+
+    /// `UBLK_U_CMD_STOP_DEV`: removes `/dev/ublkbN` (in-flight requests are completed by the
+    /// queues first) and aborts every fetched command with `UBLK_IO_RES_ABORT`. A no-op on a
+    /// device that is not started.
+    pub fn stop_dev(&mut self, dev_id: u32) -> Result<()> {
+        self.command_no_buf("STOP_DEV", sys::UBLK_U_CMD_STOP_DEV, dev_id, 0)
+    }
+
+    /// `UBLK_U_CMD_DEL_DEV`: deletes the device and waits until the id is free, which needs
+    /// every `/dev/ublkcN` file and mapping closed first — or this blocks.
+    pub fn del_dev(&mut self, dev_id: u32) -> Result<()> {
+        self.command_no_buf("DEL_DEV", sys::UBLK_U_CMD_DEL_DEV, dev_id, 0)
+    }
+
+    /// `UBLK_U_CMD_START_USER_RECOVERY`: prepares a device whose server died for a new one
+    /// (`EBUSY` while the old server's files are still open or the queue is not quiesced
+    /// yet; `EINVAL` without `UBLK_F_USER_RECOVERY`).
+    pub fn start_user_recovery(&mut self, dev_id: u32) -> Result<()> {
+        self.command_no_buf("START_USER_RECOVERY", sys::UBLK_U_CMD_START_USER_RECOVERY, dev_id, 0)
+    }
+
+    /// `UBLK_U_CMD_END_USER_RECOVERY`: waits until every queue of the new server has fetched
+    /// its tags, then releases the held I/O to it.
+    pub fn end_user_recovery(&mut self, dev_id: u32, pid: i32) -> Result<()> {
+        self.command_no_buf(
+            "END_USER_RECOVERY",
+            sys::UBLK_U_CMD_END_USER_RECOVERY,
+            dev_id,
+            pid_data(pid),
+        )
+    }
+
+    /// A device command without a buffer; `data` goes into `data[0]`.
+    fn command_no_buf(&mut self, op: &'static str, cmd_op: u32, dev_id: u32, data: u64) -> Result<()> {
+        let header = ublksrv_ctrl_cmd {
+            data: [data],
+            ..device_header(dev_id)
+        };
+        // SAFETY: `addr` is 0 and `len` 0: the command references no user memory.
+        unsafe { self.submit_and_reap(op, cmd_op, &header) }?;
+        tracing::debug!(op, dev_id, "ublk control command done");
+        Ok(())
+    }
+
     /// Issues `cmd_op` with `buf` as the command's data buffer (`addr`/`len` of the header
     /// are set from it) and returns the command's result and the buffer.
     ///
@@ -258,6 +368,27 @@ impl Control {
     /// ring then refuses further commands. Open a new [`Control`].
     pub fn is_broken(&self) -> bool {
         self.broken
+    }
+}
+
+/// The header of a command addressed to device `dev_id` (not to one of its queues).
+fn device_header(dev_id: u32) -> ublksrv_ctrl_cmd {
+    ublksrv_ctrl_cmd {
+        dev_id,
+        queue_id: u16::MAX,
+        ..Default::default()
+    }
+}
+
+/// `data[0]` carrying a pid, as START_DEV / END_USER_RECOVERY read it (`(int)data[0]`).
+fn pid_data(pid: i32) -> u64 {
+    u64::from(pid.max(0).unsigned_abs())
+}
+
+fn short_reply(op: &'static str, len: usize) -> Error {
+    Error::Protocol {
+        op,
+        detail: format!("{len} byte reply is too short"),
     }
 }
 

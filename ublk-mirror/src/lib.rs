@@ -9,10 +9,11 @@
 //! (0.4.8, MIT/Apache, which works on the 6.12 guest) because:
 //!
 //! - **The mirror owns its I/O path.** A write completes only when it is durable locally
-//!   *and* on the partner; flushes, FUA, replication sends and local I/O must be submitted
-//!   on the same ring as the ublk commands, with our own completion bookkeeping and error
-//!   mapping (every request is always completed, with a negative errno if need be). A
-//!   library that owns the queue loop and its executor stands between us and that path.
+//!   *and* on the partner; each ublk request is handed to the mirror (a [`BlockDev`] on our
+//!   tokio runtime) and committed with its result, with our own completion bookkeeping,
+//!   buffer ownership and error mapping (every request is always completed, with a negative
+//!   errno if need be). A library that owns the queue loop and its executor stands between
+//!   us and that path.
 //! - **No libclang at build time.** `libublk` generates its ABI with bindgen. Our ABI is a
 //!   hand transcription of one uapi header ([`sys`], Linux 6.12) with size and encoding
 //!   checks, so the workspace builds with nothing but rustc.
@@ -21,10 +22,11 @@
 //!
 //! (`rublk` is GPL and is not a source for this code; `libublk` was read for facts only.)
 //!
-//! Modules: [`sys`] — the kernel ABI; [`ctrl`] — the control device (features, …); [`dev`] —
-//! the block-device interface; [`nbd`] — the NBD export of any [`BlockDev`]; [`meta`] — the
-//! metadata file (bitmap, activity log); [`genid`] — generation identifiers; [`proto`] — the
-//! replication protocol between primary and replica.
+//! Modules: [`sys`] — the kernel ABI; [`ctrl`] — the control device (features, device
+//! lifecycle, recovery); [`ublk`] — the ublk frontend serving any [`BlockDev`] as
+//! `/dev/ublkbN`; [`dev`] — the block-device interface and the local backing store; [`nbd`] —
+//! the NBD export of any [`BlockDev`]; [`meta`] — the metadata file (bitmap, activity log);
+//! [`genid`] — generation identifiers; [`proto`] — the replication protocol.
 
 pub mod ctrl;
 pub mod dev;
@@ -33,12 +35,14 @@ pub mod meta;
 pub mod nbd;
 pub mod proto;
 pub mod sys;
+pub mod ublk;
 
 use std::io;
 use std::path::PathBuf;
 
 pub use ctrl::{CONTROL_PATH, Control, Features};
 pub use dev::{BlockDev, IoError, IoResult, LocalDisk};
+pub use ublk::{StopHandle, UblkDevice, UblkOptions, UblkStats};
 
 /// Everything that can fail in this crate. Any variant maps to a negative errno
 /// ([`Error::to_errno`]) so a block request can always be completed with it.
@@ -85,6 +89,26 @@ pub enum Error {
     /// The driver answered with something this code does not understand.
     #[error("unexpected reply to {op}: {detail}")]
     Protocol { op: &'static str, detail: String },
+    /// An option or request the caller passed cannot work (bad configuration).
+    #[error("invalid argument: {detail}")]
+    InvalidArgument { detail: String },
+    /// The backing store could not be opened.
+    #[error("cannot open the backing store {}", path.display())]
+    Backing {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A resource a ublk queue needs could not be set up (mmap, eventfd, thread).
+    #[error("cannot set up {what}")]
+    Setup {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A device cannot be taken over by this server (`--recover`).
+    #[error("cannot recover ublk device {id}: {detail}")]
+    Recovery { id: u32, detail: String },
 }
 
 impl Error {
@@ -96,9 +120,13 @@ impl Error {
             Error::Open { source, .. }
             | Error::RingSetup { source, .. }
             | Error::Submit { source, .. }
-            | Error::Command { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            | Error::Command { source, .. }
+            | Error::Backing { source, .. }
+            | Error::Setup { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::QueueFull { .. } => libc::EAGAIN,
             Error::Protocol { .. } => libc::EPROTO,
+            Error::InvalidArgument { .. } => libc::EINVAL,
+            Error::Recovery { .. } => libc::EBUSY,
         };
         if pos > 0 { -pos } else { -libc::EIO }
     }
@@ -107,7 +135,13 @@ impl Error {
     /// acts: the driver is missing or we lack the privilege. Binaries exit with
     /// `EXIT_USAGE` then, `EXIT_TRANSIENT` otherwise.
     pub fn needs_operator(&self) -> bool {
-        matches!(self, Error::DriverNotLoaded { .. }) || matches!(-self.to_errno(), libc::EPERM | libc::EACCES)
+        matches!(
+            self,
+            Error::DriverNotLoaded { .. }
+                | Error::InvalidArgument { .. }
+                | Error::Backing { .. }
+                | Error::Recovery { .. }
+        ) || matches!(-self.to_errno(), libc::EPERM | libc::EACCES)
     }
 }
 
@@ -145,6 +179,21 @@ mod tests {
                 op: "GET_FEATURES",
                 detail: "short".into(),
             },
+            Error::InvalidArgument {
+                detail: "depth 0".into(),
+            },
+            Error::Backing {
+                path: "/missing".into(),
+                source: io::Error::from_raw_os_error(libc::ENOENT),
+            },
+            Error::Setup {
+                what: "queue 0 buffers".into(),
+                source: io::Error::from_raw_os_error(libc::ENOMEM),
+            },
+            Error::Recovery {
+                id: 3,
+                detail: "not started".into(),
+            },
         ];
         let want = [
             -libc::ENODEV,
@@ -154,6 +203,10 @@ mod tests {
             -libc::EAGAIN,
             -libc::EEXIST,
             -libc::EPROTO,
+            -libc::EINVAL,
+            -libc::ENOENT,
+            -libc::ENOMEM,
+            -libc::EBUSY,
         ];
         for (e, w) in errs.iter().zip(want) {
             assert_eq!(e.to_errno(), w, "{e}");
@@ -161,6 +214,9 @@ mod tests {
         assert!(errs[0].needs_operator());
         assert!(errs[1].needs_operator());
         assert!(!errs[5].needs_operator());
+        // Bad configuration: do not restart.
+        assert!(errs[7].needs_operator() && errs[8].needs_operator() && errs[10].needs_operator());
+        assert!(!errs[9].needs_operator());
     }
 
     #[test]

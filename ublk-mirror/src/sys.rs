@@ -402,6 +402,54 @@ pub fn cmd_bytes<T: CmdPayload>(payload: &T) -> [u8; 80] {
     out
 }
 
+/// `#[repr(C)]` structures made only of integers that travel through a control command's
+/// buffer (`ublksrv_ctrl_cmd.addr`): ADD_DEV / GET_DEV_INFO carry a
+/// [`ublksrv_ctrl_dev_info`], SET_PARAMS / GET_PARAMS a [`ublk_params`].
+pub trait Plain: Copy + Default + sealed::Sealed {
+    /// Bytes up to the end of the last member; the rest of `size_of::<Self>()` is trailing
+    /// padding, which is never read (it may be uninitialised) and sent as zeroes.
+    const DATA_LEN: usize;
+
+    /// The C layout of `self`, `size_of::<Self>()` bytes, padding zeroed.
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; size_of::<Self>()];
+        // SAFETY: `Self: Plain` is a `#[repr(C)]` struct of integers whose first
+        // `DATA_LEN` bytes are members without interior padding (checked by the offset
+        // assertions below), so they are initialised; `DATA_LEN <= size_of::<Self>()`,
+        // the length of `out`; source and destination do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping((self as *const Self).cast::<u8>(), out.as_mut_ptr(), Self::DATA_LEN);
+        }
+        out
+    }
+
+    /// Reads a value from the C layout; `None` if `bytes` is shorter than the members.
+    /// Extra bytes are ignored, missing padding is zero.
+    fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < Self::DATA_LEN {
+            return None;
+        }
+        let mut v = Self::default();
+        // SAFETY: every bit pattern is a valid value of an integer-only `#[repr(C)]`
+        // struct; exactly `DATA_LEN <= size_of::<Self>()` bytes are written into `v`, from
+        // a slice at least that long; the two do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut v as *mut Self).cast::<u8>(), Self::DATA_LEN);
+        }
+        Some(v)
+    }
+}
+impl Plain for ublksrv_ctrl_dev_info {
+    const DATA_LEN: usize = 64;
+}
+impl Plain for ublk_params {
+    // `zoned` ends at 76 + 32 = 108; 4 bytes of padding follow (8-byte alignment).
+    const DATA_LEN: usize = 108;
+}
+const _: () = assert!(<ublksrv_ctrl_dev_info as Plain>::DATA_LEN == size_of::<ublksrv_ctrl_dev_info>());
+const _: () = assert!(<ublk_params as Plain>::DATA_LEN <= size_of::<ublk_params>());
+const _: () = assert!(std::mem::offset_of!(ublk_params, zoned) + size_of::<ublk_param_zoned>() == 108);
+
 /// Marker for the command payloads [`cmd_bytes`] may serialise.
 pub trait CmdPayload: Copy + sealed::Sealed {}
 impl CmdPayload for ublksrv_ctrl_cmd {}
@@ -410,6 +458,8 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for super::ublksrv_ctrl_cmd {}
     impl Sealed for super::ublksrv_io_cmd {}
+    impl Sealed for super::ublksrv_ctrl_dev_info {}
+    impl Sealed for super::ublk_params {}
 }
 
 #[cfg(test)]
@@ -489,6 +539,49 @@ mod tests {
         };
         assert_eq!(d.op(), UBLK_IO_OP_WRITE);
         assert_eq!(d.flags(), UBLK_IO_F_FUA >> 8);
+    }
+
+    #[test]
+    fn plain_structs_round_trip_through_their_c_layout() {
+        let info = ublksrv_ctrl_dev_info {
+            nr_hw_queues: 2,
+            queue_depth: 64,
+            state: UBLK_S_DEV_LIVE,
+            max_io_buf_bytes: 512 << 10,
+            dev_id: 7,
+            ublksrv_pid: 1234,
+            flags: UBLK_F_USER_RECOVERY | UBLK_F_CMD_IOCTL_ENCODE,
+            ..Default::default()
+        };
+        let b = info.to_bytes();
+        assert_eq!(b.len(), 64);
+        assert_eq!(&b[0..2], &2u16.to_ne_bytes());
+        assert_eq!(&b[8..12], &(512u32 << 10).to_ne_bytes());
+        assert_eq!(&b[12..16], &7u32.to_ne_bytes());
+        assert_eq!(
+            &b[24..32],
+            &(UBLK_F_USER_RECOVERY | UBLK_F_CMD_IOCTL_ENCODE).to_ne_bytes()
+        );
+        assert_eq!(ublksrv_ctrl_dev_info::from_bytes(&b), Some(info));
+        assert_eq!(ublksrv_ctrl_dev_info::from_bytes(&b[..63]), None);
+
+        let mut p = ublk_params {
+            len: size_of::<ublk_params>() as u32,
+            types: UBLK_PARAM_TYPE_BASIC | UBLK_PARAM_TYPE_DISCARD,
+            ..Default::default()
+        };
+        p.basic.dev_sectors = 0x0102_0304_0506;
+        p.discard.max_discard_segments = 1;
+        p.zoned.reserved[19] = 0xaa;
+        let b = p.to_bytes();
+        assert_eq!(b.len(), 112);
+        assert_eq!(&b[0..4], &112u32.to_ne_bytes());
+        assert_eq!(&b[8 + 16..8 + 24], &0x0102_0304_0506u64.to_ne_bytes());
+        assert_eq!(&b[40 + 16..40 + 18], &1u16.to_ne_bytes());
+        assert_eq!(b[107], 0xaa);
+        assert!(b[108..].iter().all(|&x| x == 0), "padding is zero");
+        assert_eq!(ublk_params::from_bytes(&b), Some(p));
+        assert_eq!(ublk_params::from_bytes(&b[..108]), Some(p));
     }
 
     #[test]

@@ -37,3 +37,51 @@ fn features_on_this_host() {
         assert!(stderr.contains(MESSAGE), "{stderr}");
     }
 }
+
+#[test]
+fn ublk_local_with_a_missing_backing_file_is_a_usage_error() {
+    let out = Command::new(BIN)
+        .args(["ublk-local", "--backing", "/nonexistent/backing.img"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(eac_common::EXIT_USAGE), "{stderr}");
+    assert!(
+        stderr.contains("cannot open the backing store /nonexistent/backing.img"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty(), "no device path may be printed");
+}
+
+#[test]
+fn ublk_local_recover_needs_an_id() {
+    let out = Command::new(BIN)
+        .args(["ublk-local", "--backing", "/dev/null", "--recover"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "clap usage error: {stderr}");
+    assert!(stderr.contains("--id"), "{stderr}");
+}
+
+#[test]
+fn ublk_local_without_the_driver_says_so() {
+    if Path::new("/dev/ublk-control").exists() {
+        eprintln!("skipped: this host has ublk_drv (the VM tests cover ublk-local)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ublk-mirror-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let backing = dir.join("backing.img");
+    std::fs::File::create(&backing).unwrap().set_len(1 << 20).unwrap();
+    let out = Command::new(BIN)
+        .args(["ublk-local", "--backing"])
+        .arg(&backing)
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(eac_common::EXIT_USAGE), "{stderr}");
+    assert!(stderr.contains(MESSAGE), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
