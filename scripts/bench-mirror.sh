@@ -147,14 +147,18 @@ END {
                 printf "%s %-8s %-8s\n", row("guest", jobs[j], m, k == 1 ? jl[j] : "", u, gd, 3), ratio(b, a), ratio(b, c)
             }
         }
-        printf "\n  the ublk frontend alone (ublk-local over the same brd, no mirror), for reading b/a:\n"
-        if (("guest", "ublk") in have) {
-            for (j = 1; j <= 3; j++) {
-                k = "guest" SUBSEP "ublk" SUBSEP jobs[j] SUBSEP
-                printf "    %-8s %s IOPS, lat p50 %s, p99 %s%s;  ublk-local/raw IOPS %s\n", jl[j], cell(k "iops"), cell(k "p50", "lat"), cell(k "p99", "lat"),
-                    jobs[j] == "seq" ? sprintf(", %s MiB/s", cell(k "mibs")) : "", ratio(med(k "iops"), med("guest" SUBSEP "raw" SUBSEP jobs[j] SUBSEP "iops"))
-            }
-        } else printf "%s", status("guest", "ublk", "    ublk-local")
+        printf "\n  where (b)'\''s time goes (same brd, same guest; IOPS, lat p50, lat p99, and IOPS relative to raw):\n"
+        split("ublk mirrordeg", dd, " "); split("ublk-local (the ublk frontend alone, no mirror)|ublk-mirror with the replica stopped (degraded: local path + bitmap)", dl, "|")
+        for (q = 1; q <= 2; q++) {
+            printf "   %s\n", dl[q]
+            if (("guest", dd[q]) in have) {
+                for (j = 1; j <= 3; j++) {
+                    k = "guest" SUBSEP dd[q] SUBSEP jobs[j] SUBSEP
+                    printf "    %-8s %s IOPS, p50 %s, p99 %s%s;  /raw %s\n", jl[j], cell(k "iops"), cell(k "p50", "lat"), cell(k "p99", "lat"),
+                        (jobs[j] == "seq" ? sprintf(", %s MiB/s", cell(k "mibs")) : ""), ratio(med(k "iops"), med("guest" SUBSEP "raw" SUBSEP jobs[j] SUBSEP "iops"))
+                }
+            } else printf "%s", status("guest", dd[q], "  " dd[q])
+        }
     }
     if ("host" in envs) {
         printf "\n[host] this machine'\''s kernel, no guest: NBD (fio nbd engine) to files on tmpfs (%d MiB); two network\n", hmb
@@ -335,7 +339,7 @@ guest_run() {  # guest_run RUN: boots both guests (retries a boot that crashed),
     done
     if [[ -e $R/a.failed ]]; then echo "S env=guest dev=raw guest a failed: $(head -c 300 "$R/a.failed")" >> "$RESULTS"; fi
     if [[ $ra != 0 && ! -e $R/a.failed ]]; then echo "S env=guest dev=raw guest a exited with $ra (see $R/a.console)" >> "$RESULTS"; fi
-    for dev in raw ublk mirror drbd; do
+    for dev in raw ublk mirror mirrordeg drbd; do
         [[ -e $R/$dev.skipped ]] && echo "S env=guest dev=$dev $(tr '\n' ' ' < "$R/$dev.skipped" | head -c 400)" >> "$RESULTS"
         for j in qd1 qd32 seq; do
             f=$R/$dev-$j.json

@@ -240,6 +240,16 @@ mirror_phase() {
     mstatus /run/mbench/a.ctl > "$RUN/mirror-status-before.json"
     runfio mirror "$dev"
     mstatus /run/mbench/a.ctl > "$RUN/mirror-status-after.json"
+    # (b') the same primary with its replica stopped (degraded: local write + dirty bitmap):
+    # the engine's local path alone, like DRBD StandAlone in recipes/drbd-bench
+    touch "$RUN/mirror.stop"
+    wait_flag "$RUN/b.mirror.stopped" 30 || log "replica did not report stopped"
+    if wait_status /run/mbench/a.ctl 30 '.sync == "degraded"'; then
+        runfio mirrordeg "$dev"
+        mstatus /run/mbench/a.ctl > "$RUN/mirror-status-degraded.json"
+    else
+        skip mirrordeg "the primary did not report degraded after the replica stopped"
+    fi
     mirror_stop
 }
 mirror_phase
