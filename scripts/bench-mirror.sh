@@ -148,14 +148,16 @@ END {
             }
         }
         printf "\n  where (b)'\''s time goes (same brd, same guest; IOPS, lat p50, lat p99, and IOPS relative to raw):\n"
+        k = "guest" SUBSEP "mirror" SUBSEP
+        if (cnt[k "qd1" SUBSEP "srvcpu"]) printf "   ublk-mirror connected: primary daemon CPU %s / %s / %s us/IO (QD1 / QD32 / 1M)\n", cell(k "qd1" SUBSEP "srvcpu"), cell(k "qd32" SUBSEP "srvcpu"), cell(k "seq" SUBSEP "srvcpu")
         split("ublk mirrordeg", dd, " "); split("ublk-local (the ublk frontend alone, no mirror)|ublk-mirror with the replica stopped (degraded: local path + bitmap)", dl, "|")
         for (q = 1; q <= 2; q++) {
             printf "   %s\n", dl[q]
             if (("guest", dd[q]) in have) {
                 for (j = 1; j <= 3; j++) {
                     k = "guest" SUBSEP dd[q] SUBSEP jobs[j] SUBSEP
-                    printf "    %-8s %s IOPS, p50 %s, p99 %s%s;  /raw %s\n", jl[j], cell(k "iops"), cell(k "p50", "lat"), cell(k "p99", "lat"),
-                        (jobs[j] == "seq" ? sprintf(", %s MiB/s", cell(k "mibs")) : ""), ratio(med(k "iops"), med("guest" SUBSEP "raw" SUBSEP jobs[j] SUBSEP "iops"))
+                    printf "    %-8s %s IOPS, p50 %s, p99 %s%s;  /raw %s;  daemon CPU %s us/IO\n", jl[j], cell(k "iops"), cell(k "p50", "lat"), cell(k "p99", "lat"),
+                        (jobs[j] == "seq" ? sprintf(", %s MiB/s", cell(k "mibs")) : ""), ratio(med(k "iops"), med("guest" SUBSEP "raw" SUBSEP jobs[j] SUBSEP "iops")), cell(k "srvcpu")
                 }
             } else printf "%s", status("guest", dd[q], "  " dd[q])
         }
@@ -307,7 +309,7 @@ guest_netns() {
 }
 
 guest_run() {  # guest_run RUN: boots both guests (retries a boot that crashed), collects results
-    local r=$1 attempt R pa pb ra rb f j dev
+    local r=$1 attempt R pa pb ra rb f j dev line
     for attempt in 1 2 3; do
         R=$OUT/guest-run$r; rm -rf "$R"; mkdir -p "$R"
         log "run $r/$runs guest: booting vma and vmb (attempt $attempt)"
@@ -343,7 +345,12 @@ guest_run() {  # guest_run RUN: boots both guests (retries a boot that crashed),
         [[ -e $R/$dev.skipped ]] && echo "S env=guest dev=$dev $(tr '\n' ' ' < "$R/$dev.skipped" | head -c 400)" >> "$RESULTS"
         for j in qd1 qd32 seq; do
             f=$R/$dev-$j.json
-            [[ -s $f ]] && { fio_result "$r" guest "$dev" "$j" "$f" >> "$RESULTS" || log "unreadable $f"; }
+            [[ -s $f ]] || continue
+            line=$(fio_result "$r" guest "$dev" "$j" "$f") || { log "unreadable $f"; continue; }
+            # the server daemon's CPU per request in guest a (ublk-local, the primary)
+            [[ -s ${f%.json}.cpu ]] && line+=" $(awk -v l="$line" '{ n = split(l, f, " "); for (i = 1; i <= n; i++) if (f[i] ~ /^iops=/) iops = substr(f[i], 6)
+                printf "srvcpu=%.1f", (iops > 0 && $3 > 0) ? ($1 / $2) / (iops * $3) * 1e6 : 0 }' "${f%.json}.cpu")"
+            echo "$line" >> "$RESULTS"
         done
     done
     local v

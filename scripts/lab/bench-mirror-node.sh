@@ -190,17 +190,22 @@ ping -c 20 -i 0.2 -s 4096 $B_IP > "$RUN/ping-4096.txt" 2>&1
 iperf3 -c $B_IP -t "$IPERF_S" -J > "$RUN/iperf3.json" 2>>"$RUN/a.log" || log "iperf3 failed"
 
 JOBS=("qd1 randwrite 4k 1" "qd32 randwrite 4k 32" "seq write 1M 8")
-runfio() {  # runfio PHASE DEV
-    local phase=$1 dev=$2 j name rw bs qd
+ticks() { local f; f=$(cut -d')' -f2- "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }; set -- $f; echo $(( ${12} + ${13} )); }
+runfio() {  # runfio PHASE DEV: the three jobs; with a server (mirror_pid) its CPU per job too
+    local phase=$1 dev=$2 j name rw bs qd t0 w0
     for j in "${JOBS[@]}"; do
         read -r name rw bs qd <<<"$j"
         log "fio $phase $name on $dev"
+        [[ -n $mirror_pid ]] && t0=$(ticks "$mirror_pid") w0=$(date +%s.%N)
         fio --name="$name" --filename="$dev" --ioengine=libaio --direct=1 --rw="$rw" \
             --bs="$bs" --iodepth="$qd" --numjobs=1 --size="${FIO_SIZE}M" --time_based \
             --runtime="$RT" --ramp_time="$RAMP" --randrepeat=0 --norandommap \
             --lat_percentiles=1 --percentile_list=50:99:99.9 \
             --output-format=json --output="$RUN/$phase-$name.json" \
             >>"$RUN/a.log" 2>&1 || { log "fio $phase $name failed"; rm -f "$RUN/$phase-$name.json"; }
+        # "server CPU seconds, wall seconds" of this job (ramp included)
+        [[ -n $mirror_pid ]] && echo "$(( $(ticks "$mirror_pid") - t0 )) $(getconf CLK_TCK) $(echo "$(date +%s.%N) $w0" | awk '{print $1 - $2}')" \
+            > "$RUN/$phase-$name.cpu"
     done
 }
 
