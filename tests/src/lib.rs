@@ -6,6 +6,7 @@
 //! - [`faults`]: link down, silent loss with carrier up, killing a host's processes.
 //! - [`faulty_disk`]: a backing disk (FUSE) that starts failing I/O on command.
 //! - [`libvirt`]: a real libvirtd per lab host and small TCG guests.
+//! - [`mirror`]: ublk-mirror daemons in lab hosts, a qemu-io write workload, copy checks.
 //! - [`ublk_guest`]: the QEMU guest booting Debian's 6.12 kernel (ublk_drv).
 //! - [`wait`]: `wait_until(timeout, condition)` instead of sleeps.
 //!
@@ -15,6 +16,7 @@
 pub mod faults;
 pub mod faulty_disk;
 pub mod libvirt;
+pub mod mirror;
 pub mod netns;
 pub mod netpair_daemon;
 pub mod topology;

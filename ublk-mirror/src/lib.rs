@@ -26,14 +26,20 @@
 //! lifecycle, recovery); [`ublk`] — the ublk frontend serving any [`BlockDev`] as
 //! `/dev/ublkbN`; [`dev`] — the block-device interface and the local backing store; [`nbd`] —
 //! the NBD export of any [`BlockDev`]; [`meta`] — the metadata file (bitmap, activity log);
-//! [`genid`] — generation identifiers; [`proto`] — the replication protocol.
+//! [`genid`] — generation identifiers; [`proto`] — the replication protocol; [`engine`] — the
+//! mirror (primary, [`Mirror`]); [`replica`] — the secondary; [`daemon`] / [`control`] — the
+//! process and its control socket.
 
+pub mod control;
 pub mod ctrl;
+pub mod daemon;
 pub mod dev;
+pub mod engine;
 pub mod genid;
 pub mod meta;
 pub mod nbd;
 pub mod proto;
+pub mod replica;
 pub mod sys;
 pub mod ublk;
 
@@ -42,6 +48,8 @@ use std::path::PathBuf;
 
 pub use ctrl::{CONTROL_PATH, Control, Features};
 pub use dev::{BlockDev, IoError, IoResult, LocalDisk};
+pub use engine::{Mirror, MirrorConfig};
+pub use replica::Replica;
 pub use ublk::{StopHandle, UblkDevice, UblkOptions, UblkStats};
 
 /// Everything that can fail in this crate. Any variant maps to a negative errno
