@@ -219,7 +219,7 @@ fi
 # ---------------------------------------------------------------------------------------
 [[ $(id -u) -eq 0 ]] || { echo "bench-mirror.sh: must run as root (namespaces, taps, QEMU)" >&2; exit 1; }
 need_setup=0
-for t in qemu-system-x86_64 fio iperf3 jq ping drbdadm ip; do
+for t in qemu-system-x86_64 qemu-io fio iperf3 jq ping drbdadm ip cmp; do
     command -v "$t" >/dev/null 2>&1 || { log "missing $t"; need_setup=1; }
 done
 [[ -r /boot/vmlinuz-$GUEST_KVER ]] || { log "missing the guest kernel $GUEST_KVER"; need_setup=1; }
