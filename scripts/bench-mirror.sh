@@ -106,7 +106,7 @@ function med(key) { stats(key); return MED }
 function ratio(x, y) { return (x == "" || y == "" || y + 0 == 0) ? "-" : sprintf("%.3f", x / y) }
 function row(env, job, metric, label, unit, devs, nd,   d, i, out) {
     out = sprintf("  %-9s %-10s", label, metric == "iops" ? "IOPS" : metric == "mibs" ? "MiB/s" : metric == "cpu" ? "host busy%" : metric == "srvcpu" ? "CPU us/IO" : "lat " (metric == "p999" ? "p99.9" : metric))
-    for (i = 1; i <= nd; i++) out = out sprintf(" %-25s", cell(env SUBSEP devs[i] SUBSEP job SUBSEP metric, unit))
+    for (i = 1; i <= nd; i++) out = out sprintf(" %-" W "s", cell(env SUBSEP devs[i] SUBSEP job SUBSEP metric, unit))
     return out
 }
 {
@@ -124,6 +124,7 @@ function status(env, dev, name) {
 }
 function verdict(what, value, ok) { printf "  %-58s %-34s %s\n", what, value, ok == "" ? "NOT MET (not measured)" : ok ? "met" : "NOT MET" }
 END {
+    W = (runs > 1) ? 32 : 25   # cell width: "median (min..max)" needs more
     printf "\n====================================================================================================\n"
     printf " ublk-mirror benchmark  (%d run%s; fio: guest libaio direct=1, host nbd engine; %d s measured after %d s ramp per job)\n", runs, (runs > 1 ? "s, cells: median (min..max)" : ""), rt, ramp
     if (load != "") printf " machine: %s cores, load average %s at the start (other load competes with the guests and daemons)\n", cpus, load
@@ -137,7 +138,7 @@ END {
         printf "  host CPU busy while the guests ran: %s %%\n", cell("guest" SUBSEP "net" SUBSEP "hostcpu")
         printf "%s%s%s", status("guest", "raw", "(a) raw"), status("guest", "mirror", "(b) ublk-mirror"), status("guest", "drbd", "(c) DRBD")
         split("raw mirror drbd", gd, " ")
-        printf "\n  %-9s %-10s %-25s %-25s %-25s %-8s %-8s\n", "job", "metric", "(a) raw", "(b) ublk-mirror", "(c) DRBD C", "b/a", "b/c"
+        printf "\n  %-9s %-10s %-" W "s %-" W "s %-" W "s %-8s %-8s\n", "job", "metric", "(a) raw", "(b) ublk-mirror", "(c) DRBD C", "b/a", "b/c"
         for (j = 1; j <= 3; j++) {
             nm = (jobs[j] == "seq") ? "mibs iops p50 p99 p999" : "iops p50 p99 p999"
             nmet = split(nm, ms, " ")
@@ -170,7 +171,7 @@ END {
         split("local mirror", hd, " ")
         printf "  CPU us/IO: CPU time of the servers per request (nbd-local; primary + replica daemon);\n"
         printf "  host busy%%: the whole machine during the job (other users included)\n"
-        printf "\n  %-9s %-10s %-25s %-25s %-8s\n", "job", "metric", "local (NBD)", "mirrored (NBD)", "m/l"
+        printf "\n  %-9s %-10s %-" W "s %-" W "s %-8s\n", "job", "metric", "local (NBD)", "mirrored (NBD)", "m/l"
         for (j = 1; j <= 3; j++) {
             nm = (jobs[j] == "seq") ? "mibs p50 p99 srvcpu cpu" : "iops p50 p99 srvcpu cpu"
             nmet = split(nm, ms, " ")
