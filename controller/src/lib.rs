@@ -3,13 +3,16 @@
 
 pub mod api;
 pub mod config;
+pub mod daemon;
 pub mod events;
 pub mod fence;
 pub mod heartbeat;
 pub mod libvirt;
 pub mod membership;
 pub mod plan;
+pub mod pool;
 pub mod statefile;
+pub mod view;
 pub mod vmm;
 
 #[cfg(test)]

@@ -10,16 +10,29 @@
 //! one thread: libvirt reports errors through thread-local state, which this module reads right
 //! after the call.
 //!
-//! Domain lifecycle events are not covered yet (they need `virt::sys` FFI and the libvirt event
-//! loop; a later issue).
+//! # Lifecycle events
+//! [`watch`] turns one host's domains into a stream of [`LifecycleEvent`]s (started, stopped,
+//! crashed, paused, resumed, defined, undefined) on a tokio channel. It polls libvirt's domain
+//! list on a thread of its own (every 250 ms by default) and reports the *differences* between
+//! two snapshots, instead of registering libvirt event callbacks: the `virt` crate has no safe
+//! wrapper for `virConnectDomainEventRegisterAny`, the controller crate forbids `unsafe`, and
+//! a level-triggered diff cannot lose an event across a libvirtd restart or a reconnect (it
+//! compares against the last state seen, whatever happened in between). The price is latency
+//! (at most one interval, measured in `tests/tests/lab_libvirt_events.rs` against libvirt's own
+//! events) and that a transition undone within one interval is not seen; the daemon also reads
+//! the state itself before acting. See docs/architecture.md, "libvirt lifecycle events".
 //!
 //! # States
 //! [`DomainState`] is libvirt's state, with one deliberate refinement: a domain that is shut off
 //! *because its emulator died* (libvirt: "shut off (crashed)", e.g. QEMU killed) is reported as
 //! [`DomainState::Crashed`], because that is the fact the controller acts on. The raw libvirt
 //! reason is available from [`Hypervisor::state_reason`].
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
 use virt::domain::Domain;
@@ -89,6 +102,7 @@ pub enum Op {
     Destroy,
     Undefine,
     GetState,
+    GetXml,
 }
 
 impl fmt::Display for Op {
@@ -101,6 +115,7 @@ impl fmt::Display for Op {
             Op::Destroy => "destroy",
             Op::Undefine => "undefine",
             Op::GetState => "read the state of",
+            Op::GetXml => "read the XML of",
         })
     }
 }
@@ -305,6 +320,11 @@ impl Hypervisor {
     /// All domains (active and inactive) with their state. Domains that vanish while being
     /// listed are skipped.
     pub fn list(&self) -> Result<Vec<DomainSummary>> {
+        Ok(self.list_with_reasons()?.into_iter().map(|(d, _)| d).collect())
+    }
+
+    /// Like [`Hypervisor::list`], with libvirt's reason for each state (e.g. "destroyed").
+    pub fn list_with_reasons(&self) -> Result<Vec<(DomainSummary, String)>> {
         let list_err = |source| Error::List {
             uri: self.uri.clone(),
             source,
@@ -312,12 +332,16 @@ impl Hypervisor {
         let domains = self.conn.list_all_domains(0).map_err(list_err)?;
         let mut out = Vec::with_capacity(domains.len());
         for d in domains {
-            let row = (|| -> Result<DomainSummary, virt::error::Error> {
-                Ok(DomainSummary {
-                    name: d.name()?,
-                    uuid: d.uuid_string()?,
-                    state: map_state(d.state()?).0,
-                })
+            let row = (|| -> Result<(DomainSummary, String), virt::error::Error> {
+                let (state, reason) = map_state(d.state()?);
+                Ok((
+                    DomainSummary {
+                        name: d.name()?,
+                        uuid: d.uuid_string()?,
+                        state,
+                    },
+                    reason,
+                ))
             })();
             match row {
                 Ok(row) => out.push(row),
@@ -325,8 +349,18 @@ impl Hypervisor {
                 Err(e) => return Err(list_err(e)),
             }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
         Ok(out)
+    }
+
+    /// True while the connection to libvirtd works (a cheap local check plus keepalive state).
+    pub fn is_alive(&self) -> bool {
+        self.conn.is_alive().unwrap_or(false)
+    }
+
+    /// A domain's XML description (the persistent definition if there is one). Blocking.
+    pub fn xml(&self, name: &str) -> Result<String> {
+        self.with_domain(name, Op::GetXml, |d| d.xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE))
     }
 
     fn with_domain<T>(
@@ -357,6 +391,282 @@ impl Hypervisor {
             name: name.to_owned(),
             source,
         })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lifecycle events (polling; see the module documentation)
+
+/// What happened to a domain between two looks at the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LifecycleKind {
+    /// A new (persistent or transient) domain appeared.
+    Defined,
+    /// A domain disappeared.
+    Undefined,
+    /// QEMU came to exist for the domain (booted, or started paused).
+    Started,
+    /// The domain stopped in an orderly way (destroyed, shut down, saved, migrated away).
+    Stopped,
+    /// The domain stopped because its emulator died or the guest crashed.
+    Crashed,
+    /// A running domain was paused.
+    Paused,
+    /// A paused domain runs again.
+    Resumed,
+}
+
+impl fmt::Display for LifecycleKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Defined => "defined",
+            Self::Undefined => "undefined",
+            Self::Started => "started",
+            Self::Stopped => "stopped",
+            Self::Crashed => "crashed",
+            Self::Paused => "paused",
+            Self::Resumed => "resumed",
+        })
+    }
+}
+
+/// One lifecycle event of a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleEvent {
+    pub domain: String,
+    pub kind: LifecycleKind,
+    /// libvirt's reason for the new state ("destroyed", "crashed", "booted", …) or "" if gone.
+    pub detail: String,
+    /// The state now (`ShutOff` for an undefined domain).
+    pub state: DomainState,
+}
+
+/// What a [`watch`] stream delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// The first complete look at the host (and again after every reconnect): every domain
+    /// with its state. Events that follow are relative to it.
+    Snapshot(Vec<DomainSummary>),
+    /// Something changed, seen at `at`.
+    Lifecycle { event: LifecycleEvent, at: Instant },
+    /// libvirtd cannot be reached (daemon dead, socket gone, connection broken); the watcher
+    /// keeps trying every interval. Sent once per outage.
+    ConnectionLost { error: String },
+}
+
+/// A domain as the watcher last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    state: DomainState,
+}
+
+/// The state the watcher remembers: a domain "paused (starting up)" counts as running.
+fn seen_state(state: DomainState, reason: &str) -> DomainState {
+    if state == DomainState::Paused && reason.starts_with("starting") {
+        DomainState::Running
+    } else {
+        state
+    }
+}
+
+/// The events that lead from `prev` to `now` (both keyed by domain name). Pure, so it is
+/// unit-tested; the order is by domain name, and per domain: defined, then state changes, then
+/// undefined.
+fn diff(prev: &BTreeMap<String, Seen>, now: &BTreeMap<String, (DomainState, String)>) -> Vec<LifecycleEvent> {
+    let mut out = Vec::new();
+    let ev = |domain: &str, kind, detail: &str, state| LifecycleEvent {
+        domain: domain.to_owned(),
+        kind,
+        detail: detail.to_owned(),
+        state,
+    };
+    // libvirt shows a domain being started as "paused (starting up)": for events that is a
+    // start, not a pause (otherwise every start would read started, paused, resumed).
+    let now: BTreeMap<&String, (DomainState, &str)> = now
+        .iter()
+        .map(|(k, (s, r))| (k, (seen_state(*s, r), r.as_str())))
+        .collect();
+    let mut names: Vec<&String> = prev.keys().chain(now.keys().copied()).collect();
+    names.sort();
+    names.dedup();
+    for name in names {
+        match (prev.get(name), now.get(name)) {
+            (None, Some((state, reason))) => {
+                out.push(ev(name, LifecycleKind::Defined, reason, *state));
+                if state.is_active() {
+                    out.push(ev(name, LifecycleKind::Started, reason, *state));
+                    if *state == DomainState::Paused {
+                        out.push(ev(name, LifecycleKind::Paused, reason, *state));
+                    }
+                }
+            }
+            (Some(old), None) => {
+                if old.state.is_active() {
+                    out.push(ev(name, LifecycleKind::Stopped, "", DomainState::ShutOff));
+                }
+                out.push(ev(name, LifecycleKind::Undefined, "", DomainState::ShutOff));
+            }
+            (Some(old), Some((state, reason))) => {
+                let (was, is) = (old.state, *state);
+                if was == is {
+                    continue;
+                }
+                let kind = match (was.is_active(), is.is_active()) {
+                    (false, true) => {
+                        out.push(ev(name, LifecycleKind::Started, reason, is));
+                        if is == DomainState::Paused {
+                            Some(LifecycleKind::Paused)
+                        } else {
+                            None
+                        }
+                    }
+                    (true, false) if is == DomainState::Crashed => Some(LifecycleKind::Crashed),
+                    (true, false) => Some(LifecycleKind::Stopped),
+                    (true, true) if is == DomainState::Paused => Some(LifecycleKind::Paused),
+                    (true, true) if was == DomainState::Paused => Some(LifecycleKind::Resumed),
+                    // shut off ↔ crashed, running ↔ blocked …: not a lifecycle change
+                    _ => None,
+                };
+                if let Some(kind) = kind {
+                    out.push(ev(name, kind, reason, is));
+                }
+            }
+            (None, None) => {}
+        }
+    }
+    out
+}
+
+/// Stops its [`watch`] thread when dropped (within one interval).
+#[derive(Debug)]
+pub struct WatchHandle {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WatchHandle {
+    /// Stops the watcher and waits for its thread.
+    pub fn stop(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for WatchHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Do not join in drop: it could block an async task for one interval. The thread ends
+        // by itself at its next poll.
+    }
+}
+
+/// The default polling interval of [`watch`].
+pub const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Watches the domains of the libvirtd at `uri` from a thread of its own (with its own
+/// connection), sending a [`WatchEvent::Snapshot`] first and then every change. Reconnects by
+/// itself after the daemon comes back (a new snapshot follows, then the changes relative to the
+/// last state seen before the outage). Ends when the handle is dropped or the receiver closed.
+pub fn watch(uri: &str, interval: Duration, tx: tokio::sync::mpsc::Sender<WatchEvent>) -> WatchHandle {
+    let stop = Arc::new(AtomicBool::new(false));
+    let uri = uri.to_owned();
+    let stop2 = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("libvirt-watch".into())
+        .spawn(move || watch_loop(&uri, interval, &tx, &stop2))
+        .ok();
+    if thread.is_none() {
+        tracing::error!("cannot spawn the libvirt watcher thread");
+    }
+    WatchHandle { stop, thread }
+}
+
+fn watch_loop(uri: &str, interval: Duration, tx: &tokio::sync::mpsc::Sender<WatchEvent>, stop: &AtomicBool) {
+    let mut hv: Option<Hypervisor> = None;
+    let mut last: Option<BTreeMap<String, Seen>> = None;
+    let mut lost_reported = false;
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) && !tx.is_closed() {
+        if hv.is_none() {
+            match Hypervisor::connect(uri) {
+                Ok(h) => hv = Some(h),
+                Err(e) => {
+                    if !lost_reported {
+                        lost_reported = true;
+                        let error = eac_common::error_chain(&e);
+                        tracing::warn!(uri, error, "libvirt watcher: cannot connect");
+                        if tx.blocking_send(WatchEvent::ConnectionLost { error }).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(h) = &hv {
+            match h.list_with_reasons() {
+                Ok(rows) => {
+                    let at = Instant::now();
+                    let now: BTreeMap<String, (DomainState, String)> = rows
+                        .iter()
+                        .map(|(d, r)| (d.name.clone(), (d.state, r.clone())))
+                        .collect();
+                    let mut msgs = Vec::new();
+                    if lost_reported || last.is_none() {
+                        msgs.push(WatchEvent::Snapshot(rows.into_iter().map(|(d, _)| d).collect()));
+                    }
+                    lost_reported = false;
+                    if let Some(prev) = &last {
+                        msgs.extend(
+                            diff(prev, &now)
+                                .into_iter()
+                                .map(|event| WatchEvent::Lifecycle { event, at }),
+                        );
+                    }
+                    last = Some(
+                        now.into_iter()
+                            .map(|(k, (state, reason))| {
+                                (
+                                    k,
+                                    Seen {
+                                        state: seen_state(state, &reason),
+                                    },
+                                )
+                            })
+                            .collect(),
+                    );
+                    for m in msgs {
+                        if tx.blocking_send(m).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let error = eac_common::error_chain(&e);
+                    hv = None; // reconnect next round
+                    if !lost_reported {
+                        lost_reported = true;
+                        tracing::warn!(uri, error, "libvirt watcher: connection lost");
+                        if tx.blocking_send(WatchEvent::ConnectionLost { error }).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        next += interval;
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        } else {
+            next = now; // fell behind (slow RPC): do not burst
+        }
     }
 }
 
@@ -546,6 +856,140 @@ mod tests {
     fn xml_name_extraction() {
         assert_eq!(xml_name("<domain><name> g1 </name></domain>"), Some("g1"));
         assert_eq!(xml_name("<domain/>"), None);
+    }
+
+    fn seen(rows: &[(&str, DomainState)]) -> BTreeMap<String, Seen> {
+        rows.iter()
+            .map(|(n, s)| ((*n).to_owned(), Seen { state: *s }))
+            .collect()
+    }
+
+    fn now(rows: &[(&str, DomainState, &str)]) -> BTreeMap<String, (DomainState, String)> {
+        rows.iter()
+            .map(|(n, s, r)| ((*n).to_owned(), (*s, (*r).to_owned())))
+            .collect()
+    }
+
+    fn kinds(ev: &[LifecycleEvent]) -> Vec<(String, LifecycleKind)> {
+        ev.iter().map(|e| (e.domain.clone(), e.kind)).collect()
+    }
+
+    #[test]
+    fn diff_reports_each_transition_once() {
+        use DomainState::*;
+        use LifecycleKind as K;
+        let k = |d: &str, x| (d.to_owned(), x);
+        // nothing changed → nothing
+        assert!(diff(&seen(&[("g", Running)]), &now(&[("g", Running, "booted")])).is_empty());
+        // appeared running: defined + started
+        assert_eq!(
+            kinds(&diff(&seen(&[]), &now(&[("g", Running, "booted")]))),
+            vec![k("g", K::Defined), k("g", K::Started)]
+        );
+        // started paused
+        assert_eq!(
+            kinds(&diff(&seen(&[("g", ShutOff)]), &now(&[("g", Paused, "user")]))),
+            vec![k("g", K::Started), k("g", K::Paused)]
+        );
+        assert_eq!(
+            kinds(&diff(&seen(&[("g", Running)]), &now(&[("g", Paused, "user")]))),
+            vec![k("g", K::Paused)]
+        );
+        // libvirt's "paused (starting up)" during a start is a start, and its end no resume
+        assert_eq!(
+            kinds(&diff(&seen(&[("g", ShutOff)]), &now(&[("g", Paused, "startingup")]))),
+            vec![k("g", K::Started)]
+        );
+        assert!(diff(&seen(&[("g", Running)]), &now(&[("g", Running, "booted")])).is_empty());
+        assert_eq!(
+            kinds(&diff(&seen(&[("g", Paused)]), &now(&[("g", Running, "unpaused")]))),
+            vec![k("g", K::Resumed)]
+        );
+        let d = diff(&seen(&[("g", Running)]), &now(&[("g", ShutOff, "destroyed")]));
+        assert_eq!(kinds(&d), vec![k("g", K::Stopped)]);
+        assert_eq!(d[0].detail, "destroyed");
+        let d = diff(&seen(&[("g", Running)]), &now(&[("g", Crashed, "crashed")]));
+        assert_eq!(kinds(&d), vec![k("g", K::Crashed)]);
+        assert_eq!(d[0].state, Crashed);
+        // a transient domain that vanished while running: stopped + undefined
+        assert_eq!(
+            kinds(&diff(&seen(&[("g", Running)]), &now(&[]))),
+            vec![k("g", K::Stopped), k("g", K::Undefined)]
+        );
+        assert_eq!(
+            kinds(&diff(&seen(&[("g", ShutOff)]), &now(&[]))),
+            vec![k("g", K::Undefined)]
+        );
+        // crashed → shut off (libvirt re-reads), running ↔ blocked: no lifecycle change
+        assert!(diff(&seen(&[("g", Crashed)]), &now(&[("g", ShutOff, "destroyed")])).is_empty());
+        assert!(diff(&seen(&[("g", Running)]), &now(&[("g", Blocked, "")])).is_empty());
+        // several domains, by name
+        assert_eq!(
+            kinds(&diff(
+                &seen(&[("b", Running), ("a", ShutOff)]),
+                &now(&[("a", Running, "booted"), ("b", Crashed, "crashed")])
+            )),
+            vec![k("a", K::Started), k("b", K::Crashed)]
+        );
+    }
+
+    #[test]
+    fn watch_sees_the_lifecycle_on_the_test_driver() {
+        let hv = hv();
+        let (name, uuid) = unique("watch");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let handle = watch(TEST_URI, Duration::from_millis(20), tx);
+        // Changes are relative to the first snapshot: wait for it before changing anything.
+        let first = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), rx.recv()).await });
+        assert!(matches!(first, Ok(Some(WatchEvent::Snapshot(_)))), "{first:?}");
+        let mut next = |want: LifecycleKind| -> LifecycleEvent {
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    loop {
+                        match rx.recv().await.expect("watcher alive") {
+                            WatchEvent::Lifecycle { event, .. } if event.domain == name => return event,
+                            _ => {}
+                        }
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| panic!("no {want} event for {name}"))
+            })
+        };
+        hv.define(&test_xml(&name, &uuid)).unwrap();
+        assert_eq!(next(LifecycleKind::Defined).kind, LifecycleKind::Defined);
+        hv.start(&name).unwrap();
+        assert_eq!(next(LifecycleKind::Started).kind, LifecycleKind::Started);
+        hv.suspend(&name).unwrap();
+        assert_eq!(next(LifecycleKind::Paused).kind, LifecycleKind::Paused);
+        hv.resume(&name).unwrap();
+        assert_eq!(next(LifecycleKind::Resumed).kind, LifecycleKind::Resumed);
+        hv.destroy(&name).unwrap();
+        let e = next(LifecycleKind::Stopped);
+        assert_eq!((e.kind, e.state), (LifecycleKind::Stopped, DomainState::ShutOff));
+        assert!(e.detail.contains("destroy"), "{e:?}");
+        hv.undefine(&name).unwrap();
+        assert_eq!(next(LifecycleKind::Undefined).kind, LifecycleKind::Undefined);
+        handle.stop();
+    }
+
+    #[test]
+    fn watch_reports_an_unreachable_daemon() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let _h = watch("test:///nonexistent/eac-watch.xml", Duration::from_millis(10), tx);
+        let first = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), rx.recv()).await });
+        match first {
+            Ok(Some(WatchEvent::ConnectionLost { error })) => assert!(error.contains("eac-watch.xml"), "{error}"),
+            other => panic!("expected ConnectionLost, got {other:?}"),
+        }
     }
 
     #[test]

@@ -30,9 +30,11 @@
 #                          host networking, no root/tap/bridge needed)
 #   --net-tap IFNAME       alternatively: virtio-net on an existing tap device (run
 #                          QEMU inside a netns you created: ip netns exec NS run-vm.sh
-#                          ...; bridge the taps there for N guests + the netns itself)
-#   --ip CIDR              guest address on eth0 (use 10.251.0.0/24 only)
-#   --mac MAC              guest MAC (default derived from --ip)
+#                          ...; bridge the taps there for N guests + the netns itself).
+#                          Repeatable: the Nth --net-tap is the guest's eth(N-1)
+#   --ip CIDR              guest address on eth0 (use 10.251.0.0/16 only); repeatable:
+#                          the Nth --ip goes to eth(N-1)
+#   --mac MAC              eth0's MAC (default derived from --ip; ethN's from the Nth --ip)
 #   --hostname NAME        guest hostname (default ublkvm)
 #   --modules "a b"        extra modules to modprobe in the guest (host kmod, from the
 #                          9p-mounted /lib/modules); ublk_drv is always loaded
@@ -67,7 +69,7 @@ REPO=$(cd "$(dirname "$SCRIPT_PATH")/../.." && pwd)
 CACHE=${VM_CACHE:-$REPO/target/vm-cache}
 
 accel=auto mem=2G smp=2 share=$PWD timeout="" console="" rebuild=0 verbose=0
-net_local="" net_remote="" net_tap="" ip="" mac="" vmhost=ublkvm modules=""
+net_local="" net_remote="" net_taps=() ips=() mac="" vmhost=ublkvm modules=""
 while [[ $# -gt 0 ]]; do
     case $1 in
         --accel) accel=$2; shift 2 ;;
@@ -78,8 +80,8 @@ while [[ $# -gt 0 ]]; do
         --console) console=$2; shift 2 ;;
         --net-local) net_local=$2; shift 2 ;;
         --net-remote) net_remote=$2; shift 2 ;;
-        --net-tap) net_tap=$2; shift 2 ;;
-        --ip) ip=$2; shift 2 ;;
+        --net-tap) net_taps+=("$2"); shift 2 ;;
+        --ip) ips+=("$2"); shift 2 ;;
         --mac) mac=$2; shift 2 ;;
         --hostname) vmhost=$2; shift 2 ;;
         --modules) modules=$2; shift 2 ;;
@@ -216,9 +218,11 @@ if [ -n "$VM_SHARE" ]; then
 fi
 hostname "$VM_HOSTNAME"
 ip link set lo up
-if [ -n "$VM_IP" ]; then
-    ip link set eth0 up && ip addr add "$VM_IP" dev eth0 || log "eth0 setup failed"
-fi
+i=0
+for a in $VM_IP; do
+    { ip link set "eth$i" up && ip addr add "$a" dev "eth$i"; } || log "eth$i setup failed"
+    i=$((i + 1))
+done
 for m in $VM_MODULES; do chroot /host /sbin/modprobe "$m" || log "modprobe $m failed"; done
 log "ready (ublk-control: $(ls /dev/ublk-control 2>/dev/null || echo missing))"
 ENVI="HOME=/root TERM=${VM_TERM:-linux} PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin VM_GUEST=1"
@@ -267,13 +271,18 @@ ctl=$(mktemp -d "$CACHE/run.$$.XXXXXX")
 repo=$(cd "$(dirname "$SCRIPT_PATH")/../.." && pwd -P)
 [[ $share = none ]] && share=""
 [[ -n $share ]] && share=$(readlink -f "$share")
-if [[ -n $ip && -z $mac ]]; then   # 52:54:00:fb:XX:YY from the last two octets
-    IFS=./ read -r _ _ o3 o4 _ <<<"$ip"; mac=$(printf '52:54:00:fb:%02x:%02x' "$o3" "$o4")
-fi
+# NIC n's MAC: 52:54:0n:fb:XX:YY from the last two octets of the nth --ip
+mac_of() {
+    local n=$1 o3=0 o4
+    o4=$((n + 1))
+    [[ -n ${ips[n]:-} ]] && IFS=./ read -r _ _ o3 o4 _ <<<"${ips[n]}"
+    printf '52:54:%02x:fb:%02x:%02x' "$n" "$o3" "$o4"
+}
+[[ -z $mac ]] && mac=$(mac_of 0)
 {
     printf 'VM_MODE=%q\nVM_SHARE=%q\nVM_SHARE_CACHE=mmap\n' "$mode" "$share"
     printf 'VM_REPO=%q\n' "$repo"
-    printf 'VM_IP=%q\nVM_HOSTNAME=%q\nVM_MODULES=%q\n' "$ip" "$vmhost" "ublk_drv $modules"
+    printf 'VM_IP=%q\nVM_HOSTNAME=%q\nVM_MODULES=%q\n' "${ips[*]}" "$vmhost" "ublk_drv $modules"
     printf 'VM_VERBOSE=%q\nVM_TERM=%q\n' "$verbose" "${TERM:-linux}"
 } > "$ctl/env"
 {   # the guest runs: chroot /host bash /run/vmctl/cmd.sh (same cwd as here)
@@ -323,10 +332,11 @@ if [[ -n $net_local ]]; then
     args+=(-netdev "dgram,id=n0,local.type=unix,local.path=$net_local,remote.type=unix,remote.path=$net_remote"
            -device "virtio-net-pci,netdev=n0,mac=$mac")
 fi
-if [[ -n $net_tap ]]; then
-    args+=(-netdev "tap,id=n0,ifname=$net_tap,script=no,downscript=no"
-           -device "virtio-net-pci,netdev=n0,mac=$mac")
-fi
+for i in "${!net_taps[@]}"; do
+    m=$mac; [[ $i -gt 0 ]] && m=$(mac_of "$i")
+    args+=(-netdev "tap,id=t$i,ifname=${net_taps[i]},script=no,downscript=no"
+           -device "virtio-net-pci,netdev=t$i,mac=$m")
+done
 if [[ -n $console ]]; then args+=(-serial "file:$console")
 elif [[ $mode = shell ]]; then args+=(-serial mon:stdio)
 else args+=(-chardev stdio,id=con0,signal=on -serial chardev:con0); fi

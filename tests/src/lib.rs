@@ -3,6 +3,7 @@
 //!
 //! - [`netns`]: network namespaces, entering one from a thread, running commands in one.
 //! - [`topology`]: a two-host lab (management, app NIC on a switch, AL1/AL2, clients).
+//! - [`controller`]: the two-host controller lab (libvirtd + controller per host, shared storage, `eac`).
 //! - [`faults`]: link down, silent loss with carrier up, killing a host's processes.
 //! - [`faulty_disk`]: a backing disk (FUSE) that starts failing I/O on command.
 //! - [`libvirt`]: a real libvirtd per lab host and small TCG guests.
@@ -13,6 +14,7 @@
 //! Privileged tests call [`require_root`] first: without root they fail with the reason
 //! (scripts/test.sh only runs them as root; plain `cargo test` leaves them ignored).
 
+pub mod controller;
 pub mod faults;
 pub mod faulty_disk;
 pub mod libvirt;

@@ -190,6 +190,8 @@ pub struct UblkGuest {
     smp: u32,
     modules: Vec<String>,
     verbose: bool,
+    netns: Option<String>,
+    nics: Vec<(String, String)>,
 }
 
 impl Default for UblkGuest {
@@ -207,6 +209,8 @@ impl UblkGuest {
             smp: 2,
             modules: Vec::new(),
             verbose: false,
+            netns: None,
+            nics: Vec::new(),
         }
     }
     /// Kill the guest after this long (the run then has status 125).
@@ -234,16 +238,64 @@ impl UblkGuest {
         self
     }
 
+    /// Runs QEMU inside network namespace `name` (`/run/netns/<name>`, e.g. a
+    /// [`crate::netns::Netns`]), where the tap devices given with [`UblkGuest::tap`] live.
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
+        self
+    }
+    /// Adds a virtio NIC on the existing tap device `tap` (in the [`UblkGuest::netns`]
+    /// namespace) with guest address `cidr`; the Nth call gives the guest's eth(N-1).
+    pub fn tap(mut self, tap: &str, cidr: &str) -> Self {
+        self.nics.push((tap.to_owned(), cidr.to_owned()));
+        self
+    }
+
     /// Runs `script` with `bash -c` in the guest; its cwd is the run's share directory.
     pub fn run_script(&self, script: &str) -> Result<GuestRun, Error> {
         self.run(&["bash", "-c", script])
     }
 
     /// Runs `argv` in the guest (cwd = the run's share directory) and waits for it.
+    ///
+    /// A guest kernel that crashes *before* init reported "ready" (seen once in a while
+    /// under TCG on a loaded machine, before any of the test's work started) is booted once
+    /// more, and the first console is printed; a failure after "ready" is the test's.
     pub fn run(&self, argv: &[&str]) -> Result<GuestRun, Error> {
+        let first = self.spawn(argv)?.wait()?;
+        if first.status != Some(125) || first.stdout.contains("] ready") {
+            return Ok(first);
+        }
+        eprintln!(
+            "ublk guest: the guest crashed during boot, before the command started; booting once more. \
+             First console:\n{}",
+            first.transcript()
+        );
+        self.spawn(argv)?.wait()
+    }
+
+    /// Boots the guest running `script` with `bash -c` and returns at once: the host side
+    /// of a test can work with the guest while it runs (files in [`RunningGuest::share`]
+    /// are the usual rendezvous).
+    pub fn spawn_script(&self, script: &str) -> Result<RunningGuest, Error> {
+        self.spawn(&["bash", "-c", script])
+    }
+
+    /// Boots the guest running `argv` (cwd = the run's share directory) and returns at once.
+    pub fn spawn(&self, argv: &[&str]) -> Result<RunningGuest, Error> {
         let share = ShareDir::new()?;
         let script = run_vm_script();
-        let mut cmd = Command::new(&script);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(&script);
+                c
+            }
+            None => Command::new(&script),
+        };
+        for (tap, cidr) in &self.nics {
+            cmd.args(["--net-tap", tap, "--ip", cidr]);
+        }
         cmd.current_dir(share.path())
             .arg("--share")
             .arg(share.path())
@@ -255,7 +307,11 @@ impl UblkGuest {
         if self.verbose {
             cmd.arg("--verbose");
         }
-        cmd.arg("--").args(argv).stdin(Stdio::null());
+        cmd.arg("--")
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         // SAFETY: the closure runs in the forked child before exec and only calls
         // prctl(PR_SET_PDEATHSIG), which is async-signal-safe; it allocates nothing.
         unsafe {
@@ -265,21 +321,83 @@ impl UblkGuest {
             });
         }
         let start = Instant::now();
-        let out = cmd.output().map_err(|source| Error::Spawn {
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
             script: script.clone(),
             source,
         })?;
-        let wall = start.elapsed();
-        let stdout = String::from_utf8_lossy(&out.stdout).replace('\r', "");
-        let stderr = String::from_utf8_lossy(&out.stderr).replace('\r', "");
-        tracing::debug!(?wall, status = ?out.status.code(), "guest run finished");
+        // Drained on their own threads: a full pipe would stall the guest's console.
+        let drain = |r: Option<Box<dyn io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut buf);
+                }
+                String::from_utf8_lossy(&buf).replace('\r', "")
+            })
+        };
+        let stdout = drain(child.stdout.take().map(|r| Box::new(r) as Box<dyn io::Read + Send>));
+        let stderr = drain(child.stderr.take().map(|r| Box::new(r) as Box<dyn io::Read + Send>));
+        Ok(RunningGuest {
+            child: Some(child),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            start,
+            share: Some(share),
+        })
+    }
+}
+
+/// A guest booted with [`UblkGuest::spawn`]. Dropping it unwaited stops the guest
+/// (run-vm.sh gets SIGTERM and stops QEMU) and removes the share.
+#[derive(Debug)]
+pub struct RunningGuest {
+    child: Option<std::process::Child>,
+    stdout: Option<std::thread::JoinHandle<String>>,
+    stderr: Option<std::thread::JoinHandle<String>>,
+    start: Instant,
+    share: Option<ShareDir>,
+}
+
+impl RunningGuest {
+    /// The share directory: the command's cwd in the guest, same path on the host.
+    pub fn share(&self) -> &Path {
+        self.share.as_ref().map_or(Path::new("/nonexistent"), ShareDir::path)
+    }
+    /// True while run-vm.sh (and so the guest) is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+    /// Waits for the guest to power off and returns the outcome.
+    pub fn wait(mut self) -> Result<GuestRun, Error> {
+        let mut child = self.child.take().expect("a RunningGuest has its child until waited");
+        let status = child.wait().map_err(|source| Error::Spawn {
+            script: run_vm_script(),
+            source,
+        })?;
+        let wall = self.start.elapsed();
+        let join = |h: Option<std::thread::JoinHandle<String>>| h.and_then(|h| h.join().ok()).unwrap_or_default();
+        let stdout = join(self.stdout.take());
+        let stderr = join(self.stderr.take());
+        tracing::debug!(?wall, status = ?status.code(), "guest run finished");
         Ok(GuestRun {
-            status: out.status.code(),
+            status: status.code(),
             stdout,
             stderr,
             wall,
-            share,
+            share: self.share.take().expect("a RunningGuest has its share until waited"),
         })
+    }
+}
+
+impl Drop for RunningGuest {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
     }
 }
 

@@ -1909,17 +1909,21 @@ impl Shared {
                 if remote == local_digest {
                     return Ok::<_, String>(Vec::new());
                 }
-                // Narrow the mismatch down to regions.
+                // Narrow the mismatch down to regions: all regions of the chunk are asked
+                // for at once (pipelined on the link), not one round trip after another.
+                let regions: Vec<(u64, u64)> = (o..o + n)
+                    .step_by(self.region as usize)
+                    .map(|ro| (ro, self.region.min(o + n - ro)))
+                    .collect();
+                let remote =
+                    futures::future::join_all(regions.iter().map(|&(ro, rn)| self.remote_digest(ro, rn))).await;
                 let mut bad = Vec::new();
-                let mut ro = o;
-                while ro < o + n {
-                    let rn = self.region.min(o + n - ro);
+                for (&(ro, rn), rd) in regions.iter().zip(remote) {
                     let s = (ro - o) as usize;
                     let ld: [u8; 32] = Sha256::digest(&local[s..s + rn as usize]).into();
-                    if self.remote_digest(ro, rn).await? != ld {
+                    if rd? != ld {
                         bad.push((ro, rn));
                     }
-                    ro += rn;
                 }
                 Ok(bad)
             }

@@ -1,19 +1,22 @@
-//! `lab-demo` — the main job of scripts/demo.sh: bring up a two-host lab on this machine and
-//! show each part of the stack alive, with timings:
+//! `lab-demo` — the main job of scripts/demo.sh: what a new user runs first.
 //!
-//! 1. the network: hosts a and b (namespaces), a switch, a client, a guest on host a;
-//! 2. netpair on both hosts: a TCP stream from the client to the guest survives host a's
-//!    application NIC going down and a silent loss on its switch port;
-//! 3. libvirt: a real libvirtd per host boots a guest on each;
-//! 4. ublk: Debian's 6.12 kernel in QEMU runs `ublk-mirror features` against the real driver.
+//! 1. a two-host lab: hosts a and b (network namespaces with a management network and two
+//!    availability links), a real libvirtd per host, a directory both see (state-file, guest
+//!    disks, virtlockd leases), an `eac-controller` per host;
+//! 2. a guest boots on host a; `eac vm protect demo-vm --level 1`;
+//! 3. host a dies (every process of it is killed: controller, libvirtd, QEMU);
+//! 4. the guest runs on host b, with the timeline of events and the measured times.
 //!
-//! Everything it creates is removed when it ends (or fails).
-use std::time::{Duration, Instant};
+//! `lab-demo --all` then also shows the Level 2 parts: netpair keeping a TCP stream through
+//! NIC faults, and the ublk driver in Debian's 6.12 kernel. Everything it creates is removed
+//! when it ends (or fails).
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use eac_controller::libvirt::{DomainState, Hypervisor};
+use eac_controller::libvirt::DomainState;
 use eac_lab::{
     Lab,
-    libvirt::{LibvirtHost, READY},
+    controller::{ControllerLab, Options},
+    libvirt::READY,
     netpair_daemon::{GUEST_IP, GUEST_MAC, NetpairDaemon},
     topology,
     traffic::TcpStreamProbe,
@@ -29,12 +32,135 @@ fn ms(d: Duration) -> String {
     format!("{:.0} ms", d.as_secs_f64() * 1e3)
 }
 
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Prints `$ eac ARGS` (on `host`) and its output.
+fn eac(lab: &ControllerLab, host: &str, args: &[&str]) {
+    let out = lab.eac(host, args);
+    println!("[{host}]$ eac {}", args.join(" "));
+    print!("{}", out.stdout);
+    if !out.ok() {
+        print!("{}", out.stderr);
+        panic!("eac {} failed on {host} (exit {})", args.join(" "), out.code);
+    }
+}
+
 fn main() {
     eac_lab::require_root();
+    let all = std::env::args().any(|a| a == "--all");
     let t0 = Instant::now();
 
-    step(1, "two lab hosts, a switch, a client, a guest on host a");
-    let mut lab = Lab::two_hosts("demo", 1).expect("lab");
+    step(1, "two hosts, a libvirtd and a controller on each, shared storage");
+    let mut lab = ControllerLab::new(Options::new("demo")).expect("controller lab");
+    for h in &lab.lab.hosts {
+        println!(
+            "host {}: namespace {}, mgmt {}, AL1 {}, AL2 {}",
+            h.name,
+            h.ns.name(),
+            h.mgmt_ip(),
+            h.al_ip(1),
+            h.al_ip(2)
+        );
+    }
+    println!("shared storage: {} (state-file, guest disks)", lab.shared.display());
+    lab.start_controllers().expect("controllers");
+    wait_until(Duration::from_secs(20), "hosts in contact", || {
+        lab.eac("a", &["pool", "status", "--json"])
+            .json()
+            .is_ok_and(|v| v["redundancy_ok"] == true)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    eac(&lab, "a", &["pool", "status"]);
+
+    step(2, "a guest on host a, protected at level 1");
+    let spec = lab.guest_spec("demo-vm").expect("guest");
+    lab.define_and_start("a", &spec).expect("start demo-vm on a");
+    let booted = wait_until(Duration::from_secs(120), "GUEST-READY on a", || {
+        lab.host("a").console("demo-vm").contains(READY)
+    })
+    .expect("demo-vm boots");
+    println!(
+        "demo-vm booted on host a: {READY} on its serial console after {}",
+        ms(booted)
+    );
+    eac(&lab, "a", &["vm", "protect", "demo-vm", "--level", "1"]);
+    eac(&lab, "a", &["vm", "list"]);
+    eac(&lab, "b", &["plan"]);
+
+    step(3, "host a dies: its controller, libvirtd and QEMU are killed");
+    std::thread::sleep(Duration::from_secs(1));
+    let t_kill = wall_ms();
+    let n = lab.kill_host("a");
+    println!("killed {n} processes of host a");
+    let running = wait_until(Duration::from_secs(60), "demo-vm running on b", || {
+        lab.host("b").domain_state("demo-vm") == Some(DomainState::Running)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let ready = wait_until(Duration::from_secs(120), "GUEST-READY on b", || {
+        lab.host("b").console("demo-vm").contains(READY)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+
+    step(4, "the guest runs on host b");
+    eac(&lab, "b", &["vm", "list"]);
+    println!("event timeline on host b (ms after the kill):");
+    let evs = lab
+        .eac("b", &["events", "--json"])
+        .json()
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default();
+    let mut detect = None;
+    let mut restart = None;
+    for e in evs.iter().filter(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= t_kill)) {
+        let dt = e["ts_ms"].as_u64().unwrap_or(t_kill) - t_kill;
+        let kind = e["kind"].as_str().unwrap_or("?");
+        if kind == "peer_dead" {
+            detect.get_or_insert(dt);
+        }
+        if kind == "guest_restarted" {
+            restart.get_or_insert(dt);
+        }
+        println!(
+            "  +{dt:>6}  {kind:<18} {}{}",
+            e["guest"].as_str().map(|g| format!("[{g}] ")).unwrap_or_default(),
+            e["detail"].as_str().unwrap_or("")
+        );
+    }
+    println!(
+        "\nhost a died → declared dead after {} ms → demo-vm started on b after {} ms (libvirt: running at {}); \
+         {READY} on b's console {:.1} s after the kill (TCG boot)",
+        detect.map_or("?".into(), |d| d.to_string()),
+        restart.map_or("?".into(), |d| d.to_string()),
+        ms(running),
+        (running + ready).as_secs_f64()
+    );
+    drop(lab);
+
+    if all {
+        netpair_tour(5);
+        ublk_tour(6);
+    } else {
+        println!("\n(`lab-demo --all` also shows netpair and the ublk driver)");
+    }
+    println!(
+        "\n=== done in {:.1} s; everything the demo created is gone",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// Level 2 networking: a TCP stream to a guest survives its host's NIC failing.
+fn netpair_tour(n: u32) {
+    step(
+        n,
+        "netpair: a lab with a switch, a client and a guest stand-in on host a",
+    );
+    let mut lab = Lab::two_hosts("demonp", 1).expect("lab");
     lab.add_guest_ns("a", GUEST_MAC, GUEST_IP).expect("guest");
     for h in &lab.hosts {
         println!(
@@ -50,7 +176,7 @@ fn main() {
     }
     println!("client {}; guest {GUEST_MAC} {GUEST_IP} on host a", lab.clients[0].ip);
 
-    step(2, "netpair: both application NICs active, paired over AL1/AL2");
+    println!("netpair: both application NICs active, paired over AL1/AL2");
     let a = NetpairDaemon::start(&lab, "a", "local");
     let b = NetpairDaemon::start(&lab, "b", "partner");
     wait_until(Duration::from_secs(10), "pairing", || {
@@ -118,34 +244,12 @@ fn main() {
         }
     );
     drop((a, b));
+    drop(lab);
+}
 
-    step(3, "libvirt: a real libvirtd per host, a TCG guest on each");
-    let mut hosts = Vec::new();
-    for h in &lab.hosts {
-        let lv = LibvirtHost::start(lab.dir(), &h.name, Some(h.ns.name()), false).expect("libvirtd");
-        println!("host {}: libvirtd at {}", h.name, lv.uri());
-        hosts.push(lv);
-    }
-    for lv in &hosts {
-        let spec = lv.guest("demo-vm").expect("spec");
-        let hv = Hypervisor::connect(lv.uri()).expect("connect");
-        hv.define(&spec.to_xml()).expect("define");
-        let t = Instant::now();
-        hv.start("demo-vm").expect("start");
-        lv.wait_for_console("demo-vm", READY, Duration::from_secs(120))
-            .expect("guest ready");
-        println!(
-            "host {}: demo-vm {:?}, ready on its serial console {} after start",
-            lv.name(),
-            hv.state("demo-vm").unwrap(),
-            ms(t.elapsed())
-        );
-        hv.destroy("demo-vm").expect("destroy");
-        assert_eq!(hv.state("demo-vm").unwrap(), DomainState::ShutOff);
-    }
-    drop(hosts);
-
-    step(4, "ublk: the real ublk driver in Debian's 6.12 kernel (QEMU guest)");
+/// The ublk driver in Debian's 6.12 kernel (QEMU guest).
+fn ublk_tour(n: u32) {
+    step(n, "ublk: the real ublk driver in Debian's 6.12 kernel (QEMU guest)");
     match skip_reason() {
         Some(why) => println!("skipped: {why}"),
         None => {
@@ -162,10 +266,4 @@ fn main() {
             println!("(guest boot + run + power-off: {})", ms(run.wall));
         }
     }
-
-    drop(lab);
-    println!(
-        "\n=== done in {:.1} s; everything the demo created is gone",
-        t0.elapsed().as_secs_f64()
-    );
 }
