@@ -3,6 +3,8 @@
 
 use std::error::Error;
 
+pub mod sealed;
+
 /// Process exit codes. A supervisor restarts on [`EXIT_TRANSIENT`], never on [`EXIT_USAGE`].
 pub const EXIT_TRANSIENT: i32 = 1;
 /// Bad command line, configuration or input (sysexits EX_USAGE): do not restart.

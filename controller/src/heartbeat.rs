@@ -68,7 +68,7 @@
 //! alive for at most one `channel_timeout`, not longer: the replay cannot be repeated.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     fmt,
     io::Read,
     net::{IpAddr, SocketAddr},
@@ -76,7 +76,7 @@ use std::{
     time::Duration,
 };
 
-use hmac::{KeyInit, Mac};
+use hmac::KeyInit;
 use serde::{Deserialize, Deserializer, Serialize};
 use tokio::{net::UdpSocket, time::Instant};
 
@@ -101,7 +101,13 @@ const RETIRED_SESSIONS: usize = 16;
 /// One log line per (reason, source) per this long.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
-type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+use eac_common::sealed::{self, Accepted, EnvelopeError, HmacSha256, Opened, Refused, Sessions};
+
+/// The heartbeat protocol's envelope.
+const ENVELOPE: sealed::Envelope = sealed::Envelope {
+    magic: MAGIC,
+    version: VERSION,
+};
 
 const BINCODE: bincode::config::Configuration<
     bincode::config::BigEndian,
@@ -380,25 +386,11 @@ impl Sealer {
         let encoded = bincode::serde::encode_to_vec(&body, BINCODE)
             .map_err(|e| HeartbeatError::Invalid(format!("body does not encode: {e}")))?;
         self.seq += 1;
-        let mut out = Vec::with_capacity(HEADER_LEN + encoded.len() + MAC_LEN);
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&VERSION.to_be_bytes());
-        out.extend_from_slice(&(encoded.len() as u16).to_be_bytes());
-        out.extend_from_slice(&self.session.to_be_bytes());
-        out.extend_from_slice(&self.seq.to_be_bytes());
-        out.extend_from_slice(&encoded);
-        let mut mac = self.mac.clone();
-        mac.update(&out);
-        out.extend_from_slice(&mac.finalize().into_bytes());
-        Ok((out, self.seq))
+        Ok((
+            sealed::seal(ENVELOPE, &self.mac, self.session, self.seq, &encoded),
+            self.seq,
+        ))
     }
-}
-
-#[derive(Debug)]
-struct PeerState {
-    session: u64,
-    seq: u64,
-    retired: VecDeque<u64>,
 }
 
 /// Opens heartbeats received on one network: the checks of the module documentation, and
@@ -409,7 +401,7 @@ pub struct Opener {
     network: String,
     /// Configured peer → its address on this network.
     peers: Vec<(String, SocketAddr)>,
-    state: HashMap<String, PeerState>,
+    state: Sessions,
 }
 
 impl fmt::Debug for Opener {
@@ -437,13 +429,13 @@ impl Opener {
             local_host: local_host.to_owned(),
             network: network.to_owned(),
             peers,
-            state: HashMap::new(),
+            state: Sessions::new(RETIRED_SESSIONS),
         })
     }
 
     /// The last accepted (session, seq) of `peer`.
     pub fn peer_position(&self, peer: &str) -> Option<(u64, u64)> {
-        self.state.get(peer).map(|p| (p.session, p.seq))
+        self.state.position(peer)
     }
 
     /// Checks one datagram received from `from`. Never panics, whatever the bytes.
@@ -492,103 +484,50 @@ impl Opener {
     }
 
     fn check_fresh(&mut self, host: &str, from: SocketAddr, session: u64, seq: u64) -> Result<(), RejectReason> {
-        match self.state.get_mut(host) {
-            None => {
+        let host_s = || host.to_owned();
+        match self.state.check(host, session, seq) {
+            Ok(Accepted::First) => {
                 tracing::info!(peer = %host, network = %self.network, %from, session = format_args!("{session:016x}"), seq, "heartbeat: first from peer");
-                self.state.insert(
-                    host.to_owned(),
-                    PeerState {
-                        session,
-                        seq,
-                        retired: VecDeque::new(),
-                    },
-                );
             }
-            Some(p) if p.session == session => {
-                if seq == p.seq {
-                    return Err(RejectReason::Replayed {
-                        host: host.to_owned(),
-                        session,
-                        seq,
-                    });
-                }
-                if seq < p.seq {
-                    return Err(RejectReason::Stale {
-                        host: host.to_owned(),
-                        session,
-                        seq,
-                        last: p.seq,
-                    });
-                }
-                p.seq = seq;
+            Ok(Accepted::Next) => {}
+            Ok(Accepted::NewSession { old_session, old_seq }) => tracing::warn!(
+                peer = %host, network = %self.network, %from,
+                old_session = format_args!("{old_session:016x}"), old_seq,
+                new_session = format_args!("{session:016x}"), seq,
+                "heartbeat: peer started a new session (it restarted)"
+            ),
+            Err(Refused::Replayed) => {
+                return Err(RejectReason::Replayed {
+                    host: host_s(),
+                    session,
+                    seq,
+                });
             }
-            Some(p) => {
-                if p.retired.contains(&session) {
-                    return Err(RejectReason::RetiredSession {
-                        host: host.to_owned(),
-                        session,
-                    });
-                }
-                tracing::warn!(
-                    peer = %host, network = %self.network, %from,
-                    old_session = format_args!("{:016x}", p.session), old_seq = p.seq,
-                    new_session = format_args!("{session:016x}"), seq,
-                    "heartbeat: peer started a new session (it restarted)"
-                );
-                if p.retired.len() == RETIRED_SESSIONS {
-                    p.retired.pop_front();
-                }
-                p.retired.push_back(p.session);
-                p.session = session;
-                p.seq = seq;
+            Err(Refused::Stale { last }) => {
+                return Err(RejectReason::Stale {
+                    host: host_s(),
+                    session,
+                    seq,
+                    last,
+                });
+            }
+            Err(Refused::RetiredSession) => {
+                return Err(RejectReason::RetiredSession {
+                    host: host_s(),
+                    session,
+                });
             }
         }
         Ok(())
     }
 
     fn authenticate_and_decode(&self, d: &[u8]) -> Result<(u64, u64, Body), RejectReason> {
-        if d.len() < MAGIC.len() || d[..4] != MAGIC {
-            return Err(RejectReason::BadMagic {
-                got: d[..d.len().min(4)].to_vec(),
-            });
-        }
-        if d.len() < 6 {
-            return Err(RejectReason::Malformed(format!(
-                "{} bytes: truncated before the version",
-                d.len()
-            )));
-        }
-        let version = u16::from_be_bytes([d[4], d[5]]);
-        if version != VERSION {
-            return Err(RejectReason::UnsupportedVersion {
-                got: version,
-                supported: VERSION,
-            });
-        }
-        if d.len() < HEADER_LEN + MAC_LEN {
-            return Err(RejectReason::Malformed(format!(
-                "{} bytes: shorter than header and authentication code ({})",
-                d.len(),
-                HEADER_LEN + MAC_LEN
-            )));
-        }
-        let body_len = usize::from(u16::from_be_bytes([d[6], d[7]]));
-        if HEADER_LEN + body_len + MAC_LEN != d.len() {
-            return Err(RejectReason::Malformed(format!(
-                "body length field says {body_len} bytes but the datagram carries {}",
-                d.len() - HEADER_LEN - MAC_LEN
-            )));
-        }
-        let (signed, tag) = d.split_at(HEADER_LEN + body_len);
-        let mut mac = self.mac.clone();
-        mac.update(signed);
-        mac.verify_slice(tag).map_err(|_| RejectReason::BadMac)?;
-
-        let mut session = [0u8; 8];
-        session.copy_from_slice(&d[8..16]);
-        let mut seq = [0u8; 8];
-        seq.copy_from_slice(&d[16..24]);
-        let body = &signed[HEADER_LEN..];
+        let Opened { session, seq, body } = sealed::open(ENVELOPE, &self.mac, d).map_err(|e| match e {
+            EnvelopeError::BadMagic { got } => RejectReason::BadMagic { got },
+            EnvelopeError::UnsupportedVersion { got, supported } => RejectReason::UnsupportedVersion { got, supported },
+            EnvelopeError::Malformed(m) => RejectReason::Malformed(m),
+            EnvelopeError::BadMac => RejectReason::BadMac,
+        })?;
         let (b, used): (Body, usize) = bincode::serde::decode_from_slice(body, BINCODE)
             .map_err(|e| RejectReason::Malformed(format!("body does not decode: {e}")))?;
         if used != body.len() {
@@ -609,7 +548,7 @@ impl Opener {
             Ok(())
         };
         bounds().map_err(RejectReason::Malformed)?;
-        Ok((u64::from_be_bytes(session), u64::from_be_bytes(seq), b))
+        Ok((session, seq, b))
     }
 }
 
@@ -820,6 +759,7 @@ impl HeartbeatSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hmac::Mac;
 
     const SECRET: &[u8] = b"pool secret for heartbeat tests";
 

@@ -63,14 +63,9 @@
 //! second, so this can inject at most one stale snapshot for one interval; a challenge–response
 //! `Hello` body would close it.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    fmt,
-    io::Read,
-    net::SocketAddr,
-};
+use std::{fmt, io::Read, net::SocketAddr};
 
-use hmac::{KeyInit, Mac};
+use hmac::KeyInit;
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// "EACP": an eac pairing datagram.
@@ -92,7 +87,13 @@ pub const MAX_GUESTS: usize = 256;
 /// How many retired sessions per peer are remembered (and refused).
 const RETIRED_SESSIONS: usize = 16;
 
-type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+use eac_common::sealed::{self, Accepted, EnvelopeError, HmacSha256, Opened, Refused, Sessions};
+
+/// The pairing protocol's envelope.
+const ENVELOPE: sealed::Envelope = sealed::Envelope {
+    magic: MAGIC,
+    version: PROTO_VERSION,
+};
 
 /// bincode 2 through serde: big-endian, fixed-width integers (the layout above is then a plain
 /// byte map), and a byte limit so a length field cannot make the decoder allocate past it.
@@ -328,26 +329,8 @@ impl Sealer {
             encoded.len()
         );
         self.seq += 1;
-        let mut out = Vec::with_capacity(HEADER_LEN + encoded.len() + MAC_LEN);
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&PROTO_VERSION.to_be_bytes());
-        out.extend_from_slice(&(encoded.len() as u16).to_be_bytes());
-        out.extend_from_slice(&self.session.to_be_bytes());
-        out.extend_from_slice(&self.seq.to_be_bytes());
-        out.extend_from_slice(&encoded);
-        let mut mac = self.mac.clone();
-        mac.update(&out);
-        out.extend_from_slice(&mac.finalize().into_bytes());
-        out
+        sealed::seal(ENVELOPE, &self.mac, self.session, self.seq, &encoded)
     }
-}
-
-/// Where a peer's messages stand.
-#[derive(Debug)]
-struct PeerState {
-    session: u64,
-    seq: u64,
-    retired: VecDeque<u64>,
 }
 
 /// Opens datagrams from peers: checks them in the order the module documentation lists and
@@ -355,7 +338,7 @@ struct PeerState {
 pub struct Opener {
     mac: HmacSha256,
     local_host: Option<String>,
-    peers: HashMap<String, PeerState>,
+    peers: Sessions,
 }
 
 impl fmt::Debug for Opener {
@@ -374,7 +357,7 @@ impl Opener {
         Ok(Self {
             mac,
             local_host: None,
-            peers: HashMap::new(),
+            peers: Sessions::new(RETIRED_SESSIONS),
         })
     }
 
@@ -387,7 +370,7 @@ impl Opener {
 
     /// The last accepted (session, seq) of `host`.
     pub fn peer_position(&self, host: &str) -> Option<(u64, u64)> {
-        self.peers.get(host).map(|p| (p.session, p.seq))
+        self.peers.position(host)
     }
 
     /// Authenticates, decodes and freshness-checks one datagram received from `from`.
@@ -397,55 +380,37 @@ impl Opener {
         if self.local_host.as_deref() == Some(msg.host.as_str()) {
             return Err(ProtoError::Reflected { host: msg.host });
         }
-        match self.peers.get_mut(&msg.host) {
-            None => {
+        match self.peers.check(&msg.host, session, seq) {
+            Ok(Accepted::First) => {
                 tracing::info!(peer = %msg.host, %from, session = format_args!("{session:016x}"), seq, "pairing: first message from peer");
-                self.peers.insert(
-                    msg.host.clone(),
-                    PeerState {
-                        session,
-                        seq,
-                        retired: VecDeque::new(),
-                    },
-                );
             }
-            Some(p) if p.session == session => {
-                if seq == p.seq {
-                    return Err(ProtoError::Replayed {
-                        host: msg.host,
-                        session,
-                        seq,
-                    });
-                }
-                if seq < p.seq {
-                    return Err(ProtoError::Stale {
-                        host: msg.host,
-                        session,
-                        seq,
-                        last: p.seq,
-                    });
-                }
-                p.seq = seq;
+            Ok(Accepted::Next) => {}
+            Ok(Accepted::NewSession { old_session, old_seq }) => tracing::warn!(
+                peer = %msg.host, %from,
+                old_session = format_args!("{old_session:016x}"), old_seq,
+                new_session = format_args!("{session:016x}"), seq,
+                "pairing: peer started a new session (it restarted)"
+            ),
+            Err(Refused::Replayed) => {
+                return Err(ProtoError::Replayed {
+                    host: msg.host,
+                    session,
+                    seq,
+                });
             }
-            Some(p) => {
-                if p.retired.contains(&session) {
-                    return Err(ProtoError::RetiredSession {
-                        host: msg.host,
-                        session,
-                    });
-                }
-                tracing::warn!(
-                    peer = %msg.host, %from,
-                    old_session = format_args!("{:016x}", p.session), old_seq = p.seq,
-                    new_session = format_args!("{session:016x}"), seq,
-                    "pairing: peer started a new session (it restarted)"
-                );
-                if p.retired.len() == RETIRED_SESSIONS {
-                    p.retired.pop_front();
-                }
-                p.retired.push_back(p.session);
-                p.session = session;
-                p.seq = seq;
+            Err(Refused::Stale { last }) => {
+                return Err(ProtoError::Stale {
+                    host: msg.host,
+                    session,
+                    seq,
+                    last,
+                });
+            }
+            Err(Refused::RetiredSession) => {
+                return Err(ProtoError::RetiredSession {
+                    host: msg.host,
+                    session,
+                });
             }
         }
         Ok(msg)
@@ -459,46 +424,12 @@ impl Opener {
                 max: MAX_DATAGRAM,
             });
         }
-        if d.len() < MAGIC.len() || d[..4] != MAGIC {
-            return Err(ProtoError::BadMagic {
-                got: d[..d.len().min(4)].to_vec(),
-            });
-        }
-        if d.len() < 6 {
-            return Err(ProtoError::Malformed(format!(
-                "{} bytes: truncated before the version",
-                d.len()
-            )));
-        }
-        let version = u16::from_be_bytes([d[4], d[5]]);
-        if version != PROTO_VERSION {
-            return Err(ProtoError::UnsupportedVersion {
-                got: version,
-                supported: PROTO_VERSION,
-            });
-        }
-        if d.len() < HEADER_LEN + MAC_LEN {
-            return Err(ProtoError::Malformed(format!(
-                "{} bytes: shorter than header and authentication code ({})",
-                d.len(),
-                HEADER_LEN + MAC_LEN
-            )));
-        }
-        let body_len = usize::from(u16::from_be_bytes([d[6], d[7]]));
-        if HEADER_LEN + body_len + MAC_LEN != d.len() {
-            return Err(ProtoError::Malformed(format!(
-                "body length field says {body_len} bytes but the datagram carries {}",
-                d.len() - HEADER_LEN - MAC_LEN
-            )));
-        }
-        let (signed, tag) = d.split_at(HEADER_LEN + body_len);
-        let mut mac = self.mac.clone();
-        mac.update(signed);
-        mac.verify_slice(tag).map_err(|_| ProtoError::BadMac)?;
-
-        let session = u64::from_be_bytes(d[8..16].try_into().expect("8 bytes"));
-        let seq = u64::from_be_bytes(d[16..24].try_into().expect("8 bytes"));
-        let body = &signed[HEADER_LEN..];
+        let Opened { session, seq, body } = sealed::open(ENVELOPE, &self.mac, d).map_err(|e| match e {
+            EnvelopeError::BadMagic { got } => ProtoError::BadMagic { got },
+            EnvelopeError::UnsupportedVersion { got, supported } => ProtoError::UnsupportedVersion { got, supported },
+            EnvelopeError::Malformed(m) => ProtoError::Malformed(m),
+            EnvelopeError::BadMac => ProtoError::BadMac,
+        })?;
         let (msg, used): (Message, usize) = bincode::serde::decode_from_slice(body, BINCODE)
             .map_err(|e| ProtoError::Malformed(format!("body does not decode: {e}")))?;
         if used != body.len() {
@@ -520,6 +451,7 @@ impl Opener {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hmac::Mac;
 
     const SECRET: &[u8] = b"pool secret for tests";
 
