@@ -84,6 +84,9 @@ struct Shared {
     size: u64,
     sess: Mutex<Session>,
     setup: tokio::sync::Mutex<()>,
+    /// Held (read) by every write being applied; a new session takes it (write) once, so no
+    /// write of a previous session can land after the new session's resync data.
+    drain: Arc<tokio::sync::RwLock<()>>,
     stats: Stats,
     events: Events,
     stop: watch::Sender<bool>,
@@ -136,6 +139,7 @@ impl Replica {
                 next_conn: 1,
             }),
             setup: tokio::sync::Mutex::new(()),
+            drain: Arc::new(tokio::sync::RwLock::new(())),
             stats: Stats::default(),
             events: Events::default(),
             stop,
@@ -280,6 +284,10 @@ impl Shared {
                 l.up_since = None;
             }
         }
+        // Writes of the old session still on their way to the disk finish first: one of them
+        // landing after this session's resync of the same block would leave stale data on a
+        // copy both sides call in sync.
+        drop(self.drain.write().await);
         let mine = local_state(&self.meta, Role::Secondary);
         wr.send(&mine, &[]).await.map_err(|e| format!("send State: {e}"))?;
         let (Some(local), Some(remote)) = (side_of(&mine), side_of(st)) else {
@@ -545,8 +553,16 @@ impl Shared {
 
     /// Applies a modification once per request id and answers every link it arrived on.
     fn apply(self: &Arc<Self>, i: usize, conn: u64, epoch: u64, id: u64, op: Apply) {
-        {
+        let in_flight = {
             let mut s = self.lock();
+            // A frame of a session that was just replaced is not applied (nor acknowledged):
+            // the primary counts it unacknowledged and resends or resyncs it.
+            if s.epoch != epoch {
+                return;
+            }
+            let Ok(guard) = self.drain.clone().try_read_owned() else {
+                return;
+            };
             match s.dedup.get_mut(&id) {
                 Some(Dedup::Running(w)) => {
                     w.push((i, conn));
@@ -564,10 +580,12 @@ impl Shared {
                     s.dedup.insert(id, Dedup::Running(vec![(i, conn)]));
                 }
             }
-        }
+            guard
+        };
         let sh = self.clone();
         tokio::spawn(async move {
             let errno = sh.apply_op(op).await;
+            drop(in_flight);
             if errno != 0 {
                 sh.stats.errors.fetch_add(1, Relaxed);
             }
