@@ -165,32 +165,7 @@ struct Body {
 
 /// Decodes `sees`, refusing more than [`MAX_SEES`] names before allocating for them.
 fn bounded_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
-    struct V;
-    impl<'de> serde::de::Visitor<'de> for V {
-        type Value = Vec<String>;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            write!(f, "at most {MAX_SEES} peer names")
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let n = seq.size_hint().unwrap_or(0);
-            if n > MAX_SEES {
-                return Err(serde::de::Error::custom(format_args!(
-                    "{n} names in sees (at most {MAX_SEES})"
-                )));
-            }
-            let mut v = Vec::with_capacity(n);
-            while let Some(s) = seq.next_element::<String>()? {
-                if v.len() == MAX_SEES {
-                    return Err(serde::de::Error::custom(format_args!(
-                        "more than {MAX_SEES} names in sees"
-                    )));
-                }
-                v.push(s);
-            }
-            Ok(v)
-        }
-    }
-    d.deserialize_seq(V)
+    eac_common::bounded::bounded_vec(d, MAX_SEES, "names in sees")
 }
 
 /// Why a datagram was refused.

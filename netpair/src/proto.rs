@@ -194,30 +194,7 @@ pub struct GuestObservation {
 
 /// Decodes `guests`, refusing a count above [`MAX_GUESTS`] before anything is allocated.
 fn bounded_guests<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<GuestObservation>, D::Error> {
-    struct V;
-    impl<'de> serde::de::Visitor<'de> for V {
-        type Value = Vec<GuestObservation>;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            write!(f, "at most {MAX_GUESTS} guest observations")
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let n = seq.size_hint().unwrap_or(0);
-            if n > MAX_GUESTS {
-                return Err(serde::de::Error::custom(format_args!(
-                    "{n} guests (at most {MAX_GUESTS})"
-                )));
-            }
-            let mut v = Vec::with_capacity(n);
-            while let Some(g) = seq.next_element()? {
-                if v.len() == MAX_GUESTS {
-                    return Err(serde::de::Error::custom(format_args!("more than {MAX_GUESTS} guests")));
-                }
-                v.push(g);
-            }
-            Ok(v)
-        }
-    }
-    d.deserialize_seq(V)
+    eac_common::bounded::bounded_vec(d, MAX_GUESTS, "guests")
 }
 
 fn check_secret(secret: &[u8]) -> Result<(), ProtoError> {

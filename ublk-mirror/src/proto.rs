@@ -367,32 +367,7 @@ impl Message {
 
 /// Decodes `words`, refusing a count above [`MAX_BITMAP_WORDS`] before anything is allocated.
 fn bounded_words<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
-    struct V;
-    impl<'de> serde::de::Visitor<'de> for V {
-        type Value = Vec<u64>;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            write!(f, "at most {MAX_BITMAP_WORDS} bitmap words")
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let n = seq.size_hint().unwrap_or(0);
-            if n > MAX_BITMAP_WORDS {
-                return Err(serde::de::Error::custom(format_args!(
-                    "{n} bitmap words (at most {MAX_BITMAP_WORDS})"
-                )));
-            }
-            let mut v = Vec::with_capacity(n);
-            while let Some(w) = seq.next_element()? {
-                if v.len() == MAX_BITMAP_WORDS {
-                    return Err(serde::de::Error::custom(format_args!(
-                        "more than {MAX_BITMAP_WORDS} bitmap words"
-                    )));
-                }
-                v.push(w);
-            }
-            Ok(v)
-        }
-    }
-    d.deserialize_seq(V)
+    eac_common::bounded::bounded_vec(d, MAX_BITMAP_WORDS, "bitmap words")
 }
 
 /// One received frame: the message and its payload (empty for most messages).
