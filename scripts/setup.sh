@@ -27,16 +27,36 @@ pkgs=(
   busybox-static cpio gzip xz-utils zstd kmod util-linux fio procps psmisc jq
   drbd-utils                                      # DRBD peer for the mirror benchmark
 )
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+pkg_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null; }
+candidate() { apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ {print $2}'; }
+
 missing=()
-for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  log "apt-get install ${missing[*]}"
+for p in "${pkgs[@]}"; do installed "$p" || missing+=("$p"); done
+# QEMU's packages must come from one source package at one version. This kind of machine
+# ships a newer qemu-utils (a backport, in no configured repository) that Breaks Debian 12's
+# qemu-system-common: a plain install of qemu-system-x86 would silently *remove* it (and
+# nothing could reinstall it). So whenever a QEMU package is installed, qemu-utils is
+# pinned to qemu-system-x86's version, downgrading the backport if there is one.
+if installed qemu-system-x86; then qemu_v=$(pkg_version qemu-system-x86); else qemu_v=""; fi
+if [ "${#missing[@]}" -gt 0 ] || { [ -n "$qemu_v" ] && [ "$(pkg_version qemu-utils)" != "$qemu_v" ]; }; then
   apt-get update -qq
+  [ -n "$qemu_v" ] || qemu_v=$(candidate qemu-system-x86)
+  [ -n "$qemu_v" ] || { echo "[setup] no installable qemu-system-x86 in the apt sources" >&2; exit 1; }
+  request=()
+  for p in "${missing[@]}"; do [ "$p" = qemu-utils ] || request+=("$p"); done
+  request+=("qemu-utils=${qemu_v}")
+  log "apt-get install ${request[*]}"
   # iperf3's debconf question (start as a daemon?) must not block a non-interactive run.
   echo "iperf3 iperf3/start_daemon boolean false" | debconf-set-selections
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get install -y -qq --no-install-recommends --allow-downgrades "${request[@]}" >/dev/null
+fi
+# Checked after the install, not only before: apt may remove a package to satisfy another.
+gone=()
+for p in "${pkgs[@]}"; do installed "$p" || gone+=("$p"); done
+if [ "${#gone[@]}" -gt 0 ]; then
+  echo "[setup] still not installed after apt-get: ${gone[*]} (apt removed or skipped them)" >&2
+  exit 1
 fi
 
 # libvirt's QEMU driver refuses to start without its compiled-in default account, which
@@ -72,4 +92,29 @@ if ! have_linker; then
     --version "${BPF_LINKER_VERSION}" --locked --force \
     --no-default-features --features "llvm-${LLVM_MAJOR}"
 fi
+# Every external program the tests, the lab and the scripts call, with the package that
+# provides it: a missing one fails here, loudly, not as a confusing test failure later.
+need=(
+  "qemu-io qemu-utils" "qemu-img qemu-utils" "qemu-nbd qemu-utils"
+  "qemu-system-x86_64 qemu-system-x86" "fio fio" "iperf3 iperf3" "bpftool bpftool"
+  "nft nftables" "tc iproute2" "ip iproute2" "bridge iproute2" "ss iproute2"
+  "ping iputils-ping" "ethtool ethtool" "tcpdump tcpdump"
+  "virsh libvirt-clients" "libvirtd libvirt-daemon" "virtlockd libvirt-daemon"
+  "virtlogd libvirt-daemon" "drbdadm drbd-utils" "busybox busybox-static" "cpio cpio"
+  "xz xz-utils" "zstd zstd" "jq jq" "modprobe kmod" "insmod kmod" "nsenter util-linux"
+  "unshare util-linux" "setsid util-linux" "flock util-linux" "blkdiscard util-linux"
+  "blockdev util-linux" "mkfs.ext4 e2fsprogs" "cmp diffutils" "pgrep procps" "killall psmisc"
+)
+absent=()
+for entry in "${need[@]}"; do
+  set -- $entry
+  command -v "$1" >/dev/null 2>&1 || absent+=("$1 (package $2)")
+done
+if [ "${#absent[@]}" -gt 0 ]; then
+  for a in "${absent[@]}"; do echo "[setup] missing program: $a" >&2; done
+  exit 1
+fi
+[ -e "/boot/vmlinuz-${GUEST_KVER}" ] \
+  || { echo "[setup] missing /boot/vmlinuz-${GUEST_KVER} (package linux-image-${GUEST_KVER}-unsigned)" >&2; exit 1; }
+
 log "ready: $(bpf-linker --version), $(rustc +"${NIGHTLY}" --version), libvirtd $(libvirtd --version | awk '{print $NF}'), guest kernel ${GUEST_KVER}"
