@@ -26,10 +26,11 @@
 //! lifecycle, recovery); [`ublk`] — the ublk frontend serving any [`BlockDev`] as
 //! `/dev/ublkbN`; [`dev`] — the block-device interface and the local backing store; [`nbd`] —
 //! the NBD export of any [`BlockDev`]; [`meta`] — the metadata file (bitmap, activity log);
-//! [`genid`] — generation identifiers; [`proto`] — the replication protocol; [`engine`] — the
+//! [`genid`] — generation identifiers; `conflict` — overlapping writes in flight, serialized; [`proto`] — the replication protocol; [`engine`] — the
 //! mirror (primary, [`Mirror`]); [`replica`] — the secondary; [`daemon`] / [`control`] — the
 //! process and its control socket.
 
+mod conflict;
 pub mod control;
 pub mod ctrl;
 pub mod daemon;

@@ -84,9 +84,15 @@ struct Shared {
     size: u64,
     sess: Mutex<Session>,
     setup: tokio::sync::Mutex<()>,
-    /// Held (read) by every write being applied; a new session takes it (write) once, so no
-    /// write of a previous session can land after the new session's resync data.
+    /// Held (read) by every modification being applied (and by a `ResyncDone` being
+    /// recorded); a new session and `shutdown` take it (write) once, so no write of a previous
+    /// session lands after the new session's resync data, and none lands after `shutdown`
+    /// returned (after a promotion, the disk belongs to the new primary).
     drain: Arc<tokio::sync::RwLock<()>>,
+    /// Test-only: awaited before a modification is applied (injected delays and gates at the
+    /// racing point).
+    #[cfg(test)]
+    apply_hook: Mutex<Option<ApplyHook>>,
     stats: Stats,
     events: Events,
     stop: watch::Sender<bool>,
@@ -140,6 +146,8 @@ impl Replica {
             }),
             setup: tokio::sync::Mutex::new(()),
             drain: Arc::new(tokio::sync::RwLock::new(())),
+            #[cfg(test)]
+            apply_hook: Mutex::new(None),
             stats: Stats::default(),
             events: Events::default(),
             stop,
@@ -177,18 +185,35 @@ impl Replica {
         s.active && s.links.iter().any(|l| l.tx.is_some())
     }
 
-    /// Closes every link and stops; in-flight applies finish on their own.
+    /// Closes every link and stops. Returns once every modification already accepted has
+    /// reached the disk (or failed): after this, nothing of this replica writes to the disk
+    /// or the metadata any more — the next owner (a promoted primary, a new replica) starts
+    /// from a copy that does not change under it.
     pub async fn shutdown(&self) {
         let sh = &self.sh;
         let _ = sh.stop.send(true);
         {
             let mut s = sh.lock();
+            // Frames still being read belong to no session: not applied.
+            s.epoch += 1;
             s.active = false;
             for l in &mut s.links {
                 l.tx = None;
                 if let Some(r) = l.reader.take() {
                     r.abort();
                 }
+            }
+        }
+        let t0 = Instant::now();
+        let mut drained = std::pin::pin!(sh.drain.write());
+        loop {
+            tokio::select! {
+                _ = &mut drained => break,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => tracing::warn!(
+                    resource = %sh.cfg.resource,
+                    "shutdown: still waiting for writes in flight to the local disk ({:.0} s)",
+                    t0.elapsed().as_secs_f64()
+                ),
             }
         }
         let _ = sh.disk.flush().await;
@@ -542,8 +567,22 @@ impl Shared {
                 });
             }
             Message::ResyncDone { r#gen } => {
-                let sh = self.clone();
-                tokio::spawn(async move { sh.resync_done(r#gen).await });
+                // Recorded under the drain guard: a ResyncDone of a replaced session (or
+                // one after shutdown) never rewrites the metadata.
+                let guard = {
+                    let s = self.lock();
+                    if s.epoch != epoch {
+                        return Ok(());
+                    }
+                    self.drain.clone().try_read_owned()
+                };
+                if let Ok(guard) = guard {
+                    let sh = self.clone();
+                    tokio::spawn(async move {
+                        sh.resync_done(r#gen).await;
+                        drop(guard);
+                    });
+                }
             }
             Message::Error { reason } => return Err(format!("the primary reported: {reason}")),
             m => return Err(format!("unexpected {} from the primary", m.kind())),
@@ -584,6 +623,13 @@ impl Shared {
         };
         let sh = self.clone();
         tokio::spawn(async move {
+            #[cfg(test)]
+            {
+                let hook = sh.apply_hook.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some(h) = hook {
+                    h(op.offset()).await;
+                }
+            }
             let errno = sh.apply_op(op).await;
             drop(in_flight);
             if errno != 0 {
@@ -784,6 +830,32 @@ enum Apply {
     Resync { offset: u64, data: Bytes },
     Discard { offset: u64, len: u64 },
     Zeroes { offset: u64, len: u64 },
+}
+
+#[cfg(test)]
+impl Apply {
+    fn offset(&self) -> u64 {
+        match self {
+            Apply::Write { offset, .. }
+            | Apply::Resync { offset, .. }
+            | Apply::Discard { offset, .. }
+            | Apply::Zeroes { offset, .. } => *offset,
+        }
+    }
+}
+
+/// Test-only: called with a modification's offset before it is applied; the future it
+/// returns is awaited first.
+#[cfg(test)]
+pub(crate) type ApplyHook =
+    Arc<dyn Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
+
+#[cfg(test)]
+impl Replica {
+    /// Installs (or removes) the hook awaited before each modification is applied.
+    pub(crate) fn set_apply_hook(&self, hook: Option<ApplyHook>) {
+        *self.sh.apply_hook.lock().unwrap_or_else(|p| p.into_inner()) = hook;
+    }
 }
 
 fn errno_of(r: Result<(), IoError>) -> i32 {
