@@ -471,3 +471,146 @@ fn online_verify_finds_silent_corruption_on_the_replica_and_repairs_it() {
     st.a.wait(LONG, "repaired", |s| s["sync"] == "in-sync" && s["dirty_bytes"] == 0);
     same_bytes(&st.a_img, &st.b_img, SIZE).unwrap();
 }
+
+/// Both of a's availability links down (or up again).
+fn a_links(st: &Setup, up: bool) {
+    let ns = &st.lab.host("a").ns;
+    for l in ["al1", "al2"] {
+        if up {
+            link_up(ns, l).unwrap()
+        } else {
+            link_down(ns, l).unwrap()
+        }
+    }
+}
+
+/// The old primary `a` crashes with an unacknowledged write in flight while both links are
+/// cut, and `b` is promoted: a's copy holds a write nobody acknowledged (0x22), b's holds
+/// the acknowledged data (0x11). Returns the lab with a dead, b primary.
+fn crash_a_with_a_write_in_flight_and_promote_b(tag: &str) -> Setup {
+    let mut st = setup(tag, None);
+    qemu_io(&st.a.nbd_url(), &["write -P 0x11 1M 64k", "flush"]).unwrap();
+    a_links(&st, false);
+    // The write reaches a's disk, then waits for the peer: never acknowledged.
+    let mut w = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", &st.a.nbd_url(), "-c", "write -P 0x22 1M 64k"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    st.a.kill9();
+    let _ = w.kill();
+    let _ = w.wait();
+    let a = std::fs::read(&st.a_img).unwrap();
+    assert!(
+        a[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0x22),
+        "the unacknowledged write is on a's disk (the scenario needs it there)"
+    );
+    st.b.wait(LONG, "b sees the primary gone", |s| s["connection"] != "connected");
+    st.b.request(r#"{"cmd":"promote"}"#).unwrap();
+    st.b.wait(LONG, "b primary", |s| s["role"] == "primary" && s["nbd"].is_string());
+    qemu_io(&st.b.nbd_url(), &["read -P 0x11 1M 64k"]).expect("b serves the acknowledged data");
+    st
+}
+
+#[test]
+#[ignore = "privileged: network namespaces"]
+fn a_crashed_old_primary_returning_as_secondary_never_changes_the_promoted_copy() {
+    let mut st = crash_a_with_a_write_in_flight_and_promote_b("mir-promo");
+    let g = st.b.status().unwrap()["gen"].clone();
+    println!("b promoted, generation {g}");
+    a_links(&st, true);
+    // a comes back as secondary (a crashed primary with 0x22 in its activity log).
+    let a_meta = st.a.meta.clone();
+    st.a = MirrorDaemon::start(&st.lab, "a", "secondary", &st.a_img, &a_meta, PEER_TIMEOUT_MS);
+    let t0 = Instant::now();
+    st.b.wait(LONG, "b in sync with a", |s| {
+        s["connection"] == "connected" && s["sync"] == "in-sync" && s["dirty_bytes"] == 0
+    });
+    let ev = st.b.status().unwrap()["events"].to_string();
+    println!("in sync after {:?}; b's events: {ev}", t0.elapsed());
+    assert!(
+        !ev.contains("TargetBitmap"),
+        "b took data from the crashed old primary: {ev}"
+    );
+    qemu_io(&st.b.nbd_url(), &["read -P 0x11 1M 64k"])
+        .expect("nothing was written through b: its data must not have changed");
+    same_bytes(&st.a_img, &st.b_img, SIZE).expect("a took b's data");
+}
+
+#[test]
+#[ignore = "privileged: network namespaces"]
+fn a_restarted_old_primary_serves_nothing_until_it_rejoined_as_secondary() {
+    let mut st = crash_a_with_a_write_in_flight_and_promote_b("mir-stale");
+    qemu_io(&st.b.nbd_url(), &["write -P 0x33 2M 64k", "flush"]).unwrap();
+    // a restarts with its unchanged configuration (role = "primary"), the links still cut.
+    st.a.restart();
+    std::thread::sleep(Duration::from_millis(500));
+    let r = qemu_io(&st.a.nbd_url(), &["read 1M 64k"]);
+    assert!(
+        r.is_err(),
+        "a restarted crashed primary must not serve (stale data): {r:?}"
+    );
+    st.a.wait(LONG, "a held", |s| s["role"] == "primary" && s["held"].is_object());
+    println!("a restarted: held {}", st.a.status().unwrap()["held"]);
+    let p = st.a.request(r#"{"cmd":"promote"}"#);
+    assert!(
+        p.as_ref().is_err_and(|e| e.contains("held")),
+        "a plain promote of a crashed primary is refused: {p:?}"
+    );
+    // The links return: a finds b primary with newer data and rejoins as secondary.
+    a_links(&st, true);
+    let t0 = Instant::now();
+    st.a.wait(LONG, "a rejoined as secondary", |s| s["role"] == "secondary");
+    st.b.wait(LONG, "b in sync with a", |s| {
+        s["connection"] == "connected" && s["sync"] == "in-sync" && s["dirty_bytes"] == 0
+    });
+    println!("a rejoined and in sync after {:?}", t0.elapsed());
+    assert!(
+        qemu_io(&st.a.nbd_url(), &["read 1M 64k"]).is_err(),
+        "a secondary serves nothing"
+    );
+    qemu_io(&st.b.nbd_url(), &["read -P 0x11 1M 64k", "read -P 0x33 2M 64k"]).unwrap();
+    same_bytes(&st.a_img, &st.b_img, SIZE).expect("a took b's data");
+    assert!(
+        st.a.log().contains("rejoins as secondary"),
+        "the rejoin is an event:\n{}",
+        st.a.log()
+    );
+}
+
+#[test]
+#[ignore = "privileged: network namespaces"]
+fn promote_right_after_a_silent_primary_death_waits_for_the_peer_timeout() {
+    let st = setup("mir-silent", None);
+    qemu_io(&st.a.nbd_url(), &["write -P 0x44 0 64k", "flush"]).unwrap();
+    // The primary goes silent on both links (carrier up, nothing arrives).
+    let a_ns = &st.lab.host("a").ns;
+    let _l1 = eac_lab::faults::SilentLoss::on(a_ns, "al1").unwrap();
+    let _l2 = eac_lab::faults::SilentLoss::on(a_ns, "al2").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(st.b.field("connection"), "connected", "b has not noticed yet");
+    let t0 = Instant::now();
+    let r = st.b.request(r#"{"cmd":"promote"}"#);
+    let took = t0.elapsed();
+    println!("promote {took:?} after the primary went silent: {r:?}");
+    r.expect("promote waits for the peer timeout instead of refusing");
+    assert!(
+        took < Duration::from_millis(PEER_TIMEOUT_MS + 2000),
+        "bounded by the peer timeout: {took:?}"
+    );
+    st.b.wait(LONG, "b serves", |s| s["role"] == "primary" && s["nbd"].is_string());
+    qemu_io(&st.b.nbd_url(), &["read -P 0x44 0 64k"]).unwrap();
+    // A primary that keeps answering is refused, after the bounded wait, as a usage error.
+    let st2 = setup("mir-alive", None);
+    let t1 = Instant::now();
+    let r = st2.b.request(r#"{"cmd":"promote"}"#);
+    println!("promote with a live primary: refused after {:?}: {r:?}", t1.elapsed());
+    let e = r.expect_err("a live primary is never joined by a second one");
+    assert!(
+        e.contains("demote it first") && !e.contains("\"transient\":true"),
+        "{e}"
+    );
+    assert_eq!(st2.a.field("role"), "primary");
+}

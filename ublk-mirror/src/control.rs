@@ -62,9 +62,12 @@ pub enum ControlError {
     /// The daemon answered something that is not JSON.
     #[error("bad answer from the daemon: {0}")]
     BadAnswer(String),
-    /// The daemon refused or failed the request.
+    /// The daemon refused or failed the request (retrying will not help).
     #[error("{0}")]
     Failed(String),
+    /// The daemon cannot do it yet (`"transient": true`): retry later.
+    #[error("{0}")]
+    Transient(String),
 }
 
 /// Parses one request line.
@@ -161,7 +164,10 @@ async fn handle(d: &Daemon, req: Request) -> Value {
         Request::Verify => d.verify().await,
         Request::AttachDisk { path } => d.attach_disk(path).await,
     };
-    r.unwrap_or_else(|e| json!({"ok": false, "error": eac_common::error_chain(&e)}))
+    r.unwrap_or_else(|e| {
+        let transient = matches!(e, crate::daemon::DaemonError::Busy(_));
+        json!({"ok": false, "error": eac_common::error_chain(&e), "transient": transient})
+    })
 }
 
 /// Sends one request to the daemon at `socket` and returns its answer; an answer with
@@ -188,14 +194,16 @@ pub async fn request(socket: &Path, req: &Request) -> Result<Value, ControlError
         .map_err(|e| io("cannot read from", e))?;
     let v: Value = serde_json::from_str(&answer).map_err(|e| ControlError::BadAnswer(format!("{e}: {answer:?}")))?;
     if v["ok"] == true {
-        Ok(v)
+        return Ok(v);
+    }
+    let msg = v["error"]
+        .as_str()
+        .unwrap_or("the daemon refused without a reason")
+        .to_owned();
+    if v["transient"] == true {
+        Err(ControlError::Transient(msg))
     } else {
-        Err(ControlError::Failed(
-            v["error"]
-                .as_str()
-                .unwrap_or("the daemon refused without a reason")
-                .to_owned(),
-        ))
+        Err(ControlError::Failed(msg))
     }
 }
 

@@ -42,6 +42,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::dev::LocalDisk;
+use crate::engine;
 use crate::engine::{EngineError, LinkAddr, Mirror, MirrorConfig, SharedMeta, accept_loop, meta_blocking};
 use crate::nbd;
 use crate::replica::Replica;
@@ -93,9 +94,12 @@ pub enum DaemonError {
     /// The engine refused or failed.
     #[error("engine")]
     Engine(#[from] EngineError),
-    /// A control request is not possible now.
+    /// A control request is not possible (retrying the same request will not help).
     #[error("{0}")]
     Refused(String),
+    /// A control request is not possible *yet* (retry; the message says when).
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl DaemonError {
@@ -357,9 +361,60 @@ struct Node {
     meta: SharedMeta,
     disk: Mutex<Option<LocalDisk>>,
     mode: tokio::sync::Mutex<Mode>,
+    /// A primary that does not serve yet (no frontends): why, and whether a plain
+    /// `promote` may release it (else only `promote --force`).
+    held: Mutex<Option<Hold>>,
     /// Snapshot of the mode for dispatching connections and status without awaiting.
     current: Mutex<Current>,
     listeners: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Why a primary holds its frontends back (see [`Daemon::start`]).
+#[derive(Clone, Debug)]
+struct Hold {
+    reason: String,
+    /// A plain `promote` may release it (the copy stopped cleanly as primary).
+    promote_ok: bool,
+}
+
+/// Whether the metadata alone lets a daemon configured as primary serve at once; `Some`
+/// is why not. Only a copy created as the first primary and never started since does: in
+/// every other state the peer may hold newer data — it may have been promoted while this
+/// copy was down — so this copy waits for the peer to confirm (a session) or for an
+/// explicit `promote`.
+fn hold_at_start(m: &meta::Meta) -> Option<Hold> {
+    let sb = m.superblock();
+    let f = sb.flags;
+    if f.never_started && f.consistent && !f.discard_my_data {
+        return None;
+    }
+    let (reason, promote_ok) = if m.recovered_from_crash() || f.crashed_primary {
+        (
+            "this copy was primary when its daemon or host died: the peer may have been promoted since",
+            false,
+        )
+    } else if !f.consistent {
+        ("this copy is not consistent (a resync did not finish)", false)
+    } else if f.discard_my_data {
+        (
+            "this copy was chosen as a split-brain victim (resolve --discard-local)",
+            false,
+        )
+    } else if sb.role == Role::Secondary {
+        (
+            "this copy was a secondary when it stopped: the peer may hold newer data",
+            false,
+        )
+    } else {
+        (
+            "this copy stopped cleanly as primary, but the peer may have been promoted since",
+            true,
+        )
+    };
+    Some(Hold {
+        reason: reason.into(),
+        promote_ok,
+    })
 }
 
 #[derive(Clone)]
@@ -410,6 +465,7 @@ impl Daemon {
             meta,
             disk: Mutex::new(disk),
             mode: tokio::sync::Mutex::new(Mode::Stopped),
+            held: Mutex::new(None),
             current: Mutex::new(Current::Switching),
             listeners: Mutex::new(Vec::new()),
             cfg,
@@ -443,7 +499,10 @@ impl Daemon {
             d.node.listeners.lock().unwrap_or_else(|p| p.into_inner()).push(t);
         }
         let started = match d.node.cfg.role {
-            StartRole::Primary => d.become_primary().await,
+            StartRole::Primary => {
+                let hold = hold_at_start(&d.node.meta.lock().unwrap_or_else(|p| p.into_inner()));
+                d.become_primary(hold).await
+            }
             StartRole::Secondary => d.become_secondary().await,
         };
         if let Err(e) = started {
@@ -459,20 +518,108 @@ impl Daemon {
         self.node.cfg.control_socket()
     }
 
-    async fn become_primary(&self) -> Result<(), DaemonError> {
+    /// Starts the mirror as primary. With `hold`, the frontends wait: they start when a
+    /// session with the peer confirms this copy (or resyncs it while it serves), or on
+    /// `promote`; if the peer turns out to be a primary with newer data, this copy rejoins
+    /// as secondary on its own (as DRBD's restarted node does).
+    async fn become_primary(&self, hold: Option<Hold>) -> Result<(), DaemonError> {
         let n = &self.node;
         let mut mode = n.mode.lock().await;
         let disk = n.disk.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mirror = Mirror::start((*n.mcfg).clone(), disk, n.meta.clone()).await?;
+        if let Some(h) = hold {
+            tracing::warn!(target: "event", resource = %n.cfg.resource, kind = "held",
+                "primary, not serving yet: {}; serving once the peer confirms this copy is current \
+                 (or `promote{}`)", h.reason, if h.promote_ok { "" } else { " --force" });
+            *n.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+            *n.current.lock().unwrap_or_else(|p| p.into_inner()) = Current::Primary(mirror.clone(), None, None);
+            *mode = Mode::Primary {
+                mirror: mirror.clone(),
+                nbd: None,
+                ublk: None,
+            };
+            tokio::spawn(self.clone().watch_held(mirror));
+            return Ok(());
+        }
+        let (nbd, ublk) = match self.start_frontends(&mirror).await {
+            Ok(f) => f,
+            Err(e) => {
+                mirror.shutdown().await;
+                return Err(e);
+            }
+        };
+        let url = nbd.as_ref().map(|f| f.url.clone());
+        let dev = ublk.as_ref().map(|d| d.block_path());
+        *n.current.lock().unwrap_or_else(|p| p.into_inner()) = Current::Primary(mirror.clone(), url, dev);
+        *mode = Mode::Primary { mirror, nbd, ublk };
+        Ok(())
+    }
+
+    /// Releases a held primary when the peer confirms it, or demotes it when the peer is a
+    /// primary with newer data. Ends when the hold ends (released, promoted, stopped).
+    async fn watch_held(self, mirror: Mirror) {
+        let n = &self.node;
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if n.held.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+                return;
+            }
+            match mirror.session_verdict() {
+                engine::SessionVerdict::Waiting => continue,
+                engine::SessionVerdict::PeerIsPrimary { newer: false, .. } => continue,
+                engine::SessionVerdict::Established => {
+                    match self
+                        .release(&mirror, "the peer confirmed this copy (a session is up)")
+                        .await
+                    {
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %eac_common::error_chain(&e), "starting the frontends"),
+                    }
+                    return;
+                }
+                engine::SessionVerdict::PeerIsPrimary { host, newer: true } => {
+                    tracing::warn!(target: "event", resource = %n.cfg.resource, kind = "rejoin",
+                        "{host} is primary with newer data: this copy rejoins as secondary and resyncs from it");
+                    if let Err(e) = self.demote().await {
+                        tracing::error!(error = %eac_common::error_chain(&e), "rejoining as secondary");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Starts the frontends of the held primary `mirror` (if it still is the held one).
+    async fn release(&self, mirror: &Mirror, why: &str) -> Result<bool, DaemonError> {
+        let n = &self.node;
+        let mut mode = n.mode.lock().await;
+        let Mode::Primary { mirror: m, .. } = &*mode else {
+            return Ok(false);
+        };
+        if !m.same_as(mirror) || n.held.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+            return Ok(false);
+        }
+        let (nbd, ublk) = self.start_frontends(mirror).await?;
+        *n.held.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let url = nbd.as_ref().map(|f| f.url.clone());
+        let dev = ublk.as_ref().map(|d| d.block_path());
+        *n.current.lock().unwrap_or_else(|p| p.into_inner()) = Current::Primary(mirror.clone(), url, dev);
+        *mode = Mode::Primary {
+            mirror: mirror.clone(),
+            nbd,
+            ublk,
+        };
+        tracing::warn!(target: "event", resource = %n.cfg.resource, kind = "serving", "primary serving: {why}");
+        Ok(true)
+    }
+
+    /// Starts the configured frontends over `mirror`; on failure none is left running (the
+    /// mirror keeps running; the caller decides).
+    async fn start_frontends(&self, mirror: &Mirror) -> Result<(Option<NbdFrontend>, Option<UblkDevice>), DaemonError> {
+        let n = &self.node;
         let nbd = match &n.cfg.nbd {
             None => None,
-            Some(addr) => match start_nbd(addr, &n.cfg.resource, mirror.clone()).await {
-                Ok(f) => Some(f),
-                Err(e) => {
-                    mirror.shutdown().await;
-                    return Err(e);
-                }
-            },
+            Some(addr) => Some(start_nbd(addr, &n.cfg.resource, mirror.clone()).await?),
         };
         let ublk = if n.cfg.ublk {
             match start_ublk(mirror.clone(), n.cfg.ublk_id).await {
@@ -482,18 +629,13 @@ impl Daemon {
                         let _ = f.stop.send(());
                         let _ = f.task.await;
                     }
-                    mirror.shutdown().await;
                     return Err(e);
                 }
             }
         } else {
             None
         };
-        let url = nbd.as_ref().map(|f| f.url.clone());
-        let dev = ublk.as_ref().map(|d| d.block_path());
-        *n.current.lock().unwrap_or_else(|p| p.into_inner()) = Current::Primary(mirror.clone(), url, dev);
-        *mode = Mode::Primary { mirror, nbd, ublk };
-        Ok(())
+        Ok((nbd, ublk))
     }
 
     async fn become_secondary(&self) -> Result<(), DaemonError> {
@@ -513,6 +655,7 @@ impl Daemon {
 
     /// Stops whatever runs now (frontends first, then the engine) and leaves Stopped.
     async fn stop_mode(&self, mode: &mut Mode) {
+        *self.node.held.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.node.current.lock().unwrap_or_else(|p| p.into_inner()) = Current::Switching;
         match std::mem::replace(mode, Mode::Stopped) {
             Mode::Primary { mirror, nbd, ublk } => {
@@ -534,17 +677,59 @@ impl Daemon {
         }
     }
 
-    /// `promote [--force]`: secondary → primary. Refused while a primary is connected, and
-    /// for an inconsistent copy (an unfinished resync) unless forced.
+    /// `promote [--force]`: secondary → primary, or a held primary → serving.
+    ///
+    /// A secondary whose primary went silent a moment ago is still "connected" until the
+    /// peer timeout declares the primary lost: promote waits for that (bounded by the peer
+    /// timeout), and refuses only a primary that keeps answering. An inconsistent copy (an
+    /// unfinished resync) is refused unless forced. A promotion always starts a new data
+    /// generation before the first write: from then on this copy is the newer one, and a
+    /// returning old primary (even one that crashed with writes in flight) resyncs *from*
+    /// it.
     pub async fn promote(&self, force: bool) -> Result<Value, DaemonError> {
         let n = &self.node;
+        let held = n.held.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(h) = held {
+            return self.promote_held(h, force).await;
+        }
+        let bound = n.mcfg.peer_timeout + n.mcfg.link_timeout() + Duration::from_millis(500);
+        let t0 = std::time::Instant::now();
+        let mut waited = false;
+        loop {
+            let cur = n.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            match cur {
+                Current::Secondary(r) if r.connected() => {
+                    if t0.elapsed() >= bound {
+                        return Err(DaemonError::Refused(format!(
+                            "the primary is connected and kept answering for {:.1} s: demote it first (two primaries are never connected)",
+                            bound.as_secs_f64()
+                        )));
+                    }
+                    if !waited {
+                        tracing::info!(resource = %n.cfg.resource,
+                            "promote: the primary is still connected; waiting up to {:.1} s for it to be declared lost", bound.as_secs_f64());
+                        waited = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Current::Switching => {
+                    if t0.elapsed() >= bound {
+                        return Err(DaemonError::Busy(
+                            "a role change is in progress; retry in a few seconds".into(),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                _ => break,
+            }
+        }
         {
             let mut mode = n.mode.lock().await;
             match &*mode {
                 Mode::Primary { .. } => return Ok(json!({"ok": true, "message": "already primary"})),
                 Mode::Secondary(r) if r.connected() => {
-                    return Err(DaemonError::Refused(
-                        "the primary is connected: demote it first (two primaries are never connected)".into(),
+                    return Err(DaemonError::Busy(
+                        "the primary connected again just now: retry, or demote it first".into(),
                     ));
                 }
                 _ => {}
@@ -562,24 +747,65 @@ impl Daemon {
                         .into(),
                 ));
             }
+            // In-flight writes of the old session land before this returns (Replica::shutdown).
             self.stop_mode(&mut mode).await;
-            if !consistent {
-                meta_blocking(&n.meta, |m| {
-                    m.update(|sb| {
-                        sb.flags.consistent = true;
-                        sb.flags.discard_my_data = false;
-                    })
-                })
-                .await?;
-            }
+            meta_blocking(&n.meta, |m| {
+                m.update(|sb| {
+                    sb.flags.consistent = true;
+                    sb.flags.discard_my_data = false;
+                    sb.r#gen = genid::new_data_generation(&sb.r#gen);
+                })?;
+                m.flush_bitmap()
+            })
+            .await?;
         }
-        if let Err(e) = self.become_primary().await {
+        if let Err(e) = self.become_primary(None).await {
             // Do not stay without a role.
             let _ = self.become_secondary().await;
             return Err(e);
         }
-        tracing::warn!(target: "event", resource = %n.cfg.resource, kind = "promoted", force, "promoted to primary");
+        if let Current::Primary(m, _, _) = n.current.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            m.generation_is_new();
+        }
+        let g = n.meta.lock().unwrap_or_else(|p| p.into_inner()).superblock().r#gen;
+        tracing::warn!(target: "event", resource = %n.cfg.resource, kind = "promoted", force,
+            "promoted to primary; new data generation {g}");
         Ok(json!({"ok": true, "message": "promoted to primary"}))
+    }
+
+    /// `promote [--force]` of a held primary: its frontends start now, on the operator's
+    /// word, in a new data generation.
+    async fn promote_held(&self, h: Hold, force: bool) -> Result<Value, DaemonError> {
+        let n = &self.node;
+        if !h.promote_ok && !force {
+            return Err(DaemonError::Refused(format!(
+                "this primary is held ({}): it serves once the peer confirms it is current, or with `promote --force` \
+                 (your word that the peer holds no newer data)",
+                h.reason
+            )));
+        }
+        let Current::Primary(m, _, _) = n.current.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return Err(DaemonError::Busy("a role change is in progress; retry".into()));
+        };
+        meta_blocking(&n.meta, |m| {
+            m.update(|sb| {
+                sb.flags.consistent = true;
+                sb.flags.discard_my_data = false;
+                sb.flags.crashed_primary = false;
+                sb.r#gen = genid::new_data_generation(&sb.r#gen);
+            })?;
+            m.flush_bitmap()
+        })
+        .await?;
+        m.generation_is_new();
+        let why = if force { "promote --force" } else { "promote" };
+        if !self.release(&m, why).await? {
+            return Err(DaemonError::Busy("a role change is in progress; retry".into()));
+        }
+        let g = n.meta.lock().unwrap_or_else(|p| p.into_inner()).superblock().r#gen;
+        tracing::warn!(target: "event", resource = %n.cfg.resource, kind = "promoted", force,
+            "held primary promoted ({}); new data generation {g}", h.reason);
+        Ok(json!({"ok": true, "message": "promoted: serving"}))
     }
 
     /// `demote`: primary → secondary (frontends stopped first, in-flight I/O completed).
@@ -659,6 +885,8 @@ impl Daemon {
                 let mut v = m.status();
                 v["nbd"] = json!(url);
                 v["ublk"] = json!(dev);
+                let held = n.held.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                v["held"] = json!(held.map(|h| json!({"reason": h.reason, "promote_needs_force": !h.promote_ok})));
                 v
             }
             Current::Secondary(r) => r.status(),
@@ -826,6 +1054,70 @@ peer = "10.250.3.2:7789"
             let e = parse(&text).unwrap_err();
             assert!(e.contains(want), "{want:?} not in {e:?}");
         }
+    }
+
+    #[test]
+    fn only_a_never_started_first_primary_serves_without_the_peer() {
+        let d = std::env::temp_dir().join(format!("eac-hold-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let path = d.join("m.meta");
+        let open = |f: &dyn Fn(&mut meta::Superblock)| {
+            let _ = std::fs::remove_file(&path);
+            crate::engine::create_meta_file(
+                &path,
+                &crate::engine::CreateMetaOptions {
+                    size: 1 << 20,
+                    region_size: 4096,
+                    device_id: 7,
+                    consistent: true,
+                    generation: None,
+                },
+            )
+            .unwrap();
+            let mut m = meta::Meta::open(&path).unwrap();
+            m.update(|sb| f(sb)).unwrap();
+            m.close_clean().unwrap();
+            drop(m);
+            meta::Meta::open(&path).unwrap()
+        };
+        assert!(hold_at_start(&open(&|_| {})).is_none(), "created as the first primary");
+        let clean = hold_at_start(&open(&|sb| sb.flags.never_started = false)).unwrap();
+        assert!(clean.promote_ok && clean.reason.contains("promoted since"), "{clean:?}");
+        let crashed = hold_at_start(&open(&|sb| {
+            sb.flags.never_started = false;
+            sb.flags.crashed_primary = true;
+        }))
+        .unwrap();
+        assert!(!crashed.promote_ok && crashed.reason.contains("died"), "{crashed:?}");
+        let was_secondary = hold_at_start(&open(&|sb| {
+            sb.flags.never_started = false;
+            sb.role = Role::Secondary;
+        }))
+        .unwrap();
+        assert!(!was_secondary.promote_ok && was_secondary.reason.contains("secondary"));
+        let inconsistent = hold_at_start(&open(&|sb| sb.flags.consistent = false)).unwrap();
+        assert!(!inconsistent.promote_ok && inconsistent.reason.contains("not consistent"));
+        // A crash (metadata not closed) holds even a never-started copy.
+        let _ = std::fs::remove_file(&path);
+        crate::engine::create_meta_file(
+            &path,
+            &crate::engine::CreateMetaOptions {
+                size: 1 << 20,
+                region_size: 4096,
+                device_id: 7,
+                consistent: true,
+                generation: None,
+            },
+        )
+        .unwrap();
+        {
+            let mut m = meta::Meta::open(&path).unwrap();
+            m.update(|sb| sb.flags.never_started = false).unwrap();
+            drop(m); // no close_clean: a crash
+        }
+        let m = meta::Meta::open(&path).unwrap();
+        assert!(!hold_at_start(&m).unwrap().promote_ok);
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -413,6 +413,8 @@ pub fn create_meta_file(path: &std::path::Path, o: &CreateMetaOptions) -> Result
         let g = o.generation.unwrap_or_else(|| random_u64() | 0x10);
         m.update(|sb| {
             sb.flags.consistent = true;
+            sb.flags.never_started = true;
+            sb.role = Role::Primary;
             sb.r#gen.current = g;
         })
         .map_err(EngineError::Meta)?;
@@ -512,6 +514,24 @@ impl RegionLocks {
     }
 }
 
+/// See [`Mirror::session_verdict`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionVerdict {
+    /// No session yet, and nothing that rules one out.
+    Waiting,
+    /// A session was established (this copy is current, or is being resynced from the peer
+    /// while it serves).
+    Established,
+    /// The peer is primary too; `newer`: its data is newer than ours (we would be the
+    /// resync target).
+    PeerIsPrimary {
+        /// The peer's host name.
+        host: String,
+        /// The peer holds newer data.
+        newer: bool,
+    },
+}
+
 /// Why a request did not reach the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lost {
@@ -560,6 +580,11 @@ struct Peer {
     unflushed_seq: u64,
     last_peer_flush: Instant,
     refused: Option<(String, String)>,
+    /// Sessions established since the start.
+    sessions: u64,
+    /// The last connection attempt met a peer that is primary too: its host, and whether its
+    /// data is newer than ours (the decision made us the target).
+    peer_primary: Option<(String, bool)>,
     /// At the last session loss: acknowledged-but-unflushed writes, and the dirty bytes
     /// marking them added.
     last_loss_unflushed: (u64, u64),
@@ -699,7 +724,13 @@ impl Mirror {
                 d.size()
             )));
         }
-        meta_blocking(&meta, |m| m.update(|sb| sb.role = Role::Primary)).await?;
+        meta_blocking(&meta, |m| {
+            m.update(|sb| {
+                sb.role = Role::Primary;
+                sb.flags.never_started = false;
+            })
+        })
+        .await?;
         let n = cfg.links.len();
         let (stop, _) = watch::channel(false);
         let sh = Arc::new(Shared {
@@ -722,6 +753,8 @@ impl Mirror {
                 unflushed_seq: 0,
                 last_peer_flush: Instant::now(),
                 refused: None,
+                sessions: 0,
+                peer_primary: None,
                 last_loss_unflushed: (0, 0),
             }),
             sync: Mutex::new(SyncState::Degraded),
@@ -783,13 +816,20 @@ impl Mirror {
                 let _ = wr.send(&local_state(&sh.meta, Role::Primary), &[]).await;
                 let local = side_of(&local_state(&sh.meta, Role::Primary));
                 match (local, side_of(&st)) {
-                    (Some(l), Some(p)) => match plan_of(&genid::decide(&l, &p)) {
-                        Err((kind, reason)) => {
-                            sh.refuse(kind, reason.clone());
-                            reason
+                    (Some(l), Some(p)) => {
+                        let decision = genid::decide(&l, &p);
+                        match plan_of(&decision) {
+                            Err((kind, reason)) => {
+                                sh.refuse(kind, reason.clone());
+                                reason
+                            }
+                            Ok(_) if p.role == Role::Primary => {
+                                sh.peer_lock().peer_primary = Some((peer.host.clone(), decision.is_target()));
+                                format!("{} is primary too; demote one side first", peer.host)
+                            }
+                            Ok(_) => format!("{} connected to a primary as secondary", peer.host),
                         }
-                        Ok(_) => format!("{} is primary too; demote one side first", peer.host),
-                    },
+                    }
                     _ => "bad State".into(),
                 }
             }
@@ -802,6 +842,35 @@ impl Mirror {
     /// Status as one JSON document.
     pub fn status(&self) -> Value {
         self.sh.status()
+    }
+
+    /// What the peer said so far: whether a session was ever established, or the peer
+    /// turned out to be primary too (for a primary that holds its frontends back until the
+    /// peer confirms that this copy is current).
+    pub fn session_verdict(&self) -> SessionVerdict {
+        let p = self.sh.peer_lock();
+        if p.sessions > 0 {
+            SessionVerdict::Established
+        } else if let Some((host, newer)) = &p.peer_primary {
+            SessionVerdict::PeerIsPrimary {
+                host: host.clone(),
+                newer: *newer,
+            }
+        } else {
+            SessionVerdict::Waiting
+        }
+    }
+
+    /// True when both handles are the same engine.
+    pub fn same_as(&self, other: &Mirror) -> bool {
+        Arc::ptr_eq(&self.sh, &other.sh)
+    }
+
+    /// The caller already started a new data generation for this degraded period (a
+    /// promotion): the first write without the peer does not start another one.
+    pub fn generation_is_new(&self) {
+        let epoch = self.sh.peer_lock().epoch;
+        self.sh.gen_bumped_for.store(epoch, Relaxed);
     }
 
     /// Starts an online verify in the background.
@@ -1062,6 +1131,7 @@ impl Shared {
                 return Err(err(&reason, None));
             }
             Ok(_) if peer_side.role == Role::Primary => {
+                self.peer_lock().peer_primary = Some((peer.host.clone(), decision.is_target()));
                 let reason = format!("{} is primary too; demote one side first", peer.host);
                 let _ = wr.send(&Message::Error { reason: reason.clone() }, &[]).await;
                 self.refuse("refused", reason.clone());
@@ -1094,6 +1164,8 @@ impl Shared {
             p.epoch += 1;
             p.established = true;
             p.refused = None;
+            p.sessions += 1;
+            p.peer_primary = None;
             p.peer_host = Some(peer.host.clone());
             p.peer_gen = Some(peer_side.r#gen);
             p.unflushed.clear();

@@ -535,6 +535,7 @@ fn simple(rt: &tokio::runtime::Runtime, target: &Target, req: Request) -> ExitCo
                 ExitCode::SUCCESS
             }
             Err(control::ControlError::Failed(m)) => exit(EXIT_USAGE, &m),
+            Err(control::ControlError::Transient(m)) => exit(EXIT_TRANSIENT, &m),
             Err(e) => exit(EXIT_TRANSIENT, &error_chain(&e)),
         }
     })

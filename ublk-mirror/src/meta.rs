@@ -76,7 +76,8 @@ const FLAG_CONSISTENT: u8 = 1;
 const FLAG_CRASHED_PRIMARY: u8 = 2;
 const FLAG_DISCARD_MY_DATA: u8 = 4;
 const FLAG_CLEAN: u8 = 8;
-const FLAGS_KNOWN: u8 = FLAG_CONSISTENT | FLAG_CRASHED_PRIMARY | FLAG_DISCARD_MY_DATA | FLAG_CLEAN;
+const FLAG_NEVER_STARTED: u8 = 16;
+const FLAGS_KNOWN: u8 = FLAG_CONSISTENT | FLAG_CRASHED_PRIMARY | FLAG_DISCARD_MY_DATA | FLAG_CLEAN | FLAG_NEVER_STARTED;
 
 /// Everything that can go wrong with a metadata file. Messages are written for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +239,10 @@ pub struct MetaFlags {
     pub crashed_primary: bool,
     /// The administrator chose this copy as the split-brain victim.
     pub discard_my_data: bool,
+    /// Created as the first primary (`create-meta --consistent`) and never started since:
+    /// the one state in which a daemon configured as primary serves at once, without the
+    /// peer confirming that this copy is current. Cleared by the first start in any role.
+    pub never_started: bool,
 }
 
 /// The persistent identity and state of one copy.
@@ -1214,6 +1219,7 @@ fn encode_sb(sb: &Superblock, params: &MetaParams, seq: u64, clean: bool) -> Vec
     b[SB_FLAGS] = (if f.consistent { FLAG_CONSISTENT } else { 0 })
         | (if f.crashed_primary { FLAG_CRASHED_PRIMARY } else { 0 })
         | (if f.discard_my_data { FLAG_DISCARD_MY_DATA } else { 0 })
+        | (if f.never_started { FLAG_NEVER_STARTED } else { 0 })
         | (if clean { FLAG_CLEAN } else { 0 });
     put_u64(&mut b, SB_BITMAP_OFF, BITMAP_OFFSET);
     put_u64(&mut b, SB_BITMAP_LEN, params.bitmap_bytes());
@@ -1309,6 +1315,7 @@ fn decode_sb(b: &[u8]) -> Result<SbRead, SlotError> {
                 consistent: flags & FLAG_CONSISTENT != 0,
                 crashed_primary: flags & FLAG_CRASHED_PRIMARY != 0,
                 discard_my_data: flags & FLAG_DISCARD_MY_DATA != 0,
+                never_started: flags & FLAG_NEVER_STARTED != 0,
             },
         },
         params,
@@ -1498,7 +1505,8 @@ mod tests {
             MetaFlags {
                 consistent: true,
                 crashed_primary: false,
-                discard_my_data: true
+                discard_my_data: true,
+                never_started: false,
             }
         );
         assert_eq!(m.words(), &words[..]);

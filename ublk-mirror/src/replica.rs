@@ -125,7 +125,13 @@ impl Replica {
                 disk.size()
             )));
         }
-        meta_blocking(&meta, |m| m.update(|sb| sb.role = Role::Secondary)).await?;
+        meta_blocking(&meta, |m| {
+            m.update(|sb| {
+                sb.role = Role::Secondary;
+                sb.flags.never_started = false;
+            })
+        })
+        .await?;
         let n = cfg.links.len();
         let (stop, _) = watch::channel(false);
         let sh = Arc::new(Shared {
