@@ -4,6 +4,7 @@
 use std::error::Error;
 
 pub mod bounded;
+pub mod ratelimit;
 pub mod sealed;
 
 /// Process exit codes. A supervisor restarts on [`EXIT_TRANSIENT`], never on [`EXIT_USAGE`].
