@@ -4,6 +4,7 @@
 use std::error::Error;
 
 pub mod bounded;
+pub mod ratelimit;
 pub mod sealed;
 
 /// Process exit codes. A supervisor restarts on [`EXIT_TRANSIENT`], never on [`EXIT_USAGE`].
@@ -13,17 +14,27 @@ pub const EXIT_USAGE: i32 = 64;
 
 /// Logs to stderr through `tracing`; `RUST_LOG` filters (default `info`), `EAC_LOG_JSON=1`
 /// switches to one JSON object per line. `log` records (aya, io-uring users) are bridged.
+/// Colours only when stderr is a terminal and `NO_COLOR` is unset or empty ([`use_ansi`]).
 pub fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = use_ansi(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if std::env::var_os("EAC_LOG_JSON").is_some_and(|v| v == "1") {
         builder.json().init();
     } else {
         builder.init();
     }
+}
+
+/// Whether log lines get ANSI colours: only on a terminal, and not when `NO_COLOR` is set to
+/// a non-empty value (<https://no-color.org>). A log file or a pipe never gets escape codes.
+pub fn use_ansi(is_tty: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    is_tty && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// "outer: cause: root cause" — the whole `source()` chain on one line, for operators.
@@ -59,5 +70,17 @@ mod tests {
     fn chain_joins_every_cause() {
         let e = E("attach", Some(Box::new(E("netlink", Some(Box::new(E("EPERM", None)))))));
         assert_eq!(error_chain(&e), "attach: netlink: EPERM");
+    }
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(use_ansi(true, None));
+        assert!(!use_ansi(false, None), "a file or pipe gets no escape codes");
+        assert!(!use_ansi(true, Some(OsStr::new("1"))));
+        assert!(!use_ansi(false, Some(OsStr::new("1"))));
+        // no-color.org: an empty NO_COLOR does not disable colours.
+        assert!(use_ansi(true, Some(OsStr::new(""))));
+        assert!(!use_ansi(false, Some(OsStr::new(""))));
     }
 }

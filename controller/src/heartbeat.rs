@@ -60,7 +60,8 @@
 //!    is retired — its datagrams are refused from then on ([`RejectReason::RetiredSession`]).
 //!
 //! Every rejected datagram is logged at `warn` with its source and reason, rate-limited per
-//! (reason, source address) to one line per 10 s with a count of the suppressed ones.
+//! (reason, source address) to one line per 10 s with a count of the suppressed ones
+//! (`eac_common::ratelimit`; at most 1024 pairs are tracked, the rest share one line).
 //!
 //! Known limit (as in netpair): freshness lives in memory, so after *this* daemon restarts one
 //! recorded heartbeat of a peer's previous session could be accepted once, until the peer's
@@ -68,7 +69,6 @@
 //! alive for at most one `channel_timeout`, not longer: the replay cannot be repeated.
 
 use std::{
-    collections::HashMap,
     fmt,
     io::Read,
     net::{IpAddr, SocketAddr},
@@ -527,36 +527,12 @@ impl Opener {
     }
 }
 
-/// Rate limit of rejection logs: one line per (reason, source address) per [`LOG_EVERY`].
-#[derive(Debug, Default)]
-struct RejectLog {
-    seen: HashMap<(&'static str, IpAddr), (Instant, u64)>,
-}
+/// Rate limit of rejection logs: one line per (reason, source address) per [`LOG_EVERY`]
+/// (the shared limiter of `eac_common`, which also bounds the number of tracked sources).
+type RejectLog = eac_common::ratelimit::LogLimiter<(&'static str, IpAddr)>;
 
-impl RejectLog {
-    /// `Some(suppressed)` when this rejection should be logged now.
-    fn should_log(&mut self, kind: &'static str, ip: IpAddr, now: Instant) -> Option<u64> {
-        if self.seen.len() > 1024 {
-            self.seen.clear();
-        }
-        match self.seen.get_mut(&(kind, ip)) {
-            Some((last, suppressed)) if now.duration_since(*last) < LOG_EVERY => {
-                *suppressed += 1;
-                None
-            }
-            Some((last, suppressed)) => {
-                let n = *suppressed;
-                *last = now;
-                *suppressed = 0;
-                Some(n)
-            }
-            None => {
-                self.seen.insert((kind, ip), (now, 0));
-                Some(0)
-            }
-        }
-    }
-}
+/// How many (reason, source) pairs the rejection log tracks one by one.
+const LOG_TRACKED: usize = 1024;
 
 /// Where and for whom a [`HeartbeatSocket`] works.
 #[derive(Clone, Debug)]
@@ -620,7 +596,7 @@ impl HeartbeatSocket {
             endpoint,
             sealer: Mutex::new(sealer),
             opener: Mutex::new(opener),
-            log: Mutex::new(RejectLog::default()),
+            log: Mutex::new(RejectLog::new(LOG_EVERY, LOG_TRACKED)),
         })
     }
 
@@ -716,16 +692,16 @@ impl HeartbeatSocket {
     }
 
     fn log_rejection(&self, reason: &RejectReason, from: SocketAddr) {
-        let now = Instant::now();
+        let now = Instant::now().into_std();
         let go = self
             .log
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .should_log(reason.kind(), from.ip(), now);
-        if let Some(suppressed) = go {
+            .check((reason.kind(), from.ip()), now);
+        if let Some(r) = go {
             tracing::warn!(
-                network = %self.endpoint.network, %from, reason = reason.kind(), suppressed,
-                "heartbeat rejected: {reason}"
+                network = %self.endpoint.network, %from, reason = reason.kind(), suppressed = r.suppressed,
+                "heartbeat rejected: {reason}{}", r.note(from.ip())
             );
         }
     }
@@ -1073,16 +1049,17 @@ mod tests {
 
     #[test]
     fn the_rejection_log_is_rate_limited_per_reason_and_source() {
-        let mut l = RejectLog::default();
-        let t0 = Instant::now();
+        let mut l = RejectLog::new(LOG_EVERY, LOG_TRACKED);
+        let t0 = std::time::Instant::now();
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
-        assert_eq!(l.should_log("bad_mac", ip, t0), Some(0));
+        let mut check = |kind, ip, t| l.check((kind, ip), t).map(|r| r.suppressed);
+        assert_eq!(check("bad_mac", ip, t0), Some(0));
         for i in 1..=5 {
-            assert_eq!(l.should_log("bad_mac", ip, t0 + Duration::from_millis(i)), None);
+            assert_eq!(check("bad_mac", ip, t0 + Duration::from_millis(i)), None);
         }
-        assert_eq!(l.should_log("stale", ip, t0), Some(0));
-        assert_eq!(l.should_log("bad_mac", "10.0.0.2".parse().unwrap(), t0), Some(0));
-        assert_eq!(l.should_log("bad_mac", ip, t0 + LOG_EVERY), Some(5));
+        assert_eq!(check("stale", ip, t0), Some(0));
+        assert_eq!(check("bad_mac", "10.0.0.2".parse().unwrap(), t0), Some(0));
+        assert_eq!(check("bad_mac", ip, t0 + LOG_EVERY), Some(5));
     }
 
     async fn loopback_pair(secret_b: &[u8]) -> (HeartbeatSocket, HeartbeatSocket) {

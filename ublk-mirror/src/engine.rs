@@ -48,6 +48,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use eac_common::ratelimit;
 use serde_json::{Value, json};
 use tokio::net::TcpSocket;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -424,7 +425,9 @@ pub fn create_meta_file(path: &std::path::Path, o: &CreateMetaOptions) -> Result
 
 /// Accepts connections on one availability link's listener: each is authenticated
 /// (handshake as server, our role from `role()`) on its own task and handed to `dispatch`
-/// with the link index. Handshake failures are logged with their reason and dropped.
+/// with the link index. Handshake failures (wrong secret or resource, garbage, a connection
+/// that sends nothing) are logged with their reason and the source, rate-limited per source
+/// address ([`RejectionLog`]), and dropped.
 pub async fn accept_loop<R, F>(
     listener: tokio::net::TcpListener,
     link: usize,
@@ -437,8 +440,18 @@ pub async fn accept_loop<R, F>(
 {
     let role = Arc::new(role);
     let dispatch = Arc::new(dispatch);
+    let rejections = Arc::new(RejectionLog::new(link));
+    let mut flush = tokio::time::interval(ratelimit::DEFAULT_EVERY);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let (stream, from) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = flush.tick() => {
+                rejections.flush();
+                continue;
+            }
+        };
+        let (stream, from) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(link = link + 1, "accept: {e}");
@@ -446,7 +459,7 @@ pub async fn accept_loop<R, F>(
                 continue;
             }
         };
-        let (cfg, role, dispatch) = (cfg.clone(), role.clone(), dispatch.clone());
+        let (cfg, role, dispatch, rejections) = (cfg.clone(), role.clone(), dispatch.clone(), rejections.clone());
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             let hello = cfg.hello(role());
@@ -463,14 +476,68 @@ pub async fn accept_loop<R, F>(
             .await
             {
                 Ok((rd, wr, peer)) => dispatch(link, rd, wr, peer),
-                Err(e) => tracing::warn!(
-                    link = link + 1,
-                    %from,
-                    "rejected a connection: {}",
-                    eac_common::error_chain(&e)
-                ),
+                Err(e) => rejections.rejected(from, &eac_common::error_chain(&e)),
             }
         });
+    }
+}
+
+/// The log of rejected replication connections of one link: one line per source address
+/// per 10 s, carrying the count of the rejections suppressed since the previous one
+/// (`eac_common::ratelimit`, which also bounds the addresses tracked).
+struct RejectionLog {
+    link: usize,
+    limiter: Mutex<ratelimit::LogLimiter<std::net::IpAddr>>,
+}
+
+impl RejectionLog {
+    fn new(link: usize) -> Self {
+        RejectionLog {
+            link,
+            limiter: Mutex::new(ratelimit::LogLimiter::default()),
+        }
+    }
+
+    fn now() -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+
+    /// A rejected connection from `from`, for `reason`.
+    fn rejected(&self, from: SocketAddr, reason: &str) {
+        let ip = from.ip();
+        let go = self
+            .limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check(ip, Self::now());
+        if let Some(r) = go {
+            tracing::warn!(
+                link = self.link + 1,
+                %from,
+                suppressed = r.suppressed,
+                "rejected a connection from {ip}: {reason}{}",
+                r.note(ip)
+            );
+        }
+    }
+
+    /// Reports the counts of sources that went quiet with rejections not yet logged.
+    fn flush(&self) {
+        let due = self
+            .limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush(Self::now());
+        for s in due {
+            let secs = s.since.as_secs_f64().round() as u64;
+            let who = s.key.map_or_else(|| "other sources".to_owned(), |ip| ip.to_string());
+            tracing::warn!(
+                link = self.link + 1,
+                suppressed = s.suppressed,
+                "rejected {} more connections from {who} in the last {secs} s (not logged one by one)",
+                s.suppressed
+            );
+        }
     }
 }
 
@@ -2414,6 +2481,66 @@ mod tests {
 
     fn same(a: &Path, b: &Path) -> bool {
         std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+    }
+
+    /// A flood of rejected connections from one address (wrong secret, wrong resource,
+    /// garbage, connections that send nothing) logs one line, not one or two per connection.
+    #[tokio::test]
+    async fn rejected_connections_are_logged_once_per_source_address() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (logs, _guard) = crate::test_log::capture();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut c = cfg("b", vec![]);
+        c.peer_timeout = Duration::from_millis(300);
+        let c = Arc::new(c);
+        let task = tokio::spawn(accept_loop(
+            l,
+            0,
+            c.clone(),
+            || Role::Secondary,
+            |_, _, _, _| panic!("no connection may be accepted"),
+        ));
+        let mut conns = Vec::new();
+        for i in 0..10 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            match i % 4 {
+                0 => {
+                    let t = c.peer_timeout;
+                    let h = proto::Hello::new("a", "r0", Role::Primary);
+                    let e = proto::handshake(s, proto::Side::Client, b"another secret", &h, "r0", t).await;
+                    assert!(e.is_err());
+                    continue;
+                }
+                1 => {
+                    let t = c.peer_timeout;
+                    let h = proto::Hello::new("a", "r1", Role::Primary);
+                    let e = proto::handshake(s, proto::Side::Client, &c.secret, &h, "r1", t).await;
+                    assert!(e.is_err());
+                    continue;
+                }
+                2 => s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap(),
+                _ => {} // idle: the handshake times out
+            }
+            conns.push(s);
+        }
+        for mut s in conns {
+            let mut sink = Vec::new();
+            // The server closes each after its rejection.
+            tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut sink))
+                .await
+                .expect("the server closes a rejected connection")
+                .ok();
+        }
+        tokio::task::yield_now().await;
+        let warns = logs.lines("WARN");
+        assert_eq!(warns.len(), 1, "{warns:#?}");
+        assert!(
+            warns[0].contains("rejected a connection from 127.0.0.1: "),
+            "{}",
+            warns[0]
+        );
+        task.abort();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

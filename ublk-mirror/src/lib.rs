@@ -241,3 +241,47 @@ mod tests {
         );
     }
 }
+
+/// Captures this thread's log output in tests (a current-thread runtime keeps spawned tasks
+/// on the test's thread, so their lines are captured too).
+#[cfg(test)]
+pub(crate) mod test_log {
+    use std::sync::{Arc, Mutex};
+
+    /// The captured text.
+    #[derive(Clone, Default)]
+    pub(crate) struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        /// The lines at `level` ("WARN", "INFO", …).
+        pub(crate) fn lines(&self, level: &str) -> Vec<String> {
+            let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+            text.lines()
+                .filter(|l| l.split_whitespace().nth(1) == Some(level))
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+
+    /// Captures every line logged on this thread until the guard is dropped.
+    pub(crate) fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
+        let c = Captured::default();
+        let w = c.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .finish();
+        (c, tracing::subscriber::set_default(sub))
+    }
+}

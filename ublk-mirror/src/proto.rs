@@ -36,7 +36,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Deserializer, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::genid::{GenIds, Role};
 
@@ -800,7 +800,9 @@ where
             Ok((fr, fw, peer))
         }
         Err(e) => {
-            warn!(?side, resource = expect_resource, error = %e, "replication handshake failed");
+            // The callers report it: the server rate-limited per source (`accept_loop`), the
+            // client once per distinct error (the connector's "link not up").
+            debug!(?side, resource = expect_resource, error = %e, "replication handshake failed");
             Err(e)
         }
     }
