@@ -36,16 +36,26 @@ for p in "${pkgs[@]}"; do installed "$p" || missing+=("$p"); done
 # QEMU's packages must come from one source package at one version. This kind of machine
 # ships a newer qemu-utils (a backport, in no configured repository) that Breaks Debian 12's
 # qemu-system-common: a plain install of qemu-system-x86 would silently *remove* it (and
-# nothing could reinstall it). So whenever a QEMU package is installed, qemu-utils is
-# pinned to qemu-system-x86's version, downgrading the backport if there is one.
-if installed qemu-system-x86; then qemu_v=$(pkg_version qemu-system-x86); else qemu_v=""; fi
-if [ "${#missing[@]}" -gt 0 ] || { [ -n "$qemu_v" ] && [ "$(pkg_version qemu-utils)" != "$qemu_v" ]; }; then
+# nothing could reinstall it). So whenever a QEMU package is missing or the three disagree,
+# all three are installed pinned to one version (qemu-system-x86's candidate), downgrading
+# the backport if there is one.
+qemu_pkgs=(qemu-system-x86 qemu-utils qemu-block-extra)
+qemu_ok=1
+for p in "${qemu_pkgs[@]}"; do
+  installed "$p" && [ "$(pkg_version "$p")" = "$(pkg_version qemu-system-x86)" ] || qemu_ok=0
+done
+if [ "${#missing[@]}" -gt 0 ] || [ $qemu_ok -eq 0 ]; then
   apt-get update -qq
-  [ -n "$qemu_v" ] || qemu_v=$(candidate qemu-system-x86)
-  [ -n "$qemu_v" ] || { echo "[setup] no installable qemu-system-x86 in the apt sources" >&2; exit 1; }
   request=()
-  for p in "${missing[@]}"; do [ "$p" = qemu-utils ] || request+=("$p"); done
-  request+=("qemu-utils=${qemu_v}")
+  for p in "${missing[@]}"; do
+    case " ${qemu_pkgs[*]} " in *" $p "*) ;; *) request+=("$p") ;; esac
+  done
+  if [ $qemu_ok -eq 0 ]; then
+    qemu_v=$(candidate qemu-system-x86)
+    [ -n "$qemu_v" ] && [ "$qemu_v" != "(none)" ] \
+      || { echo "[setup] no installable qemu-system-x86 in the apt sources" >&2; exit 1; }
+    for p in "${qemu_pkgs[@]}"; do request+=("$p=${qemu_v}"); done
+  fi
   log "apt-get install ${request[*]}"
   # iperf3's debconf question (start as a daemon?) must not block a non-interactive run.
   echo "iperf3 iperf3/start_daemon boolean false" | debconf-set-selections

@@ -572,10 +572,13 @@ impl Daemon {
                         .release(&mirror, "the peer confirmed this copy (a session is up)")
                         .await
                     {
-                        Ok(_) => {}
-                        Err(e) => tracing::error!(error = %eac_common::error_chain(&e), "starting the frontends"),
+                        Ok(_) => return,
+                        Err(e) => {
+                            // Still held (and shown so); try again.
+                            tracing::error!(error = %eac_common::error_chain(&e), "starting the frontends; retrying in 1 s");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
                     }
-                    return;
                 }
                 engine::SessionVerdict::PeerIsPrimary { host, newer: true } => {
                     tracing::warn!(target: "event", resource = %n.cfg.resource, kind = "rejoin",
