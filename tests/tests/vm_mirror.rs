@@ -242,7 +242,7 @@ writes_done() {{ awk '{{ print $5 }}' "/sys/block/$NAME/stat"; }}
 wait_writes() {{
   local w0; w0=$(writes_done)
   for _ in $(seq 1200); do [ "$(writes_done)" -ge $(( w0 + $1 )) ] && return 0; sleep 0.05; done
-  fatal "fewer than $1 writes completed in 60 s"
+  fatal "fewer than $1 writes completed in 60 s (in flight now, reads writes: $(cat /sys/block/$NAME/inflight 2> /dev/null); fio running: $(kill -0 "${{FIOPID:-0}}" 2> /dev/null && echo yes || echo no); primary io: $(st | jq -c .io 2> /dev/null))"
 }}
 B=/tmp/primary.img M=/tmp/primary.meta S=/tmp/secret
 printf %s {secret} > "$S"
