@@ -2841,6 +2841,59 @@ mod tests {
         m.shutdown().await;
     }
 
+    /// A replica shut down while a session is being set up (its drain waits for a write of
+    /// the previous session, parked at the gate) must not end up with that session attached:
+    /// a stopped replica (after a promotion: a disk owned by the new primary) applying a
+    /// primary's writes would be a second writer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_set_up_during_shutdown_never_starts() {
+        let d = dir("setup-stop");
+        let (pd, pm) = side(&d.0, "a");
+        let (rd, rm) = side(&d.0, "b");
+        let addrs = [free_port()];
+        let (r, tasks) = replica(&addrs, rd, rm).await;
+        let links = vec![LinkAddr {
+            local: None,
+            peer: addrs[0],
+        }];
+        let m = Mirror::start(cfg("a", links), Some(pd), pm).await.unwrap();
+        until("connected", 20, || m.status()["connection"] == "connected").await;
+        const X: u64 = 3 * 4096;
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let g = gate.clone();
+        r.set_apply_hook(Some(Arc::new(move |off| {
+            let g = g.clone();
+            Box::pin(async move {
+                if off == X {
+                    let _ = g.acquire().await;
+                }
+            })
+        })));
+        let m1 = m.clone();
+        let w = tokio::spawn(async move { m1.write(X, pattern(3, 1), false).await });
+        until("the write reached the replica", 10, || r.status()["io"]["writes"] == 1).await;
+        // The primary drops the link and reconnects: the replica's new session waits in its
+        // drain for the parked write.
+        m.drop_link(0);
+        w.await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        for t in tasks {
+            t.abort();
+        }
+        let rc = r.clone();
+        let sd = tokio::spawn(async move { rc.shutdown().await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        gate.add_permits(1_000);
+        sd.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!r.connected(), "a session started on a stopped replica: {}", r.status());
+        until("the primary sees no peer", 20, || {
+            m.status()["connection"] != "connected"
+        })
+        .await;
+        m.shutdown().await;
+    }
+
     /// Second root cause, made deterministic: two overlapping writes in flight at once. The
     /// replica parks the first (a gate at the racing point); the second must not overtake it
     /// on the replica while the primary's local disk applies them in issue order.

@@ -198,6 +198,9 @@ impl Replica {
     pub async fn shutdown(&self) {
         let sh = &self.sh;
         let _ = sh.stop.send(true);
+        // A session being set up right now (its State exchange, its drain) finishes first,
+        // then is closed with the others: none can start after this point.
+        let _setup = sh.setup.lock().await;
         {
             let mut s = sh.lock();
             // Frames still being read belong to no session: not applied.
@@ -270,6 +273,9 @@ impl Shared {
         };
         if matches!(first.msg, Message::State { .. }) {
             let _setup = self.setup.lock().await;
+            if *self.stop.borrow() {
+                return;
+            }
             match self.new_session(i, &mut rd, &mut wr, &peer, &first.msg).await {
                 Ok(epoch) => self.attach(i, epoch, rd, wr, None),
                 Err(reason) => {
@@ -301,7 +307,7 @@ impl Shared {
         st: &Message,
     ) -> Result<u64, String> {
         // A new session replaces the old one and its links.
-        {
+        let mine = {
             let mut s = self.lock();
             s.epoch += 1;
             s.active = false;
@@ -314,14 +320,15 @@ impl Shared {
                 }
                 l.up_since = None;
             }
-        }
+            s.epoch
+        };
         // Writes of the old session still on their way to the disk finish first: one of them
         // landing after this session's resync of the same block would leave stale data on a
         // copy both sides call in sync.
         drop(self.drain.write().await);
-        let mine = local_state(&self.meta, Role::Secondary);
-        wr.send(&mine, &[]).await.map_err(|e| format!("send State: {e}"))?;
-        let (Some(local), Some(remote)) = (side_of(&mine), side_of(st)) else {
+        let my_state = local_state(&self.meta, Role::Secondary);
+        wr.send(&my_state, &[]).await.map_err(|e| format!("send State: {e}"))?;
+        let (Some(local), Some(remote)) = (side_of(&my_state), side_of(st)) else {
             return Err("bad State".into());
         };
         if remote.role != Role::Primary {
@@ -359,6 +366,10 @@ impl Shared {
         let dirty = self.meta.lock().unwrap_or_else(|p| p.into_inner()).dirty_bytes();
         let epoch = {
             let mut s = self.lock();
+            // Stopped (or replaced) while this session was being set up: it never starts.
+            if *self.stop.borrow() || s.epoch != mine {
+                return Err("the replica stopped while the session was being set up".into());
+            }
             s.active = true;
             s.plan = plan;
             s.synced = plan == SyncPlan::None;
@@ -382,7 +393,7 @@ impl Shared {
         let (tx, rx) = mpsc::unbounded_channel();
         let conn = {
             let mut s = self.lock();
-            if s.epoch != epoch {
+            if s.epoch != epoch || *self.stop.borrow() {
                 return;
             }
             let c = s.next_conn;
