@@ -697,3 +697,38 @@ fn start_bpf_logger(dp: &mut Datapath) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_other_links_copy_and_a_reordered_one_count_as_arrivals_nothing_else_does() {
+        let host = || "b".to_owned();
+        let replayed = ProtoError::Replayed {
+            host: host(),
+            session: 1,
+            seq: 7,
+        };
+        assert!(is_copy(&replayed));
+        let reordered = ProtoError::Stale {
+            host: host(),
+            session: 1,
+            seq: 7,
+            last: 8,
+        };
+        assert!(is_copy(&reordered));
+        let old = ProtoError::Stale {
+            host: host(),
+            session: 1,
+            seq: 7,
+            last: 7 + REORDER_WINDOW + 1,
+        };
+        assert!(!is_copy(&old), "a replay from long ago proves nothing about the link");
+        assert!(!is_copy(&ProtoError::BadMac));
+        assert!(!is_copy(&ProtoError::RetiredSession {
+            host: host(),
+            session: 1
+        }));
+    }
+}
