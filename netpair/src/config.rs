@@ -29,6 +29,7 @@
 //! heal_hold = 1000         # our path must work this long before traffic returns
 //! observation_interval = 10
 //! peer_timeout = 100       # no word from the partner for this long: its evidence is stale
+//! link_timeout = 30        # nothing over one AL this long while another delivers: it is dead
 //! ```
 
 use std::{
@@ -110,6 +111,9 @@ pub struct Timing {
     pub heal_hold: u64,
     pub observation_interval: u64,
     pub peer_timeout: u64,
+    /// No pairing message over one availability link for this long while another link
+    /// delivers them: that link is silently dead (see `links`).
+    pub link_timeout: u64,
 }
 
 impl Default for Timing {
@@ -120,6 +124,7 @@ impl Default for Timing {
             heal_hold: 1000,
             observation_interval: 10,
             peer_timeout: 100,
+            link_timeout: 30,
         }
     }
 }
@@ -186,6 +191,14 @@ impl Config {
         }
         if t.peer_timeout < 2 * t.observation_interval {
             return Err("timing: peer_timeout must be at least two observation intervals".into());
+        }
+        if t.link_timeout < 2 * t.observation_interval || t.link_timeout > t.peer_timeout {
+            return Err(format!(
+                "timing: link_timeout ({} ms) must be at least two observation intervals ({} ms) and at most peer_timeout ({} ms)",
+                t.link_timeout,
+                2 * t.observation_interval,
+                t.peer_timeout
+            ));
         }
         let mut macs = std::collections::HashSet::new();
         for g in &self.guests {
@@ -279,6 +292,14 @@ port = "vg0"
             (
                 format!("{GOOD}\n[timing]\nprobe_loss = 5\n"),
                 "at least two probe intervals",
+            ),
+            (
+                format!("{GOOD}\n[timing]\nlink_timeout = 15\n"),
+                "link_timeout (15 ms) must be at least two observation intervals",
+            ),
+            (
+                format!("{GOOD}\n[timing]\nlink_timeout = 500\n"),
+                "at most peer_timeout",
             ),
         ];
         for (text, want) in cases {

@@ -25,9 +25,17 @@ use crate::{
     config::{Config, Guest},
     decide::{Change, Evidence, Judge, PartnerView},
     link,
+    links::{Health, LinkEvent, Links, health_word},
     packet::{Announcer, AsyncArpProber},
-    proto::{Body, GuestObservation, Observation, Opener, Sealer},
+    proto::{Body, GuestObservation, Observation, Opener, ProtoError, Sealer},
 };
+
+/// A message older than the last accepted one by at most this many is the other link's
+/// copy, reordered: it still proves that its link works.
+const REORDER_WINDOW: u64 = 64;
+
+/// At most this many queued datagrams are read per wake-up before judging.
+const DRAIN_MAX: usize = 256;
 
 /// How many events `status` keeps.
 const EVENTS_KEPT: usize = 64;
@@ -43,8 +51,6 @@ struct Al {
     iface: String,
     sock: UdpSocket,
     peer: SocketAddr,
-    carrier: bool,
-    last_heard_ms: Option<u64>,
 }
 
 struct PartnerState {
@@ -62,7 +68,8 @@ struct State {
     app_carrier: bool,
     last_probe_reply_ms: Option<u64>,
     als: Vec<Al>,
-    active_al: Option<usize>,
+    /// Per-link health from per-link arrivals, and the link steered frames use.
+    links: Links,
     partner: Option<PartnerState>,
     partner_fresh: bool,
     own_ok: bool,
@@ -100,11 +107,14 @@ impl State {
             own_carrier: self.app_carrier,
             own_last_probe_reply_ms: self.last_probe_reply_ms,
             partner: self.partner.as_ref().map(|p| p.view.clone()),
+            al_usable: self.links.usable(),
         }
     }
 
     /// Re-judges; applies and announces changes; reports redundancy transitions.
     fn evaluate(&mut self) {
+        let link_events = self.links.evaluate(self.now_ms());
+        self.apply_link_events(link_events);
         let ev = self.evidence();
         let own_ok = self.judge.own_path_ok(&ev);
         if own_ok != self.own_ok {
@@ -240,8 +250,8 @@ impl State {
     /// Sends our observation over every availability link that has carrier.
     fn send_observation(&mut self) {
         let datagram = self.sealer.seal(Body::Observation(self.observation()));
-        for al in &self.als {
-            if !al.carrier {
+        for (i, al) in self.als.iter().enumerate() {
+            if !self.links.carrier(i) {
                 continue;
             }
             if let Err(e) = al.sock.try_send_to(&datagram, al.peer) {
@@ -256,16 +266,22 @@ impl State {
                 "pairing message rejected: not from the configured partner address");
             return;
         }
+        let now = self.now_ms();
         let msg = match self.opener.open(from, bytes) {
             Ok(m) => m,
-            Err(e) if e.is_duplicate() => return, // the same message over the other AL
+            Err(e) if is_copy(&e) => {
+                // The same message over the other AL (or reordered between the two): dropped,
+                // but it arrived over this link, which therefore works.
+                tracing::debug!(%from, iface = self.als[al_index].iface, reason = %e, "second copy");
+                self.links.heard(al_index, now);
+                return;
+            }
             Err(e) => {
                 tracing::warn!(%from, iface = self.als[al_index].iface, reason = %e, "pairing message rejected");
                 return;
             }
         };
-        let now = self.now_ms();
-        self.als[al_index].last_heard_ms = Some(now);
+        self.links.heard(al_index, now);
         let Body::Observation(o) = msg.body;
         let guests: BTreeMap<Mac, GuestObservation> = o.guests.into_iter().map(|g| (Mac(g.mac), g)).collect();
         let requests = guests
@@ -284,7 +300,28 @@ impl State {
             guests,
             probe_age_ms: o.probe_age_ms,
         });
-        self.evaluate();
+    }
+
+    /// Reads every datagram already queued on the availability links (up to [`DRAIN_MAX`]),
+    /// so that a judgement after a wake-up sees every link's arrivals, not one link's.
+    fn drain_als(&mut self, buf: &mut [u8]) {
+        for _ in 0..DRAIN_MAX {
+            let mut got = false;
+            for i in 0..self.als.len() {
+                match self.als[i].sock.try_recv_from(buf) {
+                    Ok((n, from)) => {
+                        got = true;
+                        let bytes = buf[..n].to_vec();
+                        self.on_datagram(i, from, &bytes);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => tracing::debug!(iface = self.als[i].iface, error = %e, "AL socket"),
+                }
+            }
+            if !got {
+                return;
+            }
+        }
     }
 
     fn on_link(&mut self, l: link::LinkState) {
@@ -298,40 +335,79 @@ impl State {
         let Some(i) = self.als.iter().position(|a| a.iface == l.name) else {
             return;
         };
-        if self.als[i].carrier == l.carrier {
+        let now = self.now_ms();
+        if !self.links.set_carrier(i, l.carrier, now) {
             return;
         }
-        self.als[i].carrier = l.carrier;
         if l.carrier {
             self.event("info", format!("availability link {} up", l.name));
         } else {
             self.event("warn", format!("loss of redundancy: availability link {} down", l.name));
         }
-        self.choose_al();
+        self.evaluate();
     }
 
-    /// Steered frames take the first availability link that has carrier.
-    fn choose_al(&mut self) {
-        let best = self.als.iter().position(|a| a.carrier);
-        if best == self.active_al {
-            return;
-        }
-        self.active_al = best;
-        if let Some(i) = best {
-            let name = self.als[i].iface.clone();
-            match self.dp.use_al(&name) {
-                Ok(()) => self.event("info", format!("steering uses availability link {name}")),
-                Err(e) => self.event(
-                    "error",
-                    format!("cannot switch steering to {name}: {}", eac_common::error_chain(&e)),
-                ),
+    /// Reports link health changes and moves steered frames to the active link.
+    fn apply_link_events(&mut self, events: Vec<LinkEvent>) {
+        for e in events {
+            match e {
+                LinkEvent::Health { link, from, to, why } => {
+                    let name = self.links.name(link).to_owned();
+                    match (from, to) {
+                        (_, Health::Silent) => self.event(
+                            "error",
+                            format!("loss of redundancy: availability link {name} silently dead: {why}"),
+                        ),
+                        (Health::Silent, Health::Up) => {
+                            self.event("info", format!("availability link {name} works again: {why}"))
+                        }
+                        // Carrier changes are reported where they are noticed (on_link);
+                        // a link heard for the first time is the normal start.
+                        _ => tracing::debug!(link = name, ?from, ?to, why, "availability link health"),
+                    }
+                }
+                LinkEvent::Active { to: None, why, .. } => {
+                    self.event("error", format!("no availability link to steer over: {why}"));
+                }
+                LinkEvent::Active { to: Some(i), why, .. } => {
+                    let name = self.links.name(i).to_owned();
+                    match self.dp.use_al(&name) {
+                        Ok(()) => self.event("info", format!("steering uses availability link {name}: {why}")),
+                        Err(e) => self.event(
+                            "error",
+                            format!("cannot switch steering to {name}: {}", eac_common::error_chain(&e)),
+                        ),
+                    }
+                }
             }
         }
+    }
+
+    /// What redundancy is lost right now, one sentence each (empty: none).
+    fn redundancy_lost(&self) -> Vec<String> {
+        let mut lost: Vec<String> = (0..self.links.len())
+            .filter(|&i| matches!(self.links.health(i), Health::Silent | Health::Down))
+            .map(|i| {
+                format!(
+                    "availability link {} {}",
+                    self.links.name(i),
+                    health_word(self.links.health(i))
+                )
+            })
+            .collect();
+        if !self.partner_fresh {
+            lost.push("partner silent on every availability link".into());
+        }
+        if !self.own_ok {
+            lost.push(format!("application path on {} failing", self.cfg.app_iface));
+        }
+        lost
     }
 
     fn status(&self) -> serde_json::Value {
         let now = self.now_ms();
         let stats = self.guest_stats();
+        let lost = self.redundancy_lost();
         let guests: Vec<_> = self
             .cfg
             .guests
@@ -365,9 +441,11 @@ impl State {
                     "probe_targets": self.cfg.probe_targets,
                     "last_probe_reply_ms_ago": self.last_probe_reply_ms.map(|t| now.saturating_sub(t))},
             "availability_links": self.als.iter().enumerate().map(|(i, a)| json!({
-                "iface": a.iface, "peer": a.peer.to_string(), "carrier": a.carrier, "active": self.active_al == Some(i),
-                "last_heard_ms_ago": a.last_heard_ms.map(|t| now.saturating_sub(t)),
+                "iface": a.iface, "peer": a.peer.to_string(), "carrier": self.links.carrier(i),
+                "health": self.links.health(i), "active": self.links.active() == Some(i),
+                "last_heard_ms_ago": self.links.last_rx_ms(i).map(|t| now.saturating_sub(t)),
             })).collect::<Vec<_>>(),
+            "redundancy": {"ok": lost.is_empty(), "lost": lost},
             "partner": self.partner.as_ref().map(|p| json!({
                 "host": p.host, "reachable": self.partner_fresh, "heard_ms_ago": now.saturating_sub(p.view.received_ms),
                 "carrier": p.view.carrier, "path_ok": p.view.probe_ok, "probe_age_ms": p.probe_age_ms,
@@ -376,6 +454,15 @@ impl State {
             "pin_dir": self.dp.pin_dir(),
             "events": self.events.iter().rev().take(20).collect::<Vec<_>>(),
         })
+    }
+}
+
+/// An authenticated copy of a message already accepted: the other link's copy, or one
+/// reordered between the links within [`REORDER_WINDOW`].
+fn is_copy(e: &ProtoError) -> bool {
+    match e {
+        ProtoError::Stale { seq, last, .. } => last.saturating_sub(*seq) <= REORDER_WINDOW,
+        e => e.is_duplicate(),
     }
 }
 
@@ -411,8 +498,6 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
             iface: a.iface.clone(),
             sock,
             peer: a.peer,
-            carrier: carrier(&a.iface),
-            last_heard_ms: None,
         });
     }
     let prober = if cfg.probe_targets.is_empty() {
@@ -432,6 +517,13 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let control = bind_control(&cfg.control_socket)?;
 
     let now0 = start.elapsed().as_millis() as u64;
+    let links = Links::new(
+        &als.iter()
+            .map(|a| (a.iface.clone(), carrier(&a.iface)))
+            .collect::<Vec<_>>(),
+        cfg.timing.link_timeout,
+        now0,
+    );
     let mut judge = Judge::new(cfg.timing, prober.is_some(), now0);
     for g in &cfg.guests {
         judge.add_guest(g.mac, g.role, now0);
@@ -448,7 +540,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         judge,
         last_probe_reply_ms: None,
         als,
-        active_al: None,
+        links,
         partner: None,
         partner_fresh: false,
         own_ok: true,
@@ -457,7 +549,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         announcer,
         events: VecDeque::new(),
     };
-    st.choose_al();
+    st.evaluate();
     st.event(
         "info",
         format!(
@@ -499,14 +591,22 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
                 }
             }
             Some(l) = link_rx.recv() => st.on_link(l),
-            r = st.als[0].sock.recv_from(&mut buf0) => match r {
-                Ok((n, from)) => st.on_datagram(0, from, &buf0[..n]),
-                Err(e) => tracing::debug!(error = %e, "AL socket"),
-            },
-            r = async { match st.als.get(1) { Some(a) => a.sock.recv_from(&mut buf1).await, None => std::future::pending().await } } => match r {
-                Ok((n, from)) => st.on_datagram(1, from, &buf1[..n]),
-                Err(e) => tracing::debug!(error = %e, "AL socket"),
-            },
+            r = st.als[0].sock.recv_from(&mut buf0) => {
+                match r {
+                    Ok((n, from)) => st.on_datagram(0, from, &buf0[..n]),
+                    Err(e) => tracing::debug!(error = %e, "AL socket"),
+                }
+                st.drain_als(&mut buf0);
+                st.evaluate();
+            }
+            r = async { match st.als.get(1) { Some(a) => a.sock.recv_from(&mut buf1).await, None => std::future::pending().await } } => {
+                match r {
+                    Ok((n, from)) => st.on_datagram(1, from, &buf1[..n]),
+                    Err(e) => tracing::debug!(error = %e, "AL socket"),
+                }
+                st.drain_als(&mut buf1);
+                st.evaluate();
+            }
             Ok((stream, _)) = control.accept() => {
                 let status = st.status();
                 tokio::spawn(serve_control(stream, status));
@@ -595,5 +695,40 @@ fn start_bpf_logger(dp: &mut Datapath) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_other_links_copy_and_a_reordered_one_count_as_arrivals_nothing_else_does() {
+        let host = || "b".to_owned();
+        let replayed = ProtoError::Replayed {
+            host: host(),
+            session: 1,
+            seq: 7,
+        };
+        assert!(is_copy(&replayed));
+        let reordered = ProtoError::Stale {
+            host: host(),
+            session: 1,
+            seq: 7,
+            last: 8,
+        };
+        assert!(is_copy(&reordered));
+        let old = ProtoError::Stale {
+            host: host(),
+            session: 1,
+            seq: 7,
+            last: 7 + REORDER_WINDOW + 1,
+        };
+        assert!(!is_copy(&old), "a replay from long ago proves nothing about the link");
+        assert!(!is_copy(&ProtoError::BadMac));
+        assert!(!is_copy(&ProtoError::RetiredSession {
+            host: host(),
+            session: 1
+        }));
     }
 }

@@ -11,6 +11,8 @@
 //!   partner's evidence agrees: its observation is fresh (it reached us over an AL within
 //!   `peer_timeout`), it has carrier and its own probes are answered. Losing the ALs alone
 //!   therefore never moves traffic: it only makes the partner's evidence stale.
+//! - Nothing is steered into availability links that do not work: with no link judged
+//!   working ([`crate::links`]) the partner's path counts as unusable.
 //! - Traffic returns once our path has been good for `heal_hold` ms (hysteresis against a
 //!   flapping link), or at once if the partner's path fails while ours works, or if the
 //!   partner becomes unreachable (steering through it is then impossible).
@@ -39,6 +41,9 @@ pub struct Evidence {
     /// When our last probe reply arrived (None: never). Ignored when no probe targets exist.
     pub own_last_probe_reply_ms: Option<u64>,
     pub partner: Option<PartnerView>,
+    /// Some availability link is judged to work ([`crate::links::Links::usable`]): steered
+    /// frames have a way to the partner.
+    pub al_usable: bool,
 }
 
 /// A decision to apply: steer (or stop steering) one guest, and why.
@@ -123,6 +128,9 @@ impl Judge {
         let Some(p) = &ev.partner else {
             return Err("no word from the partner yet".into());
         };
+        if !ev.al_usable {
+            return Err("no availability link works".into());
+        }
         let age = ev.now_ms.saturating_sub(p.received_ms);
         if age > self.timing.peer_timeout {
             return Err(format!(
@@ -164,7 +172,9 @@ impl Judge {
                         Some((false, format!("our path has worked for {good} ms")))
                     }
                     (None, Err(why), _) => Some((false, format!("{why}; our path works"))),
-                    (_, Err(why), _) if !partner_fresh => Some((false, format!("{why}: cannot steer through it"))),
+                    (_, Err(why), _) if !partner_fresh || !ev.al_usable => {
+                        Some((false, format!("{why}: cannot steer through it")))
+                    }
                     _ => None,
                 },
                 Role::Partner => {
@@ -235,6 +245,7 @@ mod tests {
             own_carrier: carrier,
             own_last_probe_reply_ms: Some(last_reply),
             partner: p,
+            al_usable: true,
         }
     }
 
@@ -331,6 +342,24 @@ mod tests {
     }
 
     #[test]
+    fn nothing_is_steered_into_availability_links_that_do_not_work() {
+        let mut j = judge();
+        let dead = |now, carrier| Evidence {
+            al_usable: false,
+            ..ev(now, carrier, now, partner(now, true, &[]))
+        };
+        // Our carrier is gone, the partner is fresh, but no AL works: do not steer.
+        let c = j.evaluate(&dead(100, false));
+        assert!(c.is_empty(), "{c:?}");
+        // Steering, then both ALs stop working while the partner's last word is still fresh.
+        let c = j.evaluate(&ev(200, false, 200, partner(200, true, &[])));
+        assert_eq!(steers(&c, G), Some(true));
+        let c = j.evaluate(&dead(210, false));
+        assert_eq!(steers(&c, G), Some(false), "{c:?}");
+        assert!(c[0].why.contains("no availability link works"), "{}", c[0].why);
+    }
+
+    #[test]
     fn we_lend_our_nic_exactly_while_the_partner_asks() {
         let mut j = judge();
         assert!(j.evaluate(&ev(100, true, 100, partner(100, true, &[]))).is_empty());
@@ -354,6 +383,7 @@ mod tests {
             own_carrier: true,
             own_last_probe_reply_ms: None,
             partner: partner(10_000, true, &[]),
+            al_usable: true,
         };
         assert!(j.evaluate(&none).is_empty());
         let down = Evidence {

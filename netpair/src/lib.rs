@@ -3,6 +3,8 @@
 //!
 //! - [`datapath`]: the eBPF programs on the application NIC, the availability links and the
 //!   guest ports; per-guest counters and steering through the partner's NIC.
+//! - [`decide`] and [`links`]: the sans-I/O decisions (steer a guest through the partner;
+//!   which availability link works and carries steered frames), driven by [`daemon`].
 //! - [`xdp`]: loading the eBPF object; the plain frame counter used by the lab smoke test.
 
 pub mod config;
@@ -10,6 +12,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod decide;
 pub mod link;
+pub mod links;
 pub mod packet;
 pub mod proto;
 pub mod xdp;

@@ -124,12 +124,24 @@ fn print_status(v: &serde_json::Value) {
     );
     for a in v["availability_links"].as_array().into_iter().flatten() {
         println!(
-            "  link {} carrier={} active={} heard {} ms ago",
+            "  link {} {} carrier={} active={} heard {} ms ago",
             s(&a["iface"]),
+            s(&a["health"]),
             a["carrier"],
             a["active"],
-            a["last_heard_ms_ago"]
+            match a["last_heard_ms_ago"].as_u64() {
+                Some(ms) => ms.to_string(),
+                None => "never".into(),
+            }
         );
+    }
+    match v["redundancy"]["lost"].as_array() {
+        Some(lost) if !lost.is_empty() => {
+            for l in lost {
+                println!("  LOSS OF REDUNDANCY: {}", s(l));
+            }
+        }
+        _ => println!("  redundancy: ok"),
     }
     match v["partner"].as_object() {
         Some(p) => println!(

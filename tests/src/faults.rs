@@ -93,3 +93,41 @@ impl Lab {
         self.host(host).ns.kill_all()
     }
 }
+
+/// An interface that silently drops everything it sends while its carrier stays up: a
+/// `blackhole` root qdisc (frames that TC redirects onto the device are dropped too, since
+/// they pass its root qdisc). Removed when the guard is dropped.
+#[derive(Debug)]
+pub struct Blackhole {
+    ns: String,
+    iface: String,
+}
+
+impl Blackhole {
+    pub fn on(ns: &Netns, iface: &str) -> Result<Self, Error> {
+        ns.exec("tc", &["qdisc", "add", "dev", iface, "root", "blackhole"])?;
+        Ok(Self {
+            ns: ns.name().to_owned(),
+            iface: iface.to_owned(),
+        })
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        let r = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.ns,
+            "tc",
+            "qdisc",
+            "del",
+            "dev",
+            &self.iface,
+            "root",
+        ]));
+        if let Err(e) = r {
+            eprintln!("lab: could not remove the blackhole on {}: {e}", self.iface);
+        }
+    }
+}

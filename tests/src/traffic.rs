@@ -343,6 +343,20 @@ impl UdpStreamProbe {
         None
     }
 
+    /// Datagrams lost since `from`: sequence numbers missing between the last one received
+    /// before `from` and the last one received. Unlike a gap in time, this does not count a
+    /// sender that was not scheduled (it skips, it does not number the slots it missed).
+    pub fn lost_since(&self, from: Instant) -> u64 {
+        let a = self.arrivals.lock().unwrap();
+        let i = a.partition_point(|&(t, _)| t < from);
+        let Some(&(_, first)) = a.get(i.saturating_sub(1)) else {
+            return 0;
+        };
+        let seqs: std::collections::BTreeSet<u64> = a[i..].iter().map(|&(_, s)| s).filter(|&s| s > first).collect();
+        let last = seqs.last().copied().unwrap_or(first);
+        (last - first).saturating_sub(seqs.len() as u64)
+    }
+
     /// A datagram arrived after `t`.
     pub fn flowing_after(&self, t: Instant) -> bool {
         self.arrivals.lock().unwrap().last().is_some_and(|&(l, _)| l > t)
