@@ -251,11 +251,11 @@ impl fmt::Display for WatchEvent {
             }
             WatchEvent::Replaced { old, new } => write!(
                 f,
-                "the path names another file ({old} → {new}): reopened, slots are now read and written there"
+                "now names another file ({old} → {new}): reopened, slots are read and written there from now on"
             ),
             WatchEvent::FileHealed { problems, lasted } => write!(
                 f,
-                "usable again after {:.1} s (was: {})",
+                "is usable again after {:.1} s (was: {})",
                 lasted.as_secs_f64(),
                 problems.join(", ")
             ),
