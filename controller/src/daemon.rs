@@ -8,6 +8,8 @@
 //!   with a newer configuration epoch → fetch its configuration;
 //! - **state-file**: every `statefile_interval`, write our slot and read every slot (blocking
 //!   I/O on a blocking thread, bounded by a timeout; a stalled write counts as a failure);
+//!   before each, check that the open file is still the path's ([`statefile_watch`]: reopen a
+//!   replaced file, report a missing one and a peer's corrupt slot once per episode);
 //! - **tick**: every 100 ms, [`Membership::tick`] → events → [`Fencer`] → decisions (fence
 //!   ourselves; restart a dead peer's guests that [`plan::place_failed`] puts here); the plan's
 //!   status is re-checked and a change reported;
@@ -684,7 +686,7 @@ impl Ctl {
                         if watch_events.is_empty()
                             && let Some(p) = st.sf_watch.file_problem().cloned()
                         {
-                            me.still_broken(&mut st, "file".into(), &format!("{p}"), at);
+                            me.still_broken(&mut st, "file".into(), &format!("{p}"), at); // host names have no spaces
                         }
                     }
                     if write_due {
@@ -709,7 +711,12 @@ impl Ctl {
                                 if let Some(ev) = st.sf_watch.observe_slot(&host, health.clone(), at) {
                                     watch_events.push(ev);
                                 } else if let SlotHealth::Corrupt(why) | SlotHealth::Unreadable(why) = &health {
-                                    me.still_broken(&mut st, host.clone(), &format!("slot of peer {host}: {why}"), at);
+                                    me.still_broken(
+                                        &mut st,
+                                        format!("slot {host}"),
+                                        &format!("slot of peer {host}: {why}"),
+                                        at,
+                                    );
                                 }
                                 let Ok(rec) = read.record else { continue };
                                 if rec.host != host {

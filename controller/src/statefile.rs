@@ -41,6 +41,9 @@
 //! the daemon must run each call with `tokio::task::spawn_blocking` under
 //! `tokio::time::timeout`, and treat a timeout as a failed state-file access (a hung thread is
 //! left behind; the next tick starts a new one).
+//!
+//! A descriptor outlives its path: whether the open file is still the one at the configured
+//! path (deleted, replaced, restored) is checked by [`crate::statefile_watch`].
 
 use std::{
     fs::{File, OpenOptions},

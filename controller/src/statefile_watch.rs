@@ -110,6 +110,13 @@ impl FileCheck {
         }
     }
 
+    /// No file was open and the path's regular file could not be opened: a state-file I/O
+    /// failure (reported as such by membership, `state_file_error`), not a problem of the
+    /// path. Neither starts nor ends an episode.
+    pub fn io_failure_only(&self) -> bool {
+        self.own.is_none() && matches!(self.path, PathState::File { .. }) && matches!(self.opened, Some(Err(_)))
+    }
+
     /// What is wrong with the path, if anything (None: the file in use is the path's).
     pub fn problem(&self) -> Option<FileProblem> {
         // Just opened from the path (perhaps created there at start): it is the path's file.
@@ -302,6 +309,9 @@ impl Watcher {
     /// Feeds one [`FileCheck`]; returns the events it causes (in order).
     pub fn observe_file(&mut self, check: &FileCheck, now: Instant) -> Vec<WatchEvent> {
         let mut out = Vec::new();
+        if check.io_failure_only() {
+            return out;
+        }
         if let Some(Ok(new)) = &check.opened {
             if let Some(old) = self.current
                 && old != *new
@@ -722,6 +732,17 @@ mod tests {
         // A handle dropped after an I/O error and reopened onto another inode is one.
         let ev = w.observe_file(&chk(None, file(B), Some(Ok(B))), t);
         assert_eq!(ev, vec![WatchEvent::Replaced { old: A, new: B }]);
+        // No file open (dropped after an I/O error) and the path's file does not open either:
+        // an I/O failure (membership reports it), neither a problem of the path nor its end.
+        let ev = w.observe_file(&chk(Some(B), PathState::Missing, None), t);
+        assert_eq!(ev.len(), 1);
+        assert!(
+            w.observe_file(&chk(None, file(B), Some(Err("EIO".into()))), t)
+                .is_empty()
+        );
+        assert!(!w.file_ok());
+        let ev = w.observe_file(&chk(None, file(B), Some(Ok(B))), t);
+        assert!(matches!(&ev[..], [WatchEvent::FileHealed { .. }]), "{ev:?}");
         // A stat that fails is reported as such.
         let ev = w.observe_file(&chk(Some(B), PathState::Error("Input/output error".into()), None), t);
         assert!(
