@@ -3,7 +3,7 @@
 //! ```toml
 //! host = "a"                                  # this host's name in the pool (1–64 of A-Z a-z 0-9 . _ -)
 //! pool_secret_file = "/etc/eac/pool.secret"   # ≥ 16 bytes, the same on every host
-//! state_file = "/shared/eac/statefile"        # on storage every host sees; created if missing
+//! state_file = "/shared/eac/statefile"        # on storage every host sees; created at start if missing
 //! data_dir = "/var/lib/eac"                   # pool configuration + guest definitions
 //! api_socket = "/run/eac/controller.sock"     # optional (this default); root-only (0600)
 //! api_listen = "10.250.0.1:7411"              # optional authenticated TCP endpoint

@@ -8,6 +8,8 @@
 //!   with a newer configuration epoch → fetch its configuration;
 //! - **state-file**: every `statefile_interval`, write our slot and read every slot (blocking
 //!   I/O on a blocking thread, bounded by a timeout; a stalled write counts as a failure);
+//!   before each, check that the open file is still the path's ([`statefile_watch`]: reopen a
+//!   replaced file, report a missing one and a peer's corrupt slot once per episode);
 //! - **tick**: every 100 ms, [`Membership::tick`] → events → [`Fencer`] → decisions (fence
 //!   ourselves; restart a dead peer's guests that [`plan::place_failed`] puts here); the plan's
 //!   status is re-checked and a change reported;
@@ -41,6 +43,7 @@ use crate::membership::{self, Channel, Membership, MembershipEvent, PeerSpec, Pe
 use crate::plan;
 use crate::pool::{self, Level, PoolConfig, ProtectedGuest, Refusal};
 use crate::statefile::{SlotRecord, StateFile};
+use crate::statefile_watch::{self, SlotHealth, WatchEvent as SfEvent, Watcher};
 use crate::view;
 use crate::vmm::{Vmm, VmmError, VmmOp};
 
@@ -305,6 +308,12 @@ struct St {
     plan_ok: Option<bool>,
     redundancy_ok: bool,
     statefile_busy: bool,
+    /// Is the open state-file the path's, does every peer's slot decode (episodes → events).
+    sf_watch: Watcher,
+    /// The state-file was opened once: from then on a missing file is reported, not created.
+    sf_opened_once: bool,
+    /// Rate limit of the "still broken" log lines about the state-file and peers' slots.
+    sf_log_limit: eac_common::ratelimit::LogLimiter<String>,
     /// The error of our last slot write, if it failed.
     last_write_error: Option<String>,
     /// Guests this host's fences were asked to stop (a retried fence finds them "already
@@ -396,6 +405,9 @@ impl Ctl {
                 plan_ok: None,
                 redundancy_ok: true,
                 statefile_busy: false,
+                sf_watch: Watcher::new(),
+                sf_opened_once: false,
+                sf_log_limit: eac_common::ratelimit::LogLimiter::default(),
                 last_write_error: None,
                 fenced_guests: BTreeSet::new(),
                 tick: 0,
@@ -625,16 +637,23 @@ impl Ctl {
             let sf = lock(&self.statefile).clone();
             let path = self.cfg.state_file.clone();
             let hosts = self.cfg.all_hosts();
+            let may_create = !self.st().sf_opened_once;
             let io = tokio::task::spawn_blocking(move || {
-                let sf = match sf {
-                    Some(s) => s,
-                    None => Arc::new(StateFile::open(&path, &hosts).map_err(|e| eac_common::error_chain(&e))?),
+                // Is the open file still the path's? (Re)open a replaced or restored one.
+                let (sf, check) = statefile_watch::check(sf, &path, &hosts, may_create);
+                let io = match &sf {
+                    None => Err(match check.problem() {
+                        Some(p) => format!("no state-file open: {} {p}", path.display()),
+                        None => format!("no state-file open: {}", path.display()),
+                    }),
+                    Some(sf) => (|| {
+                        if let Some(record) = &record {
+                            sf.write_slot(record).map_err(|e| eac_common::error_chain(&e))?;
+                        }
+                        sf.read_all().map_err(|e| eac_common::error_chain(&e))
+                    })(),
                 };
-                if let Some(record) = &record {
-                    sf.write_slot(record).map_err(|e| eac_common::error_chain(&e))?;
-                }
-                let all = sf.read_all().map_err(|e| eac_common::error_chain(&e))?;
-                Ok::<_, String>((sf, all))
+                (sf, check, io)
             });
             let me = self.clone();
             // The I/O may hang (dead NFS, failing disk): wait for it on its own task and count
@@ -643,22 +662,33 @@ impl Ctl {
                 let limit = me.cfg.timeouts.channel_timeout;
                 let r = tokio::time::timeout(limit, io).await;
                 let at = Instant::now();
+                let mut check = None;
                 let result = match r {
-                    Ok(Ok(Ok((sf, all)))) => {
-                        *lock(&me.statefile) = Some(sf);
-                        Ok(all)
-                    }
-                    Ok(Ok(Err(e))) => {
-                        *lock(&me.statefile) = None; // reopen next time
-                        Err(e)
+                    Ok(Ok((sf, c, io))) => {
+                        check = Some(c);
+                        // On an I/O error the handle is dropped: reopened next time.
+                        *lock(&me.statefile) = if io.is_ok() { sf } else { None };
+                        io
                     }
                     Ok(Err(e)) => Err(format!("state-file task failed: {e}")),
                     Err(_) => Err(format!("state-file I/O took longer than {limit:?}")),
                 };
+                let mut watch_events = Vec::new();
                 let mut sync = Vec::new();
                 {
                     let mut st = me.st();
                     st.statefile_busy = false;
+                    if let Some(c) = &check {
+                        if c.in_use().is_some() {
+                            st.sf_opened_once = true;
+                        }
+                        watch_events.extend(st.sf_watch.observe_file(c, at));
+                        if watch_events.is_empty()
+                            && let Some(p) = st.sf_watch.file_problem().cloned()
+                        {
+                            me.still_broken(&mut st, "file".into(), &format!("{p}"), at); // host names have no spaces
+                        }
+                    }
                     if write_due {
                         st.last_write_error = result.as_ref().err().cloned();
                     }
@@ -676,6 +706,17 @@ impl Ctl {
                                 let host = read.host;
                                 if host == me.me {
                                     continue;
+                                }
+                                let health = SlotHealth::of(&read.record);
+                                if let Some(ev) = st.sf_watch.observe_slot(&host, health.clone(), at) {
+                                    watch_events.push(ev);
+                                } else if let SlotHealth::Corrupt(why) | SlotHealth::Unreadable(why) = &health {
+                                    me.still_broken(
+                                        &mut st,
+                                        format!("slot {host}"),
+                                        &format!("slot of peer {host}: {why}"),
+                                        at,
+                                    );
                                 }
                                 let Ok(rec) = read.record else { continue };
                                 if rec.host != host {
@@ -695,11 +736,60 @@ impl Ctl {
                         }
                     }
                 }
+                for ev in &watch_events {
+                    me.report_watch(ev);
+                }
                 for peer in sync {
                     let me2 = me.clone();
                     tokio::spawn(async move { me2.sync_from(&peer).await });
                 }
             });
+        }
+    }
+
+    /// Reports a state-file watch event (see `statefile_watch`): the file's problems and
+    /// reopen, a peer's corrupt slot, and their ends.
+    fn report_watch(&self, ev: &SfEvent) {
+        let path = self.cfg.state_file.display();
+        let (kind, peer) = match ev {
+            SfEvent::File { problem, .. } => (
+                match problem {
+                    statefile_watch::FileProblem::Missing => EventKind::StateFileMissing,
+                    statefile_watch::FileProblem::NotRegular(_) => EventKind::StateFileNotRegular,
+                    _ => EventKind::StateFileUnusable,
+                },
+                None,
+            ),
+            SfEvent::Replaced { .. } => (EventKind::StateFileReplaced, None),
+            SfEvent::FileHealed { .. } => (EventKind::StateFileHealed, None),
+            SfEvent::SlotCorrupt { peer, .. } => (EventKind::StateFileSlotCorrupt, Some(peer.as_str())),
+            SfEvent::SlotHealed { peer, .. } => (EventKind::StateFileHealed, Some(peer.as_str())),
+        };
+        let detail = match ev {
+            SfEvent::SlotCorrupt { .. } | SfEvent::SlotHealed { .. } => format!("state-file {path}: {ev}"),
+            _ => format!("state-file {path} {ev}"),
+        };
+        self.emit(kind, None, peer, detail.clone());
+        if let SfEvent::File {
+            episode_start: true, ..
+        } = ev
+        {
+            // Every loss of redundancy is visible: the path no longer names the file in use.
+            self.emit(EventKind::RedundancyLost, None, None, detail);
+        }
+    }
+
+    /// A state-file problem that continues (no new event): a log line now and then, with the
+    /// count of the suppressed ones.
+    fn still_broken(&self, st: &mut St, key: String, what: &str, at: Instant) {
+        if let Some(r) = st.sf_log_limit.check(key, at.into_std())
+            && !r.since.is_zero()
+        {
+            tracing::warn!(
+                path = %self.cfg.state_file.display(),
+                "state-file: still {what}{}",
+                r.note("the state-file")
+            );
         }
     }
 
@@ -738,7 +828,7 @@ impl Ctl {
                 st.tick += 1;
                 let events = st.membership.tick(now);
                 let decisions = st.fencer.update(now, &events);
-                let ok = redundancy_ok(&st.membership);
+                let ok = redundancy_ok(&st);
                 let change = (ok != st.redundancy_ok).then_some(ok);
                 st.redundancy_ok = ok;
                 (events, decisions, change)
@@ -775,7 +865,16 @@ impl Ctl {
 
     fn report_membership(&self, ev: &MembershipEvent) {
         let peer = ev.peer();
-        let detail = ev.to_string();
+        let mut detail = ev.to_string();
+        if let MembershipEvent::ChannelDown {
+            peer,
+            channel: Channel::StateFile,
+            ..
+        } = ev
+            && self.st().sf_watch.slot_bad(peer)
+        {
+            detail.push_str(" (its slot does not decode: corrupt, not silent)");
+        }
         let kind = match ev {
             MembershipEvent::ChannelUp { .. } => EventKind::ChannelUp,
             MembershipEvent::ChannelDown { .. } => EventKind::ChannelDown,
@@ -1962,7 +2061,14 @@ impl Ctl {
         for h in &hosts {
             for c in &h.channels {
                 if !c.up {
-                    lost.push(format!("{}: {} down", h.name, c.name));
+                    let why = match st.sf_watch.bad_slots().find(|(p, _)| *p == h.name) {
+                        Some((_, SlotHealth::Corrupt(r))) if c.name == "statefile" => {
+                            format!(" (its slot is corrupt: {r})")
+                        }
+                        Some((_, SlotHealth::Unreadable(r))) if c.name == "statefile" => format!(" ({r})"),
+                        _ => String::new(),
+                    };
+                    lost.push(format!("{}: {} down{why}", h.name, c.name));
                 }
             }
         }
@@ -1970,6 +2076,15 @@ impl Ctl {
         if !sv.statefile_ok {
             lost.push(format!("{}: own state-file I/O failing", self.me));
         }
+        if let Some(p) = st.sf_watch.file_problem() {
+            lost.push(format!(
+                "{}: state-file {} {}",
+                self.me,
+                self.cfg.state_file.display(),
+                p
+            ));
+        }
+
         view::PoolStatus {
             answered_by: self.me.clone(),
             config_epoch: st.pool.epoch,
@@ -2123,8 +2238,9 @@ fn fence_state_name(s: &FenceState) -> &'static str {
     }
 }
 
-fn redundancy_ok(m: &Membership) -> bool {
-    m.self_view().statefile_ok && m.view().iter().all(|p| p.channels.iter().all(|c| c.up))
+fn redundancy_ok(st: &St) -> bool {
+    let m = &st.membership;
+    st.sf_watch.file_ok() && m.self_view().statefile_ok && m.view().iter().all(|p| p.channels.iter().all(|c| c.up))
 }
 
 fn to_value<T: serde::Serialize>(v: T) -> Result<Value, ApiError> {

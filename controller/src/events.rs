@@ -73,6 +73,19 @@ pub enum EventKind {
     StateFileError,
     /// The state-file works again.
     StateFileOk,
+    /// The state-file's path is missing (deleted or renamed); the open file is still used.
+    StateFileMissing,
+    /// The state-file's path is not a regular file (a directory, a FIFO, …).
+    StateFileNotRegular,
+    /// The state-file's path names a file that cannot be adopted (too small, cannot be
+    /// checked or opened).
+    StateFileUnusable,
+    /// The state-file's path names another file (replaced, restored): reopened.
+    StateFileReplaced,
+    /// A state-file problem ended (no peer: the file; a peer: its slot decodes again).
+    StateFileHealed,
+    /// A peer's state-file slot does not decode (torn, garbage): not a silent peer.
+    StateFileSlotCorrupt,
     /// A guest was started (by an operator or a decision).
     GuestStarted,
     /// A guest stopped.
@@ -106,10 +119,10 @@ impl EventKind {
     pub fn level(self) -> tracing::Level {
         use EventKind::*;
         match self {
-            PeerDead | Isolated | Fencing | GuestRestartFailed | PlanBroken | StateFileError => tracing::Level::ERROR,
-            ChannelDown | RedundancyLost | PeerSuspect | GuestCrashed | WatchdogArmed | AdmissionRefused | Unknown => {
-                tracing::Level::WARN
-            }
+            PeerDead | Isolated | Fencing | GuestRestartFailed | PlanBroken | StateFileError | StateFileMissing
+            | StateFileNotRegular | StateFileUnusable => tracing::Level::ERROR,
+            ChannelDown | RedundancyLost | PeerSuspect | GuestCrashed | WatchdogArmed | AdmissionRefused
+            | StateFileReplaced | StateFileSlotCorrupt | Unknown => tracing::Level::WARN,
             _ => tracing::Level::INFO,
         }
     }
@@ -134,6 +147,12 @@ impl EventKind {
             WatchdogArmed => "watchdog_armed",
             StateFileError => "state_file_error",
             StateFileOk => "state_file_ok",
+            StateFileMissing => "state_file_missing",
+            StateFileNotRegular => "state_file_not_regular",
+            StateFileUnusable => "state_file_unusable",
+            StateFileReplaced => "state_file_replaced",
+            StateFileHealed => "state_file_healed",
+            StateFileSlotCorrupt => "state_file_slot_corrupt",
             GuestStarted => "guest_started",
             GuestStopped => "guest_stopped",
             GuestCrashed => "guest_crashed",
@@ -271,6 +290,12 @@ mod tests {
             EventKind::GuestRestartFailed,
             EventKind::StateFileOk,
             EventKind::RedundancyLost,
+            EventKind::StateFileMissing,
+            EventKind::StateFileNotRegular,
+            EventKind::StateFileUnusable,
+            EventKind::StateFileReplaced,
+            EventKind::StateFileHealed,
+            EventKind::StateFileSlotCorrupt,
         ] {
             assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
         }

@@ -12,6 +12,7 @@ pub mod membership;
 pub mod plan;
 pub mod pool;
 pub mod statefile;
+pub mod statefile_watch;
 pub mod view;
 pub mod vmm;
 

@@ -41,6 +41,9 @@
 //! the daemon must run each call with `tokio::task::spawn_blocking` under
 //! `tokio::time::timeout`, and treat a timeout as a failed state-file access (a hung thread is
 //! left behind; the next tick starts a new one).
+//!
+//! A descriptor outlives its path: whether the open file is still the one at the configured
+//! path (deleted, replaced, restored) is checked by [`crate::statefile_watch`].
 
 use std::{
     fs::{File, OpenOptions},
@@ -69,6 +72,11 @@ pub const MAX_BODY: usize = SLOT_SIZE - HEADER_LEN - SUM_LEN;
 pub const MAX_GUESTS: usize = 1024;
 /// The most slots (hosts) a state-file can have.
 pub const MAX_SLOTS: usize = 256;
+
+/// The size of a state-file for a pool of `hosts` hosts.
+pub fn len_for(hosts: usize) -> u64 {
+    (hosts * SLOT_SIZE) as u64
+}
 
 const BINCODE: bincode::config::Configuration<
     bincode::config::BigEndian,
@@ -252,6 +260,18 @@ impl StateFile {
     /// As [`StateFile::open`], choosing the I/O mode (`Buffered` forces the page cache path;
     /// `Direct` still falls back when the filesystem refuses it).
     pub fn open_with(path: &Path, hosts: &[String], prefer: IoMode) -> Result<Self, StateFileError> {
+        Self::open_inner(path, hosts, prefer, true)
+    }
+
+    /// As [`StateFile::open`], but never creates the file: used to (re)open a state-file that
+    /// was replaced or restored while the controller runs (a missing file is then reported,
+    /// not silently created where perhaps no other host looks). A regular file shorter than
+    /// the pool needs is extended, as at start.
+    pub fn open_existing(path: &Path, hosts: &[String]) -> Result<Self, StateFileError> {
+        Self::open_inner(path, hosts, IoMode::Direct, false)
+    }
+
+    fn open_inner(path: &Path, hosts: &[String], prefer: IoMode, create: bool) -> Result<Self, StateFileError> {
         let mut sorted = hosts.to_vec();
         sorted.sort();
         sorted.dedup();
@@ -275,15 +295,20 @@ impl StateFile {
         };
         let opts = |direct: bool| {
             let mut o = OpenOptions::new();
-            o.read(true).write(true).create(true).mode(0o644);
+            o.read(true).write(true).create(create).mode(0o644);
             if direct {
                 o.custom_flags(libc::O_DIRECT);
             }
             o
         };
         let buffered = opts(false).open(path).map_err(open_err)?;
-        let need = (sorted.len() * SLOT_SIZE) as u64;
-        let len = buffered.metadata().map_err(open_err)?.len();
+        let meta = buffered.metadata().map_err(open_err)?;
+        if !meta.is_file() {
+            // A directory cannot be opened for writing; a FIFO, socket or device can.
+            return Err(open_err(io::Error::other("not a regular file")));
+        }
+        let need = len_for(sorted.len());
+        let len = meta.len();
         if len < need {
             // New slots read as zeros ("never written").
             buffered.set_len(need).map_err(open_err)?;
@@ -300,6 +325,18 @@ impl StateFile {
                 Err(e) => return Err(open_err(e)),
             },
         };
+        // Two opens of the path: make sure they reached the same file (it may be replaced at
+        // any moment).
+        let same = |a: &File, b: &File| -> io::Result<bool> {
+            use std::os::unix::fs::MetadataExt;
+            let (a, b) = (a.metadata()?, b.metadata()?);
+            Ok(a.dev() == b.dev() && a.ino() == b.ino())
+        };
+        if !same(&file, &buffered).map_err(open_err)? {
+            return Err(open_err(io::Error::other(
+                "the file was replaced while it was being opened",
+            )));
+        }
         if direct {
             tracing::info!(path = %path.display(), slots = sorted.len(), "state-file opened with O_DIRECT");
         }
@@ -334,6 +371,12 @@ impl StateFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// `fstat` of the open file (its identity, even after the path was removed or replaced).
+    /// Blocks like every other I/O.
+    pub fn metadata(&self) -> io::Result<std::fs::Metadata> {
+        self.buffered.metadata()
     }
 
     /// Switches to buffered I/O after the filesystem refused an O_DIRECT transfer.
