@@ -1064,19 +1064,20 @@ peer = "10.250.3.2:7789"
         let d = std::env::temp_dir().join(format!("eac-hold-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         let path = d.join("m.meta");
-        let open = |f: &dyn Fn(&mut meta::Superblock)| {
+        // A new `create-meta --consistent` copy (the first primary).
+        let create = || {
             let _ = std::fs::remove_file(&path);
-            crate::engine::create_meta_file(
-                &path,
-                &crate::engine::CreateMetaOptions {
-                    size: 1 << 20,
-                    region_size: 4096,
-                    device_id: 7,
-                    consistent: true,
-                    generation: None,
-                },
-            )
-            .unwrap();
+            let o = crate::engine::CreateMetaOptions {
+                size: 1 << 20,
+                region_size: 4096,
+                device_id: 7,
+                consistent: true,
+                generation: None,
+            };
+            crate::engine::create_meta_file(&path, &o).unwrap();
+        };
+        let open = |f: &dyn Fn(&mut meta::Superblock)| {
+            create();
             let mut m = meta::Meta::open(&path).unwrap();
             m.update(|sb| f(sb)).unwrap();
             m.close_clean().unwrap();
@@ -1101,18 +1102,7 @@ peer = "10.250.3.2:7789"
         let inconsistent = hold_at_start(&open(&|sb| sb.flags.consistent = false)).unwrap();
         assert!(!inconsistent.promote_ok && inconsistent.reason.contains("not consistent"));
         // A crash (metadata not closed) holds even a never-started copy.
-        let _ = std::fs::remove_file(&path);
-        crate::engine::create_meta_file(
-            &path,
-            &crate::engine::CreateMetaOptions {
-                size: 1 << 20,
-                region_size: 4096,
-                device_id: 7,
-                consistent: true,
-                generation: None,
-            },
-        )
-        .unwrap();
+        create();
         {
             let mut m = meta::Meta::open(&path).unwrap();
             m.update(|sb| sb.flags.never_started = false).unwrap();
