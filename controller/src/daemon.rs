@@ -66,8 +66,6 @@ const FAILOVER_RETRY: Duration = Duration::from_secs(1);
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("invalid timeouts")]
-    Timeouts(#[source] membership::TimeoutsError),
     #[error("invalid membership setup")]
     Membership(#[source] membership::MembershipError),
     #[error("cannot load the pool configuration")]
@@ -89,10 +87,7 @@ pub enum DaemonError {
 impl DaemonError {
     /// True when the configuration itself is wrong (exit 64: do not restart).
     pub fn is_config(&self) -> bool {
-        matches!(
-            self,
-            DaemonError::Timeouts(_) | DaemonError::Membership(_) | DaemonError::Pool(_)
-        )
+        matches!(self, DaemonError::Membership(_) | DaemonError::Pool(_))
     }
 }
 
@@ -338,20 +333,6 @@ pub struct Ctl {
     watchdog: Mutex<Box<dyn Watchdog>>,
 }
 
-/// Converts the configuration's timeouts into membership's.
-pub fn membership_timeouts(cfg: &Config) -> membership::Timeouts {
-    let t = &cfg.timeouts;
-    membership::Timeouts {
-        heartbeat: t.heartbeat_interval,
-        statefile_interval: t.statefile_interval,
-        channel_timeout: t.channel_timeout,
-        dead_after: t.dead_after,
-        isolation_after: t.isolation_after,
-        fence_deadline: t.fence_deadline,
-        fence_grace: t.fence_grace,
-    }
-}
-
 fn refused(r: Refusal) -> ApiError {
     ApiError::new("refused", r.message).with_hint(r.hint)
 }
@@ -362,8 +343,8 @@ fn internal(what: &str, e: &dyn std::error::Error) -> ApiError {
 
 impl Ctl {
     fn new(cfg: Config, now: Instant) -> Result<Arc<Self>, DaemonError> {
-        let timeouts = membership_timeouts(&cfg);
-        timeouts.validate().map_err(DaemonError::Timeouts)?;
+        // Validated when the configuration was parsed; Membership::new checks again.
+        let timeouts = cfg.timeouts;
         let peers = cfg
             .peers
             .iter()
@@ -2406,7 +2387,7 @@ mod tests {
                 vcpus: 8
             }
         );
-        assert!(membership_timeouts(&cfg).validate().is_ok());
+        assert!(cfg.timeouts.validate().is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
