@@ -557,14 +557,68 @@ struct Rejects(Arc<std::sync::Mutex<eac_common::ratelimit::LogLimiter<(&'static 
 impl Rejects {
     /// Logs `line()` at warn unless the limiter suppresses it; true when it was logged.
     fn warn(&self, what: &'static str, source: &str, line: impl FnOnce() -> String) -> bool {
+        self.warn_at(std::time::Instant::now(), what, source, line)
+    }
+
+    fn warn_at(
+        &self,
+        now: std::time::Instant,
+        what: &'static str,
+        source: &str,
+        line: impl FnOnce() -> String,
+    ) -> bool {
         let report = self
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .check((what, source.to_owned()), std::time::Instant::now());
+            .check((what, source.to_owned()), now);
         let Some(r) = report else { return false };
         tracing::warn!(source, suppressed = r.suppressed, "api: {}{}", line(), r.note(source));
         true
+    }
+
+    /// Logs the counts of bursts that stopped (no later rejection carried them); returns the
+    /// lines. The servers call it every limiter window.
+    fn flush_at(&self, now: std::time::Instant) -> Vec<String> {
+        let sums = self.0.lock().unwrap_or_else(|e| e.into_inner()).flush(now);
+        let lines: Vec<String> = sums
+            .into_iter()
+            .map(|s| {
+                let who = match s.key {
+                    Some((what, source)) => format!("{what} from {source}"),
+                    None => "rejections from other sources".into(),
+                };
+                format!(
+                    "{} more {who} in the last {} s (not logged one by one)",
+                    s.suppressed,
+                    s.since.as_secs_f64().round() as u64
+                )
+            })
+            .collect();
+        for l in &lines {
+            tracing::warn!("api: {l}");
+        }
+        lines
+    }
+
+    /// How often [`Rejects::flush_at`] is due.
+    fn every(&self) -> Duration {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).every()
+    }
+}
+
+/// The next connection from `listener`, flushing `rejects`' stopped bursts meanwhile.
+async fn accept_or_flush<T, F>(accept: impl Fn() -> F, rejects: &Rejects, flush: &mut tokio::time::Interval) -> T
+where
+    F: std::future::Future<Output = T>,
+{
+    loop {
+        tokio::select! {
+            r = accept() => return r,
+            _ = flush.tick() => {
+                rejects.flush_at(std::time::Instant::now());
+            }
+        }
     }
 }
 
@@ -766,8 +820,9 @@ impl Default for UnixLimits {
 pub async fn serve_unix_with(listener: UnixListener, handler: Arc<dyn Handler>, limits: UnixLimits) {
     let slots = Slots::new(limits.slots, limits.root_reserve);
     let rejects = Rejects::default();
+    let mut flush = tokio::time::interval(rejects.every());
     loop {
-        let stream = match listener.accept().await {
+        let stream = match accept_or_flush(|| listener.accept(), &rejects, &mut flush).await {
             Ok((s, _)) => s,
             Err(e) => {
                 rejects.warn("accept", "unix", || format!("unix accept failed: {e}"));
@@ -847,8 +902,9 @@ pub async fn serve_tcp_with(
     let secret: Arc<[u8]> = secret.into();
     let slots = Slots::new(MAX_CONNECTIONS, 0);
     let rejects = Rejects::default();
+    let mut flush = tokio::time::interval(rejects.every());
     loop {
-        let (mut stream, addr) = match listener.accept().await {
+        let (mut stream, addr) = match accept_or_flush(|| listener.accept(), &rejects, &mut flush).await {
             Ok(x) => x,
             Err(e) => {
                 rejects.warn("accept", "tcp", || format!("tcp accept failed: {e}"));
@@ -1685,14 +1741,27 @@ mod tests {
     #[test]
     fn rejections_are_logged_once_per_source_and_kind() {
         let r = Rejects::default();
+        let t0 = std::time::Instant::now();
         let logged = (0..300)
-            .filter(|_| r.warn("busy", "10.0.0.9", || "busy".into()))
+            .filter(|i| r.warn_at(t0 + Duration::from_millis(*i), "busy", "10.0.0.9", || "busy".into()))
             .count();
         assert_eq!(logged, 1);
-        assert!(r.warn("busy", "10.0.0.10", || "busy".into()));
-        assert!(r.warn("handshake_timeout", "10.0.0.9", || "silent".into()));
-        assert!(!r.warn("handshake_timeout", "10.0.0.9", || "silent".into()));
-        assert!(r.warn("busy", "uid 65534", || "busy".into()));
+        assert!(r.warn_at(t0, "busy", "10.0.0.10", || "busy".into()));
+        assert!(r.warn_at(t0, "handshake_timeout", "10.0.0.9", || "silent".into()));
+        assert!(!r.warn_at(t0, "handshake_timeout", "10.0.0.9", || "silent".into()));
+        assert!(r.warn_at(t0, "busy", "uid 65534", || "busy".into()));
+        // The burst stopped: the next flush after the window reports what was suppressed, once.
+        assert!(r.flush_at(t0 + Duration::from_secs(1)).is_empty());
+        let mut lines = r.flush_at(t0 + r.every());
+        lines.sort();
+        assert_eq!(
+            lines,
+            [
+                "1 more handshake_timeout from 10.0.0.9 in the last 10 s (not logged one by one)",
+                "299 more busy from 10.0.0.9 in the last 10 s (not logged one by one)",
+            ]
+        );
+        assert!(r.flush_at(t0 + r.every() * 2).is_empty());
     }
 
     /// Real sockets: a non-root uid (a uid-65534 perl process) fills every slot it may take
