@@ -72,6 +72,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_CONNECTIONS: usize = 64;
 /// Of the unix socket's [`MAX_CONNECTIONS`], slots only root (uid 0 by `SO_PEERCRED`) may take.
 pub const ROOT_RESERVE: usize = 8;
+/// Of the TCP endpoint's [`MAX_CONNECTIONS`], the most one source address may hold, so one
+/// flooding address leaves room for the other hosts of the pool.
+pub const MAX_PER_SOURCE: usize = 16;
 /// Time allowed to write a refusal (`busy`, `forbidden`, …) before the connection is dropped.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The label of the client's proof.
@@ -547,6 +550,56 @@ impl Slots {
     }
 }
 
+/// Connections held per source address (sans-I/O accounting, as [`Slots`]): at most `max`
+/// each. A [`SourceSlot`] gives itself back on drop; an address holding none is forgotten.
+#[derive(Clone, Debug)]
+pub struct PerSource {
+    max: usize,
+    held: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+/// One connection counted against its source by [`PerSource`].
+#[derive(Debug)]
+pub struct SourceSlot(PerSource, std::net::IpAddr);
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.1);
+            }
+        }
+    }
+}
+
+impl PerSource {
+    /// At most `max` connections per source address.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            held: Arc::default(),
+        }
+    }
+
+    /// Counts a connection from `ip`, or None when `ip` already holds `max`.
+    pub fn take(&self, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot(self.clone(), ip))
+    }
+
+    /// Addresses holding a connection now.
+    pub fn sources(&self) -> usize {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
 /// Rate-limited warnings about rejected connections and requests, keyed by (what, source):
 /// the source is the client's IP address (TCP, without the port) or its uid (unix), so 300
 /// connections from one source log one line per 10 s, the next one with the count of those
@@ -863,7 +916,14 @@ pub async fn serve_unix_with(listener: UnixListener, handler: Arc<dyn Handler>, 
                 return;
             }
             let Some(_slot) = slot else {
-                refuse_busy(&mut stream, limits.slots, &peer, &source, &rejects).await;
+                refuse_busy(
+                    &mut stream,
+                    &format!("{} connections", limits.slots),
+                    &peer,
+                    &source,
+                    &rejects,
+                )
+                .await;
                 return;
             };
             let origin = Origin::Unix { uid, pid: cred.pid() };
@@ -872,13 +932,15 @@ pub async fn serve_unix_with(listener: UnixListener, handler: Arc<dyn Handler>, 
     }
 }
 
-async fn refuse_busy<W: AsyncWrite + Unpin>(w: &mut W, max: usize, peer: &str, source: &str, rejects: &Rejects) {
+/// Answers `busy` and logs it (rate-limited); `limit` says which limit was reached, e.g.
+/// "64 connections".
+async fn refuse_busy<W: AsyncWrite + Unpin>(w: &mut W, limit: &str, peer: &str, source: &str, rejects: &Rejects) {
     rejects.warn("busy", source, || {
-        format!("{peer}: connection refused: all {max} connections in use")
+        format!("{peer}: connection refused: at most {limit}")
     });
     let resp = Response::error(
         None,
-        ApiError::new(codes::BUSY, format!("the controller serves at most {max} connections"))
+        ApiError::new(codes::BUSY, format!("the controller serves at most {limit}"))
             .with_hint("retry shortly; close idle `eac events --follow` sessions"),
     );
     let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, write_json(w, &resp)).await;
@@ -901,6 +963,7 @@ pub async fn serve_tcp_with(
 ) {
     let secret: Arc<[u8]> = secret.into();
     let slots = Slots::new(MAX_CONNECTIONS, 0);
+    let per_source = PerSource::new(MAX_PER_SOURCE);
     let rejects = Rejects::default();
     let mut flush = tokio::time::interval(rejects.every());
     loop {
@@ -913,13 +976,23 @@ pub async fn serve_tcp_with(
             }
         };
         let (handler, secret, rejects) = (handler.clone(), secret.clone(), rejects.clone());
-        let slot = slots.take(false);
+        // A source at its limit takes no slot of the listener's.
+        let slot = match per_source.take(addr.ip()) {
+            None => Err(format!("{MAX_PER_SOURCE} connections from one address")),
+            Some(s) => slots
+                .take(false)
+                .map(|t| (s, t))
+                .ok_or_else(|| format!("{MAX_CONNECTIONS} connections")),
+        };
         tokio::spawn(async move {
             let peer = format!("tcp {addr}");
             let source = addr.ip().to_string();
-            let Some(_slot) = slot else {
-                refuse_busy(&mut stream, MAX_CONNECTIONS, &peer, &source, &rejects).await;
-                return;
+            let _slot = match slot {
+                Ok(slot) => slot,
+                Err(limit) => {
+                    refuse_busy(&mut stream, &limit, &peer, &source, &rejects).await;
+                    return;
+                }
             };
             let mut stream = BufReader::new(stream);
             match tokio::time::timeout(handshake, server_handshake(&mut stream, &secret)).await {
@@ -1847,6 +1920,51 @@ print $n "{\"v\":1,\"id\":1,\"op\":\"pool.status\"}\n"; my $l = <$n>; print "GOT
         child.wait().await.unwrap();
     }
 
+    /// A TCP connection from 127.0.0.`last` (all of 127/8 is loopback).
+    async fn connect_from(last: u8, to: SocketAddr) -> TcpStream {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::from(([127, 0, 0, last], 0))).unwrap();
+        sock.connect(to).await.unwrap()
+    }
+
+    #[test]
+    fn per_source_limits_count_and_forget() {
+        let p = PerSource::new(2);
+        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let b: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = p.take(a).unwrap();
+        let a2 = p.take(a).unwrap();
+        assert!(p.take(a).is_none(), "a third from the same source");
+        let _b1 = p.take(b).expect("another source is not affected");
+        drop(a1);
+        let a3 = p.take(a).expect("a freed one");
+        drop((a2, a3));
+        assert_eq!(p.sources(), 1, "a source holding nothing is forgotten");
+    }
+
+    /// One address flooding the TCP endpoint with silent connections takes at most
+    /// MAX_PER_SOURCE slots: another host is still served at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_flooding_source_leaves_tcp_slots_for_the_others() {
+        let (addr, _tcp) = tcp_server(toy()).await;
+        let mut idle = Vec::new();
+        for _ in 0..MAX_PER_SOURCE {
+            idle.push(connect_from(9, addr).await);
+        }
+        // The next one from that source is answered `busy` and closed.
+        let mut extra = connect_from(9, addr).await;
+        let mut got = String::new();
+        tokio::time::timeout(Duration::from_secs(2), extra.read_to_string(&mut got))
+            .await
+            .expect("closed")
+            .unwrap();
+        assert!(got.contains("\"busy\""), "{got}");
+        assert!(got.contains("at most 16 connections from one address"), "{got}");
+        // Another source (127.0.0.1) is served meanwhile.
+        let mut c = Client::connect_tcp(addr, SECRET).await.unwrap();
+        c.call(Op::PoolStatus).await.unwrap();
+    }
+
     /// TCP clients that never authenticate take only the TCP endpoint's slots, for at most the
     /// handshake timeout: the unix socket serves root meanwhile, and TCP serves again after.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1857,9 +1975,10 @@ print $n "{\"v\":1,\"id\":1,\"op\":\"pool.status\"}\n"; my $l = <$n>; print "GOT
         let addr = l.local_addr().unwrap();
         let handshake = Duration::from_millis(500);
         let _tcp = tokio::spawn(serve_tcp_with(l, SECRET.to_vec(), h, handshake, IDLE_TIMEOUT));
+        // Silent clients from 127.0.0.2–5, each source at its own limit: every slot taken.
         let mut idle = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
-            idle.push(TcpStream::connect(addr).await.unwrap());
+        for i in 0..MAX_CONNECTIONS {
+            idle.push(connect_from(2 + (i / MAX_PER_SOURCE) as u8, addr).await);
         }
         // Every TCP slot is held by a silent client: a real client is refused `busy` ...
         let e = Client::connect_tcp(addr, SECRET).await.unwrap_err();
