@@ -675,6 +675,17 @@ where
     }
 }
 
+/// The rate-limit key of a rejected request line: its error code, so that each kind of bad
+/// request from a source is logged at least once per window.
+fn rejection_kind(code: &str) -> &'static str {
+    match code {
+        codes::UNKNOWN_OP => codes::UNKNOWN_OP,
+        codes::UNSUPPORTED_VERSION => codes::UNSUPPORTED_VERSION,
+        codes::TOO_LARGE => codes::TOO_LARGE,
+        _ => codes::BAD_REQUEST,
+    }
+}
+
 /// Serves one connection after authentication: request lines until EOF, an oversized line, a
 /// connection idle for `idle`, or an event stream that ends. `source` keys its rate-limited
 /// warnings.
@@ -731,7 +742,7 @@ async fn serve_lines<S>(
             Ok(r) => r,
             Err(resp) => {
                 if let Outcome::Error(e) = &resp.outcome {
-                    rejects.warn("bad_request", &source, || {
+                    rejects.warn(rejection_kind(&e.code), &source, || {
                         format!("{peer}: request rejected ({}): {}", e.code, e.message)
                     });
                 }
@@ -1823,6 +1834,12 @@ mod tests {
         assert!(r.warn_at(t0, "handshake_timeout", "10.0.0.9", || "silent".into()));
         assert!(!r.warn_at(t0, "handshake_timeout", "10.0.0.9", || "silent".into()));
         assert!(r.warn_at(t0, "busy", "uid 65534", || "busy".into()));
+        // Each kind of bad request line is its own key: an unknown op and a non-JSON line from
+        // one source are both logged.
+        for code in [codes::UNKNOWN_OP, codes::BAD_REQUEST, codes::UNSUPPORTED_VERSION] {
+            assert!(r.warn_at(t0, rejection_kind(code), "uid 0", || code.into()), "{code}");
+        }
+        assert_eq!(rejection_kind("anything else"), codes::BAD_REQUEST);
         // The burst stopped: the next flush after the window reports what was suppressed, once.
         assert!(r.flush_at(t0 + Duration::from_secs(1)).is_empty());
         let mut lines = r.flush_at(t0 + r.every());
