@@ -49,7 +49,7 @@ use serde_json::Value;
 use tokio::{
     io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream, UnixListener, UnixStream},
-    sync::{Semaphore, broadcast},
+    sync::broadcast,
 };
 
 use crate::events::Event;
@@ -60,10 +60,23 @@ pub const VERSION: u32 = 1;
 pub const MAX_LINE: usize = 1 << 20;
 /// The longest line a client accepts (responses can be large: 16 MiB).
 pub const MAX_RESPONSE_LINE: usize = 16 << 20;
-/// Time allowed for the TCP handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once per listener; more are answered `busy` and closed.
+/// Time allowed for the TCP handshake: an unauthenticated connection holds a slot at most this
+/// long.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A connection that sends no complete request line for this long is closed (an
+/// `events.follow` stream is not idle: it is never closed for this).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once per listener; more are answered `busy` and closed. The unix
+/// socket and the TCP endpoint each have their own slots, so TCP clients cannot take the
+/// unix socket's.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Of the unix socket's [`MAX_CONNECTIONS`], slots only root (uid 0 by `SO_PEERCRED`) may take.
+pub const ROOT_RESERVE: usize = 8;
+/// Of the TCP endpoint's [`MAX_CONNECTIONS`], the most one source address may hold, so one
+/// flooding address leaves room for the other hosts of the pool.
+pub const MAX_PER_SOURCE: usize = 16;
+/// Time allowed to write a refusal (`busy`, `forbidden`, …) before the connection is dropped.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The label of the client's proof.
 const CLIENT_LABEL: &[u8] = b"eac-api-v1";
 /// The label of the server's proof.
@@ -481,27 +494,234 @@ fn parse_request(line: &[u8]) -> Result<Request, Response> {
     Ok(Request::new(id, op))
 }
 
-/// Serves one connection after authentication: request lines until EOF, an oversized line, or
-/// an event stream that ends.
-async fn serve_lines<S>(stream: S, origin: Origin, handler: Arc<dyn Handler>, peer: String)
+/// Connection slots of one listener (sans-I/O accounting): `total` slots, of which the last
+/// `reserve` only a privileged peer (root on the unix socket) may take. A [`Slot`] returns
+/// itself when dropped.
+#[derive(Clone, Debug)]
+pub struct Slots(Arc<SlotsInner>);
+
+#[derive(Debug)]
+struct SlotsInner {
+    total: usize,
+    reserve: usize,
+    used: std::sync::Mutex<usize>,
+}
+
+/// One taken slot of [`Slots`], given back on drop.
+#[derive(Debug)]
+pub struct Slot(Arc<SlotsInner>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut used = self.0.used.lock().unwrap_or_else(|e| e.into_inner());
+        *used = used.saturating_sub(1);
+    }
+}
+
+impl Slots {
+    /// `total` slots, `reserve` of them (at most `total`) for privileged peers only.
+    pub fn new(total: usize, reserve: usize) -> Self {
+        Self(Arc::new(SlotsInner {
+            total,
+            reserve: reserve.min(total),
+            used: std::sync::Mutex::new(0),
+        }))
+    }
+
+    /// Takes a slot, or None when every slot this peer may use is taken: an unprivileged peer
+    /// may use `total - reserve` slots in all, a privileged one every slot.
+    pub fn take(&self, privileged: bool) -> Option<Slot> {
+        let mut used = self.0.used.lock().unwrap_or_else(|e| e.into_inner());
+        let limit = if privileged {
+            self.0.total
+        } else {
+            self.0.total - self.0.reserve
+        };
+        if *used >= limit {
+            return None;
+        }
+        *used += 1;
+        Some(Slot(self.0.clone()))
+    }
+
+    /// Slots taken now.
+    pub fn in_use(&self) -> usize {
+        *self.0.used.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Connections held per source address (sans-I/O accounting, as [`Slots`]): at most `max`
+/// each. A [`SourceSlot`] gives itself back on drop; an address holding none is forgotten.
+#[derive(Clone, Debug)]
+pub struct PerSource {
+    max: usize,
+    held: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+/// One connection counted against its source by [`PerSource`].
+#[derive(Debug)]
+pub struct SourceSlot(PerSource, std::net::IpAddr);
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.1);
+            }
+        }
+    }
+}
+
+impl PerSource {
+    /// At most `max` connections per source address.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            held: Arc::default(),
+        }
+    }
+
+    /// Counts a connection from `ip`, or None when `ip` already holds `max`.
+    pub fn take(&self, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot(self.clone(), ip))
+    }
+
+    /// Addresses holding a connection now.
+    pub fn sources(&self) -> usize {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// Rate-limited warnings about rejected connections and requests, keyed by (what, source):
+/// the source is the client's IP address (TCP, without the port) or its uid (unix), so 300
+/// connections from one source log one line per 10 s, the next one with the count of those
+/// suppressed (`eac_common::ratelimit::LogLimiter`, shared with the heartbeat receiver).
+#[derive(Clone, Default)]
+struct Rejects(Arc<std::sync::Mutex<eac_common::ratelimit::LogLimiter<(&'static str, String)>>>);
+
+impl Rejects {
+    /// Logs `line()` at warn unless the limiter suppresses it; true when it was logged.
+    fn warn(&self, what: &'static str, source: &str, line: impl FnOnce() -> String) -> bool {
+        self.warn_at(std::time::Instant::now(), what, source, line)
+    }
+
+    fn warn_at(
+        &self,
+        now: std::time::Instant,
+        what: &'static str,
+        source: &str,
+        line: impl FnOnce() -> String,
+    ) -> bool {
+        let report = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check((what, source.to_owned()), now);
+        let Some(r) = report else { return false };
+        tracing::warn!(source, suppressed = r.suppressed, "api: {}{}", line(), r.note(source));
+        true
+    }
+
+    /// Logs the counts of bursts that stopped (no later rejection carried them); returns the
+    /// lines. The servers call it every limiter window.
+    fn flush_at(&self, now: std::time::Instant) -> Vec<String> {
+        let sums = self.0.lock().unwrap_or_else(|e| e.into_inner()).flush(now);
+        let lines: Vec<String> = sums
+            .into_iter()
+            .map(|s| {
+                let who = match s.key {
+                    Some((what, source)) => format!("{what} from {source}"),
+                    None => "rejections from other sources".into(),
+                };
+                format!(
+                    "{} more {who} in the last {} s (not logged one by one)",
+                    s.suppressed,
+                    s.since.as_secs_f64().round() as u64
+                )
+            })
+            .collect();
+        for l in &lines {
+            tracing::warn!("api: {l}");
+        }
+        lines
+    }
+
+    /// How often [`Rejects::flush_at`] is due.
+    fn every(&self) -> Duration {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).every()
+    }
+}
+
+/// The next connection from `listener`, flushing `rejects`' stopped bursts meanwhile.
+async fn accept_or_flush<T, F>(accept: impl Fn() -> F, rejects: &Rejects, flush: &mut tokio::time::Interval) -> T
 where
+    F: std::future::Future<Output = T>,
+{
+    loop {
+        tokio::select! {
+            r = accept() => return r,
+            _ = flush.tick() => {
+                rejects.flush_at(std::time::Instant::now());
+            }
+        }
+    }
+}
+
+/// The rate-limit key of a rejected request line: its error code, so that each kind of bad
+/// request from a source is logged at least once per window.
+fn rejection_kind(code: &str) -> &'static str {
+    match code {
+        codes::UNKNOWN_OP => codes::UNKNOWN_OP,
+        codes::UNSUPPORTED_VERSION => codes::UNSUPPORTED_VERSION,
+        codes::TOO_LARGE => codes::TOO_LARGE,
+        _ => codes::BAD_REQUEST,
+    }
+}
+
+/// Serves one connection after authentication: request lines until EOF, an oversized line, a
+/// connection idle for `idle`, or an event stream that ends. `source` keys its rate-limited
+/// warnings.
+async fn serve_lines<S>(
+    stream: S,
+    origin: Origin,
+    handler: Arc<dyn Handler>,
+    peer: String,
+    source: String,
+    idle: Duration,
+    rejects: Rejects,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (r, mut w) = tokio::io::split(stream);
     let mut r = BufReader::new(r);
     let mut buf = Vec::new();
     loop {
-        let line = match read_line(&mut r, &mut buf, MAX_LINE).await {
-            Ok(l) => l,
-            Err(e) => {
+        let line = match tokio::time::timeout(idle, read_line(&mut r, &mut buf, MAX_LINE)).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "api: connection read failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "api: connection idle for {idle:?}; closed");
+                let _ = w.shutdown().await;
                 return;
             }
         };
         match line {
             LineRead::Eof => return,
             LineRead::TooLong => {
-                tracing::warn!(%peer, limit = MAX_LINE, "api: request line too long; closing the connection");
+                rejects.warn("too_long", &source, || {
+                    format!("{peer}: request line longer than {MAX_LINE} bytes; closing the connection")
+                });
                 let resp = Response::error(
                     None,
                     ApiError::new(
@@ -522,7 +742,9 @@ where
             Ok(r) => r,
             Err(resp) => {
                 if let Outcome::Error(e) = &resp.outcome {
-                    tracing::warn!(%peer, code = %e.code, "api: request rejected: {}", e.message);
+                    rejects.warn(rejection_kind(&e.code), &source, || {
+                        format!("{peer}: request rejected ({}): {}", e.code, e.message)
+                    });
                 }
                 if write_json(&mut w, &resp).await.is_err() {
                     return;
@@ -616,116 +838,197 @@ pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
 
 /// Serves the unix socket, admitting only root peers. Runs until the task is dropped.
 pub async fn serve_unix(listener: UnixListener, handler: Arc<dyn Handler>) {
-    serve_unix_for_uid(listener, handler, 0).await
+    serve_unix_with(listener, handler, UnixLimits::default()).await
 }
 
 /// As [`serve_unix`], admitting only peers with uid `allowed_uid` (tests and non-root
 /// deployments; production uses [`serve_unix`]).
 pub async fn serve_unix_for_uid(listener: UnixListener, handler: Arc<dyn Handler>, allowed_uid: u32) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let limits = UnixLimits {
+        allowed_uid,
+        admit_root: false,
+        ..UnixLimits::default()
+    };
+    serve_unix_with(listener, handler, limits).await
+}
+
+/// Who the unix socket serves, and how many at once.
+#[derive(Clone, Copy, Debug)]
+pub struct UnixLimits {
+    /// Peers of this uid are served (0, root, in production).
+    pub allowed_uid: u32,
+    /// Also serve root when `allowed_uid` is another uid.
+    pub admit_root: bool,
+    /// Connections at once ([`MAX_CONNECTIONS`]).
+    pub slots: usize,
+    /// Of those, the ones only root may take ([`ROOT_RESERVE`]).
+    pub root_reserve: usize,
+    /// A connection without a request for this long is closed ([`IDLE_TIMEOUT`]).
+    pub idle: Duration,
+}
+
+impl Default for UnixLimits {
+    fn default() -> Self {
+        Self {
+            allowed_uid: 0,
+            admit_root: true,
+            slots: MAX_CONNECTIONS,
+            root_reserve: ROOT_RESERVE,
+            idle: IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// Serves the unix socket with explicit limits. A peer's uid (`SO_PEERCRED`) is checked before
+/// it takes a slot: a refused peer takes none; root may take the reserved ones.
+pub async fn serve_unix_with(listener: UnixListener, handler: Arc<dyn Handler>, limits: UnixLimits) {
+    let slots = Slots::new(limits.slots, limits.root_reserve);
+    let rejects = Rejects::default();
+    let mut flush = tokio::time::interval(rejects.every());
     loop {
-        let stream = match listener.accept().await {
+        let stream = match accept_or_flush(|| listener.accept(), &rejects, &mut flush).await {
             Ok((s, _)) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "api: unix accept failed");
+                rejects.warn("accept", "unix", || format!("unix accept failed: {e}"));
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let handler = handler.clone();
-        let permit = limit.clone().try_acquire_owned();
+        let mut stream = stream;
+        let cred = match stream.peer_cred() {
+            Ok(c) => c,
+            Err(e) => {
+                rejects.warn("no_cred", "unix", || {
+                    format!("cannot read the unix peer's credentials ({e}); refused")
+                });
+                continue;
+            }
+        };
+        let uid = cred.uid();
+        let source = format!("uid {uid}");
+        let peer = format!("unix uid={uid} pid={}", cred.pid().unwrap_or(-1));
+        let allowed = uid == limits.allowed_uid || (limits.admit_root && uid == 0);
+        let slot = if allowed { slots.take(uid == 0) } else { None };
+        let (handler, rejects) = (handler.clone(), rejects.clone());
         tokio::spawn(async move {
-            let mut stream = stream;
-            let cred = match stream.peer_cred() {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "api: cannot read the unix peer's credentials; refused");
-                    return;
-                }
-            };
-            let peer = format!("unix uid={} pid={}", cred.uid(), cred.pid().unwrap_or(-1));
-            if cred.uid() != allowed_uid {
-                tracing::warn!(%peer, "api: unix peer refused: only uid {allowed_uid} may use the controller socket");
+            if !allowed {
+                rejects.warn("forbidden", &source, || {
+                    format!(
+                        "{peer} refused: only uid {} may use the controller socket",
+                        limits.allowed_uid
+                    )
+                });
                 let resp = Response::error(
                     None,
-                    ApiError::new(
-                        codes::FORBIDDEN,
-                        format!("uid {} may not use the controller API", cred.uid()),
-                    )
-                    .with_hint("run eac as root (e.g. with sudo)"),
+                    ApiError::new(codes::FORBIDDEN, format!("uid {uid} may not use the controller API"))
+                        .with_hint("run eac as root (e.g. with sudo)"),
                 );
-                let _ = write_json(&mut stream, &resp).await;
+                let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, write_json(&mut stream, &resp)).await;
                 return;
             }
-            let Ok(_permit) = permit else {
-                refuse_busy(&mut stream, &peer).await;
+            let Some(_slot) = slot else {
+                refuse_busy(
+                    &mut stream,
+                    &format!("{} connections", limits.slots),
+                    &peer,
+                    &source,
+                    &rejects,
+                )
+                .await;
                 return;
             };
-            let origin = Origin::Unix {
-                uid: cred.uid(),
-                pid: cred.pid(),
-            };
-            serve_lines(stream, origin, handler, peer).await;
+            let origin = Origin::Unix { uid, pid: cred.pid() };
+            serve_lines(stream, origin, handler, peer, source, limits.idle, rejects).await;
         });
     }
 }
 
-async fn refuse_busy<W: AsyncWrite + Unpin>(w: &mut W, peer: &str) {
-    tracing::warn!(%peer, max = MAX_CONNECTIONS, "api: connection refused: too many connections");
+/// Answers `busy` and logs it (rate-limited); `limit` says which limit was reached, e.g.
+/// "64 connections".
+async fn refuse_busy<W: AsyncWrite + Unpin>(w: &mut W, limit: &str, peer: &str, source: &str, rejects: &Rejects) {
+    rejects.warn("busy", source, || {
+        format!("{peer}: connection refused: at most {limit}")
+    });
     let resp = Response::error(
         None,
-        ApiError::new(
-            codes::BUSY,
-            format!("the controller serves at most {MAX_CONNECTIONS} connections"),
-        )
-        .with_hint("retry shortly; close idle `eac events --follow` sessions"),
+        ApiError::new(codes::BUSY, format!("the controller serves at most {limit}"))
+            .with_hint("retry shortly; close idle `eac events --follow` sessions"),
     );
-    let _ = write_json(w, &resp).await;
+    let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, write_json(w, &resp)).await;
 }
 
 /// Serves authenticated TCP clients (pool-secret challenge–response, then JSON lines). Runs
 /// until the task is dropped.
 pub async fn serve_tcp(listener: TcpListener, secret: Vec<u8>, handler: Arc<dyn Handler>) {
+    serve_tcp_with(listener, secret, handler, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT).await
+}
+
+/// As [`serve_tcp`], with explicit handshake and idle timeouts (tests). Its slots are its own
+/// ([`MAX_CONNECTIONS`], none reserved): TCP clients never take the unix socket's.
+pub async fn serve_tcp_with(
+    listener: TcpListener,
+    secret: Vec<u8>,
+    handler: Arc<dyn Handler>,
+    handshake: Duration,
+    idle: Duration,
+) {
     let secret: Arc<[u8]> = secret.into();
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Slots::new(MAX_CONNECTIONS, 0);
+    let per_source = PerSource::new(MAX_PER_SOURCE);
+    let rejects = Rejects::default();
+    let mut flush = tokio::time::interval(rejects.every());
     loop {
-        let (mut stream, addr) = match listener.accept().await {
+        let (mut stream, addr) = match accept_or_flush(|| listener.accept(), &rejects, &mut flush).await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(error = %e, "api: tcp accept failed");
+                rejects.warn("accept", "tcp", || format!("tcp accept failed: {e}"));
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let handler = handler.clone();
-        let secret = secret.clone();
-        let permit = limit.clone().try_acquire_owned();
+        let (handler, secret, rejects) = (handler.clone(), secret.clone(), rejects.clone());
+        // A source at its limit takes no slot of the listener's.
+        let slot = match per_source.take(addr.ip()) {
+            None => Err(format!("{MAX_PER_SOURCE} connections from one address")),
+            Some(s) => slots
+                .take(false)
+                .map(|t| (s, t))
+                .ok_or_else(|| format!("{MAX_CONNECTIONS} connections")),
+        };
         tokio::spawn(async move {
             let peer = format!("tcp {addr}");
-            let Ok(_permit) = permit else {
-                refuse_busy(&mut stream, &peer).await;
-                return;
+            let source = addr.ip().to_string();
+            let _slot = match slot {
+                Ok(slot) => slot,
+                Err(limit) => {
+                    refuse_busy(&mut stream, &limit, &peer, &source, &rejects).await;
+                    return;
+                }
             };
             let mut stream = BufReader::new(stream);
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, server_handshake(&mut stream, &secret)).await {
+            match tokio::time::timeout(handshake, server_handshake(&mut stream, &secret)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(reason)) => {
-                    tracing::warn!(%peer, "api: tcp client refused: {reason}");
+                    rejects.warn("unauthenticated", &source, || {
+                        format!("{peer}: tcp client refused: {reason}")
+                    });
                     let resp = Response::error(
                         None,
                         ApiError::new(codes::UNAUTHENTICATED, format!("authentication failed: {reason}"))
                             .with_hint("use the pool secret of this pool (pool_secret_file)"),
                     );
-                    let _ = write_json(&mut stream, &resp).await;
+                    let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, write_json(&mut stream, &resp)).await;
                     return;
                 }
                 Err(_) => {
-                    tracing::warn!(%peer, "api: tcp client refused: no handshake within {HANDSHAKE_TIMEOUT:?}");
+                    rejects.warn("handshake_timeout", &source, || {
+                        format!("{peer}: tcp client refused: no handshake within {handshake:?}")
+                    });
                     return;
                 }
             }
             tracing::debug!(%peer, "api: tcp client authenticated");
-            serve_lines(stream, Origin::Tcp { peer: addr }, handler, peer).await;
+            serve_lines(stream, Origin::Tcp { peer: addr }, handler, peer, source, idle, rejects).await;
         });
     }
 }
@@ -1483,6 +1786,259 @@ mod tests {
         // Root itself is still served.
         let mut c = Client::connect_unix(&path).await.unwrap();
         c.call(Op::PoolStatus).await.unwrap();
+    }
+
+    /// The slot accounting: unprivileged peers stop at `total - reserve`, a privileged one
+    /// may take every slot, and a dropped slot is free again.
+    #[test]
+    fn slots_keep_a_reserve_for_the_privileged() {
+        let s = Slots::new(4, 1);
+        let a: Vec<Slot> = (0..3).map(|_| s.take(false).expect("general slot")).collect();
+        assert_eq!(s.in_use(), 3);
+        assert!(s.take(false).is_none(), "an unprivileged peer took the reserve");
+        let root = s.take(true).expect("the reserve is root's");
+        assert!(s.take(true).is_none(), "more than total");
+        assert!(s.take(false).is_none());
+        drop(a);
+        assert_eq!(s.in_use(), 1);
+        // Root also uses general slots; an unprivileged peer gets a freed one.
+        let mut b: Vec<Slot> = (0..2).map(|_| s.take(true).unwrap()).collect();
+        assert_eq!(s.in_use(), 3);
+        assert!(s.take(false).is_none());
+        b.pop();
+        let c = s.take(false).expect("a freed general slot");
+        assert!(s.take(false).is_none());
+        drop((root, b, c));
+        assert_eq!(s.in_use(), 0);
+        // A reserve as large as everything: only the privileged get in.
+        let only_root = Slots::new(2, 5);
+        assert!(only_root.take(false).is_none());
+        assert!(only_root.take(true).is_some());
+        // No reserve (the TCP endpoint): everyone alike.
+        let tcp = Slots::new(1, 0);
+        let _t = tcp.take(false).unwrap();
+        assert!(tcp.take(true).is_none());
+    }
+
+    /// 300 refused connections from one source log one line; another source or another kind
+    /// of rejection gets its own.
+    #[test]
+    fn rejections_are_logged_once_per_source_and_kind() {
+        let r = Rejects::default();
+        let t0 = std::time::Instant::now();
+        let logged = (0..300)
+            .filter(|i| r.warn_at(t0 + Duration::from_millis(*i), "busy", "10.0.0.9", || "busy".into()))
+            .count();
+        assert_eq!(logged, 1);
+        assert!(r.warn_at(t0, "busy", "10.0.0.10", || "busy".into()));
+        assert!(r.warn_at(t0, "handshake_timeout", "10.0.0.9", || "silent".into()));
+        assert!(!r.warn_at(t0, "handshake_timeout", "10.0.0.9", || "silent".into()));
+        assert!(r.warn_at(t0, "busy", "uid 65534", || "busy".into()));
+        // Each kind of bad request line is its own key: an unknown op and a non-JSON line from
+        // one source are both logged.
+        for code in [codes::UNKNOWN_OP, codes::BAD_REQUEST, codes::UNSUPPORTED_VERSION] {
+            assert!(r.warn_at(t0, rejection_kind(code), "uid 0", || code.into()), "{code}");
+        }
+        assert_eq!(rejection_kind("anything else"), codes::BAD_REQUEST);
+        // The burst stopped: the next flush after the window reports what was suppressed, once.
+        assert!(r.flush_at(t0 + Duration::from_secs(1)).is_empty());
+        let mut lines = r.flush_at(t0 + r.every());
+        lines.sort();
+        assert_eq!(
+            lines,
+            [
+                "1 more handshake_timeout from 10.0.0.9 in the last 10 s (not logged one by one)",
+                "299 more busy from 10.0.0.9 in the last 10 s (not logged one by one)",
+            ]
+        );
+        assert!(r.flush_at(t0 + r.every() * 2).is_empty());
+    }
+
+    /// Real sockets: a non-root uid (a uid-65534 perl process) fills every slot it may take
+    /// with idle connections; root is still served from the reserve; the idle connections are
+    /// closed after the idle timeout, and the uid is then served again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_of_another_uid_leave_roots_reserve_and_time_out() {
+        if my_uid() != 0 {
+            println!("not root: cannot run a client as uid 65534; the slot accounting is tested sans-I/O");
+            return;
+        }
+        let dir = TempDir::new();
+        let path = dir.0.join("controller.sock");
+        let l = bind_unix(&path).unwrap();
+        std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let idle = Duration::from_secs(3);
+        let limits = UnixLimits {
+            allowed_uid: 65534,
+            admit_root: true,
+            slots: 6,
+            root_reserve: 2,
+            idle,
+        };
+        let _server = tokio::spawn(serve_unix_with(l, toy(), limits));
+        // 10 connections: 4 held (6 slots - 2 reserved), 6 answered `busy` at once.
+        let script = r#"use IO::Socket::UNIX; use IO::Select; $| = 1; $SIG{PIPE} = "IGNORE";
+my @s; for (1..10) { my $c = IO::Socket::UNIX->new(Peer => $ARGV[0]) or die "connect: $!"; push @s, $c; }
+select(undef, undef, undef, 0.3);
+my ($busy, @held) = (0);
+for my $c (@s) { if (IO::Select->new($c)->can_read(0.05)) { my $l = <$c>; if (defined $l && $l =~ /"busy"/) { $busy++ } else { print "UNEXPECTED ", ($l // "EOF"), "\n" } } else { push @held, $c } }
+print "HELD ", scalar(@held), " BUSY $busy\n";
+my $go = <STDIN>;
+my $closed = 0; for my $c (@held) { if (IO::Select->new($c)->can_read(20)) { my $l = <$c>; $closed++ unless defined $l; } }
+print "CLOSED $closed\n";
+my $n = IO::Socket::UNIX->new(Peer => $ARGV[0]) or die "connect: $!";
+print $n "{\"v\":1,\"id\":1,\"op\":\"pool.status\"}\n"; my $l = <$n>; print "GOT $l";
+"#;
+        let mut child = tokio::process::Command::new("/usr/bin/perl")
+            .uid(65534)
+            .gid(65534)
+            .args(["-e", script])
+            .arg(&path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("perl");
+        let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut stdin = child.stdin.take().unwrap();
+        let line = out.next_line().await.unwrap().unwrap();
+        assert_eq!(line, "HELD 4 BUSY 6");
+        let held_at = tokio::time::Instant::now();
+        // Root is served twice at once from the reserve; a third root connection is busy.
+        let mut r1 = Client::connect_unix(&path).await.unwrap();
+        r1.call(Op::PoolStatus).await.unwrap();
+        let mut r2 = Client::connect_unix(&path).await.unwrap();
+        r2.call(Op::PoolStatus).await.unwrap();
+        let mut r3 = Client::connect_unix(&path).await.unwrap();
+        assert_eq!(r3.call(Op::PoolStatus).await.unwrap_err().code, codes::BUSY);
+        drop((r1, r2, r3));
+        // With root's connections closed, root is served again (once the server saw them close).
+        let mut served = false;
+        for _ in 0..20 {
+            let mut r4 = Client::connect_unix(&path).await.unwrap();
+            if r4.call(Op::PoolStatus).await.is_ok() {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(served, "root not served after closing its connections");
+        stdin.write_all(b"go\n").await.unwrap();
+        let line = out.next_line().await.unwrap().unwrap();
+        assert_eq!(line, "CLOSED 4");
+        let waited = held_at.elapsed();
+        assert!(
+            waited < idle + Duration::from_secs(2),
+            "idle connections closed only after {waited:?}"
+        );
+        let line = out.next_line().await.unwrap().unwrap();
+        assert!(line.starts_with("GOT ") && line.contains("\"ok\""), "{line}");
+        child.wait().await.unwrap();
+    }
+
+    /// A TCP connection from 127.0.0.`last` (all of 127/8 is loopback).
+    async fn connect_from(last: u8, to: SocketAddr) -> TcpStream {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::from(([127, 0, 0, last], 0))).unwrap();
+        sock.connect(to).await.unwrap()
+    }
+
+    #[test]
+    fn per_source_limits_count_and_forget() {
+        let p = PerSource::new(2);
+        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        let b: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let a1 = p.take(a).unwrap();
+        let a2 = p.take(a).unwrap();
+        assert!(p.take(a).is_none(), "a third from the same source");
+        let _b1 = p.take(b).expect("another source is not affected");
+        drop(a1);
+        let a3 = p.take(a).expect("a freed one");
+        drop((a2, a3));
+        assert_eq!(p.sources(), 1, "a source holding nothing is forgotten");
+    }
+
+    /// One address flooding the TCP endpoint with silent connections takes at most
+    /// MAX_PER_SOURCE slots: another host is still served at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_flooding_source_leaves_tcp_slots_for_the_others() {
+        let (addr, _tcp) = tcp_server(toy()).await;
+        let mut idle = Vec::new();
+        for _ in 0..MAX_PER_SOURCE {
+            idle.push(connect_from(9, addr).await);
+        }
+        // The next one from that source is answered `busy` and closed.
+        let mut extra = connect_from(9, addr).await;
+        let mut got = String::new();
+        tokio::time::timeout(Duration::from_secs(2), extra.read_to_string(&mut got))
+            .await
+            .expect("closed")
+            .unwrap();
+        assert!(got.contains("\"busy\""), "{got}");
+        assert!(got.contains("at most 16 connections from one address"), "{got}");
+        // Another source (127.0.0.1) is served meanwhile.
+        let mut c = Client::connect_tcp(addr, SECRET).await.unwrap();
+        c.call(Op::PoolStatus).await.unwrap();
+    }
+
+    /// TCP clients that never authenticate take only the TCP endpoint's slots, for at most the
+    /// handshake timeout: the unix socket serves root meanwhile, and TCP serves again after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unauthenticated_tcp_cannot_starve_the_unix_socket() {
+        let h = toy();
+        let (_dir, path, _unix) = unix_server(h.clone(), my_uid()).await;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let handshake = Duration::from_millis(500);
+        let _tcp = tokio::spawn(serve_tcp_with(l, SECRET.to_vec(), h, handshake, IDLE_TIMEOUT));
+        // Silent clients from 127.0.0.2–5, each source at its own limit: every slot taken.
+        let mut idle = Vec::new();
+        for i in 0..MAX_CONNECTIONS {
+            idle.push(connect_from(2 + (i / MAX_PER_SOURCE) as u8, addr).await);
+        }
+        // Every TCP slot is held by a silent client: a real client is refused `busy` ...
+        let e = Client::connect_tcp(addr, SECRET).await.unwrap_err();
+        assert_eq!(e.code, codes::BUSY, "{e}");
+        // ... but the unix socket serves.
+        let mut c = Client::connect_unix(&path).await.unwrap();
+        c.call(Op::PoolStatus).await.unwrap();
+        // After the handshake timeout the silent clients are closed and TCP serves again.
+        tokio::time::sleep(handshake + Duration::from_millis(300)).await;
+        let mut c = Client::connect_tcp(addr, SECRET).await.unwrap();
+        c.call(Op::PoolStatus).await.unwrap();
+        for mut s in idle {
+            let mut b = [0u8; 1];
+            // The server sent its challenge, then closed: EOF after the challenge line.
+            let mut seen = Vec::new();
+            loop {
+                match tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await {
+                    Ok(Ok(0)) => break,
+                    Ok(Ok(_)) => seen.push(b[0]),
+                    other => panic!("silent client not closed: {other:?}"),
+                }
+            }
+            assert!(String::from_utf8_lossy(&seen).contains("challenge"));
+        }
+    }
+
+    /// An authenticated or unix connection without a request for the idle timeout is closed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_unix_connection_is_closed() {
+        let dir = TempDir::new();
+        let path = dir.0.join("controller.sock");
+        let l = bind_unix(&path).unwrap();
+        let limits = UnixLimits {
+            allowed_uid: my_uid(),
+            idle: Duration::from_millis(300),
+            ..UnixLimits::default()
+        };
+        let _server = tokio::spawn(serve_unix_with(l, toy(), limits));
+        let mut c = Client::connect_unix(&path).await.unwrap();
+        c.call(Op::PoolStatus).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let e = c.call(Op::PoolStatus).await.unwrap_err();
+        assert_eq!(e.code, codes::PROTOCOL, "{e}");
     }
 
     #[tokio::test]

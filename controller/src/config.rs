@@ -152,108 +152,9 @@ pub struct Capacity {
     pub vcpus: u32,
 }
 
-/// The controller's timers (`[timeouts]`, each key in milliseconds with an `_ms` suffix).
-/// See docs/controller.md for what each means; [`Timeouts::validate`] checks the inequalities
-/// that keep failover safe.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Timeouts {
-    /// A heartbeat is sent on every network this often.
-    pub heartbeat_interval: Duration,
-    /// This host's state-file slot is rewritten (and all slots read) this often.
-    pub statefile_interval: Duration,
-    /// A channel to a peer (one network, or the state-file) is down after this much silence.
-    pub channel_timeout: Duration,
-    /// A peer is dead when every channel to it has been silent this long.
-    pub dead_after: Duration,
-    /// A host that heard no peer and could not use the state-file this long is isolated.
-    pub isolation_after: Duration,
-    /// An isolated host has destroyed its protected guests this long after its last contact.
-    pub fence_deadline: Duration,
-    /// Survivors restart a dead peer's guests at its last contact + `dead_after` + this.
-    pub fence_grace: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Self {
-            heartbeat_interval: Duration::from_millis(200),
-            statefile_interval: Duration::from_millis(500),
-            channel_timeout: Duration::from_millis(1000),
-            dead_after: Duration::from_millis(3000),
-            isolation_after: Duration::from_millis(2000),
-            fence_deadline: Duration::from_millis(4000),
-            fence_grace: Duration::from_millis(2000),
-        }
-    }
-}
-
-/// A `[timeouts]` combination that would be unsafe or could not work.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("timeouts: {0}")]
-pub struct InvalidTimeouts(pub String);
-
-impl Timeouts {
-    /// Checks that every timer is positive and that:
-    /// - `heartbeat_interval` and `statefile_interval` < `channel_timeout` (else channels flap);
-    /// - `channel_timeout` < `dead_after`;
-    /// - `isolation_after` < `fence_deadline` (an isolated host notices before it must be done);
-    /// - `dead_after + fence_grace > fence_deadline + heartbeat_interval`: survivors restart a
-    ///   dead host's guests only after that host, if merely isolated, has fenced them (the
-    ///   heartbeat interval covers the difference between the two sides' "last contact").
-    pub fn validate(&self) -> Result<(), InvalidTimeouts> {
-        let ms = |d: Duration| d.as_millis();
-        let named = [
-            ("heartbeat_interval_ms", self.heartbeat_interval),
-            ("statefile_interval_ms", self.statefile_interval),
-            ("channel_timeout_ms", self.channel_timeout),
-            ("dead_after_ms", self.dead_after),
-            ("isolation_after_ms", self.isolation_after),
-            ("fence_deadline_ms", self.fence_deadline),
-            ("fence_grace_ms", self.fence_grace),
-        ];
-        if let Some((name, _)) = named.iter().find(|(_, d)| d.is_zero()) {
-            return Err(InvalidTimeouts(format!("{name} must be > 0")));
-        }
-        for (name, d) in [
-            ("heartbeat_interval_ms", self.heartbeat_interval),
-            ("statefile_interval_ms", self.statefile_interval),
-        ] {
-            if d >= self.channel_timeout {
-                return Err(InvalidTimeouts(format!(
-                    "{name} ({}) must be less than channel_timeout_ms ({}), or channels go down between two messages",
-                    ms(d),
-                    ms(self.channel_timeout)
-                )));
-            }
-        }
-        if self.channel_timeout >= self.dead_after {
-            return Err(InvalidTimeouts(format!(
-                "channel_timeout_ms ({}) must be less than dead_after_ms ({})",
-                ms(self.channel_timeout),
-                ms(self.dead_after)
-            )));
-        }
-        if self.isolation_after >= self.fence_deadline {
-            return Err(InvalidTimeouts(format!(
-                "isolation_after_ms ({}) must be less than fence_deadline_ms ({}): an isolated host must notice before its guests must be stopped",
-                ms(self.isolation_after),
-                ms(self.fence_deadline)
-            )));
-        }
-        let survivors = self.dead_after + self.fence_grace;
-        let fenced = self.fence_deadline + self.heartbeat_interval;
-        if survivors <= fenced {
-            return Err(InvalidTimeouts(format!(
-                "dead_after_ms + fence_grace_ms ({} ms) must exceed fence_deadline_ms + heartbeat_interval_ms ({} ms): \
-                 survivors would restart guests before an isolated host has stopped them (raise fence_grace_ms to at least {})",
-                ms(survivors),
-                ms(fenced),
-                ms(fenced.saturating_sub(self.dead_after)) + 1
-            )));
-        }
-        Ok(())
-    }
-}
+/// The controller's timers (`[timeouts]`, each key the field's name with an `_ms` suffix):
+/// one type with one validator, [`Timeouts::validate`], shared with membership and fencing.
+pub use crate::membership::{Timeouts, TimeoutsError};
 
 /// The file as written, before validation.
 mod raw {
@@ -764,7 +665,7 @@ vcpus = 4
             ),
             (
                 format!("{g}\n[timeouts]\nfence_grace_ms = 1000\n"),
-                "dead_after_ms + fence_grace_ms (4000 ms) must exceed fence_deadline_ms + heartbeat_interval_ms (4200 ms)",
+                "timeouts.dead_after_ms + timeouts.fence_grace_ms (4000 ms, when survivors restart a dead host's guests) must be at least 4600 ms",
             ),
         ];
         for (text, want) in cases {
@@ -779,70 +680,33 @@ vcpus = 4
         assert!(parse(&no_nets).is_err());
     }
 
+    /// The file's `[timeouts]` go through the one validator (membership's rule, not a weaker
+    /// one), and its errors name the file's keys.
     #[test]
-    fn timing_inequalities_are_enforced() {
-        let ok = Timeouts::default();
-        ok.validate().unwrap();
-        let ms = Duration::from_millis;
+    fn timeouts_are_validated_with_the_file_keys() {
+        let dir = TempDir::new();
+        let g = good(&dir);
         let cases = [
             (
-                Timeouts {
-                    fence_grace: ms(1200),
-                    ..ok
-                },
-                "must exceed fence_deadline_ms + heartbeat_interval_ms (4200 ms)",
+                "heartbeat_interval_ms = 200\nstatefile_interval_ms = 100\nchannel_timeout_ms = 300\n",
+                "controller.toml: timeouts.channel_timeout_ms (300 ms) must be at least twice \
+                 timeouts.heartbeat_interval_ms (200 ms)",
             ),
             (
-                Timeouts {
-                    fence_grace: ms(1201),
-                    ..ok
-                },
-                "",
+                "fence_grace_ms = 1300\n",
+                "controller.toml: unsafe timeouts: timeouts.dead_after_ms + timeouts.fence_grace_ms (4300 ms",
             ),
-            (
-                Timeouts {
-                    isolation_after: ms(4000),
-                    ..ok
-                },
-                "isolation_after_ms (4000) must be less than fence_deadline_ms (4000)",
-            ),
-            (
-                Timeouts {
-                    channel_timeout: ms(3000),
-                    ..ok
-                },
-                "channel_timeout_ms (3000) must be less than dead_after_ms (3000)",
-            ),
-            (
-                Timeouts {
-                    heartbeat_interval: ms(1000),
-                    ..ok
-                },
-                "heartbeat_interval_ms (1000) must be less than channel_timeout_ms",
-            ),
-            (
-                Timeouts {
-                    statefile_interval: ms(1500),
-                    ..ok
-                },
-                "statefile_interval_ms (1500) must be less than channel_timeout_ms",
-            ),
-            (
-                Timeouts {
-                    fence_grace: ms(0),
-                    ..ok
-                },
-                "fence_grace_ms must be > 0",
-            ),
+            ("dead_after_ms = 0\n", "controller.toml: timeouts.dead_after_ms is 0"),
         ];
-        for (t, want) in cases {
-            match t.validate() {
-                Ok(()) => assert!(want.is_empty(), "{t:?} accepted, expected {want:?}"),
-                Err(e) => {
-                    assert!(!want.is_empty(), "{t:?} refused: {e}");
-                    assert!(e.to_string().contains(want), "expected {want:?} in {e}");
-                }
-            }
+        for (table, want) in cases {
+            let text = format!("{g}\n[timeouts]\n{table}");
+            let e = eac_common::error_chain(&parse(&text).expect_err(want));
+            assert!(e.starts_with(want), "expected {want:?} in {e:?}");
+            assert!(!e.contains("timeouts.heartbeat "), "{e}");
         }
+        // Both boundaries of the safety inequality through the file: 5000 = 4400 + 3 × 200.
+        let c = parse(&format!("{g}\n[timeouts]\nfence_deadline_ms = 4400\n")).unwrap();
+        assert_eq!(c.timeouts.fence_deadline, Duration::from_millis(4400));
+        assert!(parse(&format!("{g}\n[timeouts]\nfence_deadline_ms = 4401\n")).is_err());
     }
 }

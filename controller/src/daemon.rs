@@ -66,8 +66,6 @@ const FAILOVER_RETRY: Duration = Duration::from_secs(1);
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("invalid timeouts")]
-    Timeouts(#[source] membership::TimeoutsError),
     #[error("invalid membership setup")]
     Membership(#[source] membership::MembershipError),
     #[error("cannot load the pool configuration")]
@@ -89,10 +87,7 @@ pub enum DaemonError {
 impl DaemonError {
     /// True when the configuration itself is wrong (exit 64: do not restart).
     pub fn is_config(&self) -> bool {
-        matches!(
-            self,
-            DaemonError::Timeouts(_) | DaemonError::Membership(_) | DaemonError::Pool(_)
-        )
+        matches!(self, DaemonError::Membership(_) | DaemonError::Pool(_))
     }
 }
 
@@ -338,17 +333,28 @@ pub struct Ctl {
     watchdog: Mutex<Box<dyn Watchdog>>,
 }
 
-/// Converts the configuration's timeouts into membership's.
-pub fn membership_timeouts(cfg: &Config) -> membership::Timeouts {
-    let t = &cfg.timeouts;
-    membership::Timeouts {
-        heartbeat: t.heartbeat_interval,
-        statefile_interval: t.statefile_interval,
-        channel_timeout: t.channel_timeout,
-        dead_after: t.dead_after,
-        isolation_after: t.isolation_after,
-        fence_deadline: t.fence_deadline,
-        fence_grace: t.fence_grace,
+/// The error of a pool change that live host `p` did not accept with `e`. Only a refusal by
+/// `p` (its answer to this change) is a refusal here (`eac` exits 64: don't retry); a peer
+/// that is busy, unreachable, failed internally or spoke garbage is transient (`eac` exits 1).
+fn peer_did_not_accept(p: &str, change: &str, e: &ApiError) -> ApiError {
+    let msg = format!("live host {p} did not accept the change ({change}): {}", e.message);
+    match e.code.as_str() {
+        api::codes::UNREACHABLE | api::codes::PROTOCOL => ApiError::new("peer_unreachable", format!("refused: {msg}"))
+            .with_hint(format!(
+                "host {p} is alive (heartbeats) but its API cannot be reached; retry, or check its controller"
+            )),
+        api::codes::BUSY | api::codes::INTERNAL | api::codes::LAGGED => {
+            ApiError::new(e.code.clone(), format!("not applied: {msg}")).with_hint(
+                e.hint
+                    .clone()
+                    .unwrap_or_else(|| format!("retry shortly; see host {p}'s controller log")),
+            )
+        }
+        _ => ApiError::new("refused", format!("refused: {msg}")).with_hint(
+            e.hint
+                .clone()
+                .unwrap_or_else(|| "retry: the pool changed meanwhile".into()),
+        ),
     }
 }
 
@@ -362,8 +368,8 @@ fn internal(what: &str, e: &dyn std::error::Error) -> ApiError {
 
 impl Ctl {
     fn new(cfg: Config, now: Instant) -> Result<Arc<Self>, DaemonError> {
-        let timeouts = membership_timeouts(&cfg);
-        timeouts.validate().map_err(DaemonError::Timeouts)?;
+        // Validated when the configuration was parsed; Membership::new checks again.
+        let timeouts = cfg.timeouts;
         let peers = cfg
             .peers
             .iter()
@@ -1549,22 +1555,7 @@ impl Ctl {
                 let _ = self.peer_call(p, Op::PoolAbort { epoch: next.epoch }).await;
             }
             let (p, e) = &failed[0];
-            let transient = e.code == api::codes::UNREACHABLE || e.code == api::codes::PROTOCOL;
-            let msg = format!(
-                "refused: live host {p} did not accept the change ({change}): {}",
-                e.message
-            );
-            return Err(if transient {
-                ApiError::new("peer_unreachable", msg).with_hint(format!(
-                    "host {p} is alive (heartbeats) but its API cannot be reached; retry, or check its controller"
-                ))
-            } else {
-                ApiError::new("refused", msg).with_hint(
-                    e.hint
-                        .clone()
-                        .unwrap_or_else(|| "retry: the pool changed meanwhile".into()),
-                )
-            });
+            return Err(peer_did_not_accept(p, &change.to_string(), e));
         }
         // Phase 2.
         for p in &accepted {
@@ -2373,6 +2364,33 @@ mod tests {
         assert_eq!(health(true, false, false, "normal", true), "down");
     }
 
+    /// A busy or broken peer makes a pool change fail transiently (eac exits 1), with a hint
+    /// that fits; only the peer's own refusal is a refusal (eac exits 64).
+    #[test]
+    fn a_busy_peer_is_a_transient_failure_not_a_refusal() {
+        let busy =
+            ApiError::new(api::codes::BUSY, "the controller serves at most 64 connections").with_hint("retry shortly");
+        let e = peer_did_not_accept("a", "policy", &busy);
+        assert_eq!(e.code, api::codes::BUSY);
+        assert_eq!(
+            e.message,
+            "not applied: live host a did not accept the change (policy): the controller serves at most 64 connections"
+        );
+        assert_eq!(e.hint.as_deref(), Some("retry shortly"));
+        let e = peer_did_not_accept("a", "policy", &ApiError::new(api::codes::INTERNAL, "boom"));
+        assert_eq!(e.code, api::codes::INTERNAL);
+        assert_eq!(e.hint.as_deref(), Some("retry shortly; see host a's controller log"));
+        let e = peer_did_not_accept("a", "policy", &ApiError::new(api::codes::UNREACHABLE, "gone"));
+        assert_eq!(e.code, "peer_unreachable");
+        let e = peer_did_not_accept("a", "policy", &ApiError::new("refused", "stale epoch"));
+        assert_eq!(e.code, "refused");
+        assert!(
+            e.message.starts_with("refused: live host a did not accept"),
+            "{}",
+            e.message
+        );
+    }
+
     #[test]
     fn pool_hosts_take_peer_capacity_or_ours() {
         let dir = std::env::temp_dir().join(format!("eac-daemon-ut-{}", std::process::id()));
@@ -2406,7 +2424,7 @@ mod tests {
                 vcpus: 8
             }
         );
-        assert!(membership_timeouts(&cfg).validate().is_ok());
+        assert!(cfg.timeouts.validate().is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -28,31 +28,35 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Timing of membership and fencing (config `[timeouts]`). See [`Timeouts::validate`] for the
-/// inequalities that make failover safe.
+/// Timing of membership and fencing: the configuration file's `[timeouts]` table, each field
+/// read from the key of the same name with an `_ms` suffix (`heartbeat_interval_ms`, …). This is
+/// the only timeouts type: the configuration parser builds it and calls [`Timeouts::validate`],
+/// whose errors name those keys; membership and fencing use it as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
-    /// Heartbeats are sent this often on every network (default 200 ms).
-    pub heartbeat: Duration,
-    /// Each host rewrites its state-file slot this often (default 500 ms).
+    /// Heartbeats are sent this often on every network (`heartbeat_interval_ms`, default 200).
+    pub heartbeat_interval: Duration,
+    /// Each host rewrites its state-file slot this often (`statefile_interval_ms`, default 500).
     pub statefile_interval: Duration,
-    /// A channel is down after this much silence (default 1 s).
+    /// A channel is down after this much silence (`channel_timeout_ms`, default 1000).
     pub channel_timeout: Duration,
-    /// A peer is dead after this much silence on every channel (default 3 s).
+    /// A peer is dead after this much silence on every channel (`dead_after_ms`, default 3000).
     pub dead_after: Duration,
-    /// This host is isolated after this long without any contact (default 2 s).
+    /// This host is isolated after this long without any contact (`isolation_after_ms`, default
+    /// 2000).
     pub isolation_after: Duration,
-    /// An isolated host's protected guests are destroyed by last contact + this (default 4 s).
+    /// An isolated host's protected guests are destroyed by last contact + this
+    /// (`fence_deadline_ms`, default 4000).
     pub fence_deadline: Duration,
     /// Survivors wait this long after `dead_after` before restarting a dead peer's guests
-    /// (default 2 s): restart at last seen + `dead_after` + `fence_grace`.
+    /// (`fence_grace_ms`, default 2000): restart at last seen + `dead_after` + `fence_grace`.
     pub fence_grace: Duration,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
         Self {
-            heartbeat: Duration::from_millis(200),
+            heartbeat_interval: Duration::from_millis(200),
             statefile_interval: Duration::from_millis(500),
             channel_timeout: Duration::from_secs(1),
             dead_after: Duration::from_secs(3),
@@ -63,59 +67,66 @@ impl Default for Timeouts {
     }
 }
 
-/// A configuration of [`Timeouts`] that would make failover unsafe or flappy.
+/// A `[timeouts]` combination that would make failover unsafe or flappy. Each message names the
+/// configuration file's keys (`timeouts.channel_timeout_ms`, …) and their values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TimeoutsError {
-    #[error("timeouts.{name} is zero; every timeout must be positive")]
-    Zero { name: &'static str },
+    #[error("timeouts.{key} is 0; every timeout must be positive")]
+    Zero { key: &'static str },
     #[error(
-        "timeouts.channel_timeout ({channel_timeout} ms) must be at least twice timeouts.heartbeat \
-         ({heartbeat} ms), so that one lost heartbeat does not take a channel down"
+        "timeouts.channel_timeout_ms ({channel_timeout} ms) must be at least twice \
+         timeouts.heartbeat_interval_ms ({heartbeat_interval} ms), so that one lost heartbeat does \
+         not take a channel down"
     )]
-    ChannelVsHeartbeat { channel_timeout: u128, heartbeat: u128 },
+    ChannelVsHeartbeat {
+        channel_timeout: u128,
+        heartbeat_interval: u128,
+    },
     #[error(
-        "timeouts.channel_timeout ({channel_timeout} ms) must be at least twice \
-         timeouts.statefile_interval ({statefile_interval} ms), so that the state-file channel does \
-         not flap between two slot writes"
+        "timeouts.channel_timeout_ms ({channel_timeout} ms) must be at least twice \
+         timeouts.statefile_interval_ms ({statefile_interval} ms), so that the state-file channel \
+         does not flap between two slot writes"
     )]
     ChannelVsStateFile {
         channel_timeout: u128,
         statefile_interval: u128,
     },
     #[error(
-        "timeouts.channel_timeout ({channel_timeout} ms) must be shorter than timeouts.dead_after \
+        "timeouts.channel_timeout_ms ({channel_timeout} ms) must be less than timeouts.dead_after_ms \
          ({dead_after} ms): a channel goes down before its peer is declared dead"
     )]
     ChannelVsDead { channel_timeout: u128, dead_after: u128 },
     #[error(
-        "timeouts.isolation_after ({isolation_after} ms) must be at least timeouts.channel_timeout \
-         ({channel_timeout} ms), or a short outage of every channel fences the host"
+        "timeouts.isolation_after_ms ({isolation_after} ms) must be at least \
+         timeouts.channel_timeout_ms ({channel_timeout} ms), or a short outage of every channel \
+         fences the host"
     )]
     IsolationVsChannel {
         isolation_after: u128,
         channel_timeout: u128,
     },
     #[error(
-        "timeouts.fence_deadline ({fence_deadline} ms) must be later than timeouts.isolation_after \
-         ({isolation_after} ms): an isolated host needs time to destroy its guests"
+        "timeouts.fence_deadline_ms ({fence_deadline} ms) must be greater than \
+         timeouts.isolation_after_ms ({isolation_after} ms): an isolated host needs time to destroy \
+         its guests"
     )]
     DeadlineVsIsolation {
         fence_deadline: u128,
         isolation_after: u128,
     },
     #[error(
-        "unsafe timeouts: survivors restart a dead host's guests {restart} ms after last contact \
-         (dead_after + fence_grace), which must be at least {required} ms: the isolated host's fence \
-         deadline ({fence_deadline} ms) + how stale a peer's 'sees' report can be ({sees_window} ms \
-         = 2 heartbeats) + one heartbeat ({heartbeat} ms) of margin. Raise dead_after or \
-         fence_grace, or lower fence_deadline"
+        "unsafe timeouts: timeouts.dead_after_ms + timeouts.fence_grace_ms ({restart} ms, when \
+         survivors restart a dead host's guests) must be at least {required} ms = \
+         timeouts.fence_deadline_ms ({fence_deadline} ms) + 3 × timeouts.heartbeat_interval_ms \
+         ({heartbeat_interval} ms: how stale a peer's 'sees' report can be, 2 heartbeats, plus one \
+         of margin). Raise fence_grace_ms to at least {min_grace} ms, or lower fence_deadline_ms"
     )]
     RestartBeforeFence {
         restart: u128,
         required: u128,
         fence_deadline: u128,
-        sees_window: u128,
-        heartbeat: u128,
+        heartbeat_interval: u128,
+        min_grace: u128,
     },
 }
 
@@ -123,7 +134,7 @@ impl Timeouts {
     /// How recently a peer must have been heard on a heartbeat network to be listed in the
     /// `sees` field of our heartbeats ([`Membership::sees`]): two heartbeat intervals.
     pub fn sees_window(&self) -> Duration {
-        self.heartbeat * 2
+        self.heartbeat_interval * 2
     }
 
     /// When survivors may restart the guests of a peer last seen at `last_seen`.
@@ -131,36 +142,37 @@ impl Timeouts {
         last_seen + self.dead_after + self.fence_grace
     }
 
-    /// Checks the inequalities failover safety rests on, with an error naming the setting:
+    /// Checks the inequalities failover safety rests on, with an error naming the file's keys
+    /// (docs/controller.md "Timing" and docs/operations.md state the same rules):
     /// - every value positive;
-    /// - `channel_timeout ≥ 2 × heartbeat` and `≥ 2 × statefile_interval` (no flapping on one
-    ///   lost datagram or between two slot writes);
+    /// - `channel_timeout ≥ 2 × heartbeat_interval` and `≥ 2 × statefile_interval` (no flapping
+    ///   on one lost datagram or between two slot writes);
     /// - `channel_timeout < dead_after`; `isolation_after ≥ channel_timeout`;
     /// - `fence_deadline > isolation_after` (time to destroy guests);
-    /// - **`dead_after + fence_grace ≥ fence_deadline + sees_window + heartbeat`**: a survivor's
-    ///   restart (measured from its last contact with the dead host) comes strictly after the
-    ///   isolated host's fence deadline (measured from *its* last contact, which can be up to
-    ///   `sees_window` later because mutual contact is judged from the peer's `sees` report),
-    ///   with at least one heartbeat interval to spare. With the defaults: 5 s ≥ 4 s + 0.4 s +
-    ///   0.2 s.
+    /// - **`dead_after + fence_grace ≥ fence_deadline + sees_window + heartbeat_interval`**
+    ///   (`sees_window` = 2 × `heartbeat_interval`): a survivor's restart (measured from its last
+    ///   contact with the dead host) comes strictly after the isolated host's fence deadline
+    ///   (measured from *its* last contact, which can be up to `sees_window` later because mutual
+    ///   contact is judged from the peer's `sees` report), with at least one heartbeat interval
+    ///   to spare. With the defaults: 5 s ≥ 4 s + 0.4 s + 0.2 s.
     pub fn validate(&self) -> Result<(), TimeoutsError> {
         let fields = [
-            ("heartbeat", self.heartbeat),
-            ("statefile_interval", self.statefile_interval),
-            ("channel_timeout", self.channel_timeout),
-            ("dead_after", self.dead_after),
-            ("isolation_after", self.isolation_after),
-            ("fence_deadline", self.fence_deadline),
-            ("fence_grace", self.fence_grace),
+            ("heartbeat_interval_ms", self.heartbeat_interval),
+            ("statefile_interval_ms", self.statefile_interval),
+            ("channel_timeout_ms", self.channel_timeout),
+            ("dead_after_ms", self.dead_after),
+            ("isolation_after_ms", self.isolation_after),
+            ("fence_deadline_ms", self.fence_deadline),
+            ("fence_grace_ms", self.fence_grace),
         ];
-        if let Some((name, _)) = fields.iter().find(|(_, d)| d.is_zero()) {
-            return Err(TimeoutsError::Zero { name });
+        if let Some((key, _)) = fields.iter().find(|(_, d)| d.is_zero()) {
+            return Err(TimeoutsError::Zero { key });
         }
         let ms = |d: Duration| d.as_millis();
-        if self.channel_timeout < self.heartbeat * 2 {
+        if self.channel_timeout < self.heartbeat_interval * 2 {
             return Err(TimeoutsError::ChannelVsHeartbeat {
                 channel_timeout: ms(self.channel_timeout),
-                heartbeat: ms(self.heartbeat),
+                heartbeat_interval: ms(self.heartbeat_interval),
             });
         }
         if self.channel_timeout < self.statefile_interval * 2 {
@@ -188,14 +200,14 @@ impl Timeouts {
             });
         }
         let restart = self.dead_after + self.fence_grace;
-        let required = self.fence_deadline + self.sees_window() + self.heartbeat;
+        let required = self.fence_deadline + self.sees_window() + self.heartbeat_interval;
         if restart < required {
             return Err(TimeoutsError::RestartBeforeFence {
                 restart: ms(restart),
                 required: ms(required),
                 fence_deadline: ms(self.fence_deadline),
-                sees_window: ms(self.sees_window()),
-                heartbeat: ms(self.heartbeat),
+                heartbeat_interval: ms(self.heartbeat_interval),
+                min_grace: ms(required.saturating_sub(self.dead_after)),
             });
         }
         Ok(())
@@ -927,33 +939,268 @@ mod tests {
     fn default_timeouts_are_valid_and_the_inequality_holds() {
         let t = Timeouts::default();
         t.validate().unwrap();
-        assert!(t.dead_after + t.fence_grace >= t.fence_deadline + t.sees_window() + t.heartbeat);
+        assert!(t.dead_after + t.fence_grace >= t.fence_deadline + t.sees_window() + t.heartbeat_interval);
     }
 
+    /// The configuration file's `[timeouts]` keys (config.rs `raw::Timeouts`).
+    const FILE_KEYS: [&str; 7] = [
+        "heartbeat_interval_ms",
+        "statefile_interval_ms",
+        "channel_timeout_ms",
+        "dead_after_ms",
+        "isolation_after_ms",
+        "fence_deadline_ms",
+        "fence_grace_ms",
+    ];
+
+    /// Every `timeouts.<key>` an error names is a key of the configuration file.
+    fn assert_names_only_file_keys(e: &str) {
+        for (i, _) in e.match_indices("timeouts.") {
+            let key: String = e[i + "timeouts.".len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            assert!(
+                FILE_KEYS.contains(&key.as_str()),
+                "{e:?} names timeouts.{key}, not a file key"
+            );
+        }
+    }
+
+    /// Each rule at its boundary: the value on the allowed side passes, one millisecond across
+    /// fails with that rule's error.
     #[test]
-    fn invalid_timeouts_are_clear_errors() {
+    fn each_timeouts_rule_at_its_boundary() {
+        let d = Timeouts::default();
+        let ok = |t: Timeouts| t.validate().unwrap_or_else(|e| panic!("{t:?} refused: {e}"));
+        let err = |t: Timeouts| t.validate().expect_err(&format!("{t:?} accepted"));
+
+        // Every value positive; 1 ms of heartbeat is still a valid setting.
+        ok(Timeouts {
+            heartbeat_interval: ms(1),
+            ..d
+        });
+        let zeroed: [(Timeouts, &str); 7] = [
+            (
+                Timeouts {
+                    heartbeat_interval: ms(0),
+                    ..d
+                },
+                "heartbeat_interval_ms",
+            ),
+            (
+                Timeouts {
+                    statefile_interval: ms(0),
+                    ..d
+                },
+                "statefile_interval_ms",
+            ),
+            (
+                Timeouts {
+                    channel_timeout: ms(0),
+                    ..d
+                },
+                "channel_timeout_ms",
+            ),
+            (Timeouts { dead_after: ms(0), ..d }, "dead_after_ms"),
+            (
+                Timeouts {
+                    isolation_after: ms(0),
+                    ..d
+                },
+                "isolation_after_ms",
+            ),
+            (
+                Timeouts {
+                    fence_deadline: ms(0),
+                    ..d
+                },
+                "fence_deadline_ms",
+            ),
+            (
+                Timeouts {
+                    fence_grace: ms(0),
+                    ..d
+                },
+                "fence_grace_ms",
+            ),
+        ];
+        for (t, key) in zeroed {
+            assert_eq!(err(t), TimeoutsError::Zero { key });
+        }
+
+        // channel_timeout ≥ 2 × heartbeat_interval (200 / 300 from the issue fails; 200 / 400 passes).
+        let hb = Timeouts {
+            heartbeat_interval: ms(200),
+            statefile_interval: ms(200),
+            channel_timeout: ms(400),
+            ..d
+        };
+        ok(hb);
+        for channel in [399u64, 300] {
+            assert_eq!(
+                err(Timeouts {
+                    channel_timeout: ms(channel),
+                    ..hb
+                }),
+                TimeoutsError::ChannelVsHeartbeat {
+                    channel_timeout: channel.into(),
+                    heartbeat_interval: 200
+                }
+            );
+        }
+        ok(Timeouts {
+            heartbeat_interval: ms(201),
+            channel_timeout: ms(402),
+            ..hb
+        });
+
+        // channel_timeout ≥ 2 × statefile_interval: the defaults sit on the boundary.
+        ok(Timeouts {
+            statefile_interval: ms(500),
+            ..d
+        });
+        assert_eq!(
+            err(Timeouts {
+                statefile_interval: ms(501),
+                ..d
+            }),
+            TimeoutsError::ChannelVsStateFile {
+                channel_timeout: 1000,
+                statefile_interval: 501
+            }
+        );
+
+        // channel_timeout < dead_after.
+        let near_dead = Timeouts {
+            channel_timeout: ms(2999),
+            isolation_after: ms(2999),
+            ..d
+        };
+        ok(near_dead);
+        assert_eq!(
+            err(Timeouts {
+                channel_timeout: ms(3000),
+                isolation_after: ms(3000),
+                ..d
+            }),
+            TimeoutsError::ChannelVsDead {
+                channel_timeout: 3000,
+                dead_after: 3000
+            }
+        );
+
+        // isolation_after ≥ channel_timeout.
+        ok(Timeouts {
+            isolation_after: ms(1000),
+            ..d
+        });
+        assert_eq!(
+            err(Timeouts {
+                isolation_after: ms(999),
+                ..d
+            }),
+            TimeoutsError::IsolationVsChannel {
+                isolation_after: 999,
+                channel_timeout: 1000
+            }
+        );
+
+        // fence_deadline > isolation_after.
+        ok(Timeouts {
+            fence_deadline: ms(2001),
+            ..d
+        });
+        assert_eq!(
+            err(Timeouts {
+                fence_deadline: ms(2000),
+                ..d
+            }),
+            TimeoutsError::DeadlineVsIsolation {
+                fence_deadline: 2000,
+                isolation_after: 2000
+            }
+        );
+
+        // dead_after + fence_grace ≥ fence_deadline + 2 × heartbeat_interval + heartbeat_interval:
+        // 5000 = 4400 + 400 + 200 passes, 4401 fails; likewise fence_grace 1600 / 1599.
+        ok(Timeouts {
+            fence_deadline: ms(4400),
+            ..d
+        });
+        assert_eq!(
+            err(Timeouts {
+                fence_deadline: ms(4401),
+                ..d
+            }),
+            TimeoutsError::RestartBeforeFence {
+                restart: 5000,
+                required: 5001,
+                fence_deadline: 4401,
+                heartbeat_interval: 200,
+                min_grace: 2001
+            }
+        );
+        ok(Timeouts {
+            fence_grace: ms(1600),
+            ..d
+        });
+        assert!(matches!(
+            err(Timeouts {
+                fence_grace: ms(1599),
+                ..d
+            }),
+            TimeoutsError::RestartBeforeFence {
+                restart: 4599,
+                required: 4600,
+                ..
+            }
+        ));
+        // The issue's case: dead 3000 + grace 1300 against deadline 4000 (the old, weaker rule
+        // in the configuration parser let it through).
+        assert!(matches!(
+            err(Timeouts {
+                fence_grace: ms(1300),
+                ..d
+            }),
+            TimeoutsError::RestartBeforeFence {
+                restart: 4300,
+                required: 4600,
+                min_grace: 1600,
+                ..
+            }
+        ));
+    }
+
+    /// The messages name the configuration file's keys, with their values.
+    #[test]
+    fn timeouts_errors_name_the_file_keys() {
         let d = Timeouts::default();
         let cases: Vec<(Timeouts, &str)> = vec![
             (
                 Timeouts {
-                    heartbeat: Duration::ZERO,
+                    heartbeat_interval: Duration::ZERO,
                     ..d
                 },
-                "timeouts.heartbeat is zero",
+                "timeouts.heartbeat_interval_ms is 0; every timeout must be positive",
             ),
             (
                 Timeouts {
-                    heartbeat: ms(600),
+                    heartbeat_interval: ms(200),
+                    statefile_interval: ms(100),
+                    channel_timeout: ms(300),
                     ..d
                 },
-                "at least twice timeouts.heartbeat (600 ms)",
+                "timeouts.channel_timeout_ms (300 ms) must be at least twice timeouts.heartbeat_interval_ms \
+                 (200 ms), so that one lost heartbeat does not take a channel down",
             ),
             (
                 Timeouts {
                     statefile_interval: ms(700),
                     ..d
                 },
-                "twice timeouts.statefile_interval (700 ms)",
+                "timeouts.channel_timeout_ms (1000 ms) must be at least twice timeouts.statefile_interval_ms \
+                 (700 ms), so that the state-file channel does not flap between two slot writes",
             ),
             (
                 Timeouts {
@@ -961,49 +1208,45 @@ mod tests {
                     isolation_after: ms(3000),
                     ..d
                 },
-                "must be shorter than timeouts.dead_after (3000 ms)",
+                "timeouts.channel_timeout_ms (3000 ms) must be less than timeouts.dead_after_ms (3000 ms): \
+                 a channel goes down before its peer is declared dead",
             ),
             (
                 Timeouts {
                     isolation_after: ms(900),
                     ..d
                 },
-                "isolation_after (900 ms) must be at least timeouts.channel_timeout",
+                "timeouts.isolation_after_ms (900 ms) must be at least timeouts.channel_timeout_ms (1000 ms), \
+                 or a short outage of every channel fences the host",
             ),
             (
                 Timeouts {
                     fence_deadline: ms(2000),
                     ..d
                 },
-                "fence_deadline (2000 ms) must be later than timeouts.isolation_after (2000 ms)",
+                "timeouts.fence_deadline_ms (2000 ms) must be greater than timeouts.isolation_after_ms \
+                 (2000 ms): an isolated host needs time to destroy its guests",
             ),
             (
                 Timeouts {
-                    fence_grace: ms(1500),
+                    fence_grace: ms(1300),
                     ..d
                 },
-                "restart a dead host's guests 4500 ms after last contact",
-            ),
-            // 5000 < 4500 + 400 + 200: the margin is a heartbeat *plus* the sees window.
-            (
-                Timeouts {
-                    fence_deadline: ms(4500),
-                    ..d
-                },
-                "must be at least 5100 ms",
+                "unsafe timeouts: timeouts.dead_after_ms + timeouts.fence_grace_ms (4300 ms, when survivors \
+                 restart a dead host's guests) must be at least 4600 ms = timeouts.fence_deadline_ms \
+                 (4000 ms) + 3 × timeouts.heartbeat_interval_ms (200 ms: how stale a peer's 'sees' report \
+                 can be, 2 heartbeats, plus one of margin). Raise fence_grace_ms to at least 1600 ms, or \
+                 lower fence_deadline_ms",
             ),
         ];
         for (t, want) in cases {
             let e = t.validate().unwrap_err().to_string();
-            assert!(e.contains(want), "{t:?}: got {e:?}, want {want:?}");
+            assert_eq!(e, want, "{t:?}");
+            assert_names_only_file_keys(&e);
         }
-        // The boundary itself is allowed: 5000 = 4400 + 400 + 200.
-        Timeouts {
-            fence_deadline: ms(4400),
-            ..d
+        for key in FILE_KEYS {
+            assert_names_only_file_keys(&TimeoutsError::Zero { key }.to_string());
         }
-        .validate()
-        .unwrap();
     }
 
     #[test]

@@ -362,7 +362,7 @@ async fn isolated_host_fences_before_the_survivor_restarts() {
     assert!(b_started >= last_seen + ms(5000));
     // The two timelines: A's guest was gone well before B's started.
     assert!(
-        b_started - a_stopped >= Timeouts::default().heartbeat,
+        b_started - a_stopped >= Timeouts::default().heartbeat_interval,
         "margin {:?}",
         b_started - a_stopped
     );
@@ -407,7 +407,7 @@ async fn one_way_cut_still_fences_before_the_restart() {
         b_started - w.t0
     );
     assert!(
-        b_started - a_stopped >= Timeouts::default().heartbeat,
+        b_started - a_stopped >= Timeouts::default().heartbeat_interval,
         "{:?}",
         b_started - a_stopped
     );
@@ -439,7 +439,7 @@ async fn hung_destroy_is_left_to_the_watchdog_before_the_restart() {
     assert!(armed_at + timeout <= out.deadline);
     let restarts = w.decisions("b", |d| matches!(d, FenceDecision::RestartGuestsOf { .. }));
     assert_eq!(restarts.len(), 1);
-    assert!(restarts[0].0 >= out.deadline + Timeouts::default().heartbeat);
+    assert!(restarts[0].0 >= out.deadline + Timeouts::default().heartbeat_interval);
     assert!(
         w.decisions("a", |d| matches!(d, FenceDecision::FenceIncomplete { .. }))
             .len()

@@ -515,6 +515,11 @@ mod tests {
         assert_eq!(f.hint.as_deref(), Some("do x"));
         let f: Failure = ApiError::new(codes::UNREACHABLE, "gone").into();
         assert_eq!(f.code, 1);
+        // A saturated controller, here or at the peer a pool change goes through, is transient.
+        for code in [codes::BUSY, codes::INTERNAL, "peer_unreachable", "isolated"] {
+            let f: Failure = ApiError::new(code, "not now").with_hint("retry shortly").into();
+            assert_eq!(f.code, 1, "{code}");
+        }
     }
 
     #[test]
