@@ -36,6 +36,9 @@ start_daemon() {{
     sleep 0.05
   done
   DEV=$(head -n1 "$n.out"); ID=${{DEV#/dev/ublkb}}; NAME=${{DEV#/dev/}}
+  # devtmpfs creates the node asynchronously (and may still be removing the previous
+  # daemon's node of the same number): give it a moment.
+  for _ in $(seq 100); do [ -b "$DEV" ] && break; sleep 0.05; done
   [ -b "$DEV" ] || {{ echo "$n did not start: $(cat "$n.err")" > fatal; exit 3; }}
 }}
 stop_daemon() {{ kill -TERM "$PID"; wait "$PID"; echo $? > "$1.rc"; }}
