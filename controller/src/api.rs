@@ -1333,7 +1333,6 @@ mod tests {
     use super::*;
     use futures::StreamExt;
     use std::path::PathBuf;
-    use std::sync::atomic::{AtomicU32, Ordering};
 
     use crate::events::{EventBus, EventKind};
 
@@ -1374,24 +1373,7 @@ mod tests {
         })
     }
 
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new() -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "eac-api-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_util::TempDir;
 
     fn my_uid() -> u32 {
         std::fs::metadata("/proc/self")
@@ -1400,7 +1382,7 @@ mod tests {
     }
 
     async fn unix_server(h: Arc<Toy>, allowed: u32) -> (TempDir, PathBuf, tokio::task::JoinHandle<()>) {
-        let dir = TempDir::new();
+        let dir = TempDir::new("api-test");
         let path = dir.0.join("controller.sock");
         let l = bind_unix(&path).unwrap();
         let t = tokio::spawn(serve_unix_for_uid(l, h, allowed));
@@ -1863,7 +1845,7 @@ mod tests {
             println!("not root: cannot run a client as uid 65534; the slot accounting is tested sans-I/O");
             return;
         }
-        let dir = TempDir::new();
+        let dir = TempDir::new("api-test");
         let path = dir.0.join("controller.sock");
         let l = bind_unix(&path).unwrap();
         std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -2025,7 +2007,7 @@ print $n "{\"v\":1,\"id\":1,\"op\":\"pool.status\"}\n"; my $l = <$n>; print "GOT
     /// An authenticated or unix connection without a request for the idle timeout is closed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_idle_unix_connection_is_closed() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("api-test");
         let path = dir.0.join("controller.sock");
         let l = bind_unix(&path).unwrap();
         let limits = UnixLimits {

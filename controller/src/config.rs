@@ -452,27 +452,8 @@ pub fn read_secret(path: &Path) -> Result<PoolSecret, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
 
-    /// A temporary directory removed on drop.
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new() -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "eac-config-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_util::TempDir;
 
     fn good(dir: &TempDir) -> String {
         let secret = dir.0.join("pool.secret");
@@ -519,7 +500,7 @@ vcpus = 4
 
     #[test]
     fn the_documented_example_parses_with_defaults() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("config-test");
         let c = parse(&good(&dir)).unwrap();
         assert_eq!(c.host, "a");
         assert_eq!(c.pool_secret.as_bytes(), b"0123456789abcdef-pool-secret");
@@ -558,7 +539,7 @@ vcpus = 4
 
     #[test]
     fn the_example_in_operations_md_is_valid() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("config-test");
         good(&dir);
         let doc = include_str!("../../docs/operations.md");
         let section = doc
@@ -579,7 +560,7 @@ vcpus = 4
 
     #[test]
     fn timeouts_are_read_in_milliseconds() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("config-test");
         let text = format!(
             "{}\n[timeouts]\nheartbeat_interval_ms = 100\nfence_grace_ms = 2500\n",
             good(&dir)
@@ -592,7 +573,7 @@ vcpus = 4
 
     #[test]
     fn every_validation_error_names_the_field() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("config-test");
         let g = good(&dir);
         let short = dir.0.join("short.secret");
         std::fs::write(&short, "  too-short \n").unwrap();
@@ -684,7 +665,7 @@ vcpus = 4
     /// one), and its errors name the file's keys.
     #[test]
     fn timeouts_are_validated_with_the_file_keys() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("config-test");
         let g = good(&dir);
         let cases = [
             (

@@ -18,3 +18,5 @@ pub mod vmm;
 
 #[cfg(test)]
 mod scenario_tests;
+#[cfg(test)]
+mod test_util;

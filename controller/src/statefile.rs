@@ -563,26 +563,8 @@ pub fn decode_slot(slot: usize, host: &str, b: &[u8]) -> Result<SlotRecord, Slot
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU32;
 
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new_in(base: &Path) -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = base.join(format!(
-                "eac-statefile-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_util::TempDir;
 
     fn hosts() -> Vec<String> {
         vec!["b".into(), "a".into(), "c".into()]
@@ -611,7 +593,7 @@ mod tests {
     }
 
     fn two_hosts_see_each_other(base: &Path, prefer: IoMode) -> IoMode {
-        let dir = TempDir::new_in(base);
+        let dir = TempDir::new_in(base, "statefile-test");
         let path = dir.0.join("statefile");
         let a = StateFile::open_with(&path, &hosts(), prefer).unwrap();
         let b = StateFile::open_with(&path, &hosts(), prefer).unwrap();
@@ -675,7 +657,7 @@ mod tests {
         // direct path really runs, and report where it does not.
         for base in [std::env::temp_dir(), PathBuf::from("/dev/shm")] {
             let t = fs_type(&base);
-            let dir = TempDir::new_in(&base);
+            let dir = TempDir::new_in(&base, "statefile-test");
             let f = StateFile::open(&dir.0.join("sf"), &hosts()).unwrap();
             f.write_slot(&rec("a", 1)).unwrap();
             f.read_all().unwrap();
@@ -688,7 +670,7 @@ mod tests {
 
     #[test]
     fn torn_and_garbage_slots_read_as_corrupt_never_alive() {
-        let dir = TempDir::new_in(&std::env::temp_dir());
+        let dir = TempDir::new_in(&std::env::temp_dir(), "statefile-test");
         let path = dir.0.join("statefile");
         let a = StateFile::open(&path, &hosts()).unwrap();
         a.write_slot(&rec("a", 5)).unwrap();
@@ -698,7 +680,7 @@ mod tests {
         raw.write_all_at(&[0xa5; SLOT_SIZE / 2], 0).unwrap();
         // Slot b: a valid slot with the second half replaced by a newer record's (torn between
         // two valid writes).
-        let other = TempDir::new_in(&std::env::temp_dir());
+        let other = TempDir::new_in(&std::env::temp_dir(), "statefile-test");
         let o = StateFile::open(&other.0.join("sf"), &hosts()).unwrap();
         let mut newer = rec("b", 7);
         newer.guests = (0..40).map(|i| format!("guest-{i}")).collect();
@@ -729,7 +711,7 @@ mod tests {
 
     #[test]
     fn decode_rejects_every_kind_of_damage_without_panicking() {
-        let dir = TempDir::new_in(&std::env::temp_dir());
+        let dir = TempDir::new_in(&std::env::temp_dir(), "statefile-test");
         let f = StateFile::open(&dir.0.join("sf"), &hosts()).unwrap();
         let mut slot = vec![0u8; SLOT_SIZE];
         f.encode(&rec("a", 1), &mut slot).unwrap();
@@ -777,7 +759,7 @@ mod tests {
 
     #[test]
     fn a_long_guest_list_is_truncated_not_refused() {
-        let dir = TempDir::new_in(&std::env::temp_dir());
+        let dir = TempDir::new_in(&std::env::temp_dir(), "statefile-test");
         let f = StateFile::open(&dir.0.join("sf"), &hosts()).unwrap();
         let mut r = rec("c", 1);
         r.guests = (0..200).map(|i| format!("{i:0>64}")).collect();
@@ -800,7 +782,7 @@ mod tests {
 
     #[test]
     fn a_growing_pool_keeps_existing_slots_readable() {
-        let dir = TempDir::new_in(&std::env::temp_dir());
+        let dir = TempDir::new_in(&std::env::temp_dir(), "statefile-test");
         let path = dir.0.join("sf");
         let two = StateFile::open(&path, &["a".into(), "b".into()]).unwrap();
         two.write_slot(&rec("a", 1)).unwrap();

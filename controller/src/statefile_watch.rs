@@ -809,27 +809,8 @@ mod tests {
 
     use crate::statefile::SlotRecord;
     use std::os::unix::fs::FileExt;
-    use std::path::PathBuf;
-    use std::sync::atomic::{AtomicU32, Ordering};
 
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new() -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "eac-sfwatch-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_util::TempDir;
 
     /// One host's state-file task, as the daemon runs it.
     struct Host {
@@ -920,7 +901,7 @@ mod tests {
 
     #[test]
     fn real_file_deleted_then_recreated_is_missing_then_replaced_and_healed() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("sfwatch-test");
         let path = dir.0.join("statefile");
         let (mut a, mut b) = (Host::new("a"), Host::new("b"));
         let mut t = Instant::now();
@@ -969,7 +950,7 @@ mod tests {
 
     #[test]
     fn real_file_replaced_by_a_directory_or_an_empty_file_is_reported_and_heals() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("sfwatch-test");
         let path = dir.0.join("statefile");
         let saved = dir.0.join("statefile.saved");
         let (mut a, mut b) = (Host::new("a"), Host::new("b"));
@@ -1004,7 +985,7 @@ mod tests {
 
     #[test]
     fn real_file_garbage_over_a_peer_slot_is_a_corrupt_slot_of_that_peer() {
-        let dir = TempDir::new();
+        let dir = TempDir::new("sfwatch-test");
         let path = dir.0.join("statefile");
         let (mut a, mut b) = (Host::new("a"), Host::new("b"));
         let mut t = Instant::now();
