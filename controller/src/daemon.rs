@@ -42,6 +42,7 @@ use crate::libvirt::{self, DomainState, DomainSummary, ErrorKind, Hypervisor, Li
 use crate::membership::{self, Channel, Membership, MembershipEvent, PeerSpec, PeerState};
 use crate::plan;
 use crate::pool::{self, Level, PoolConfig, ProtectedGuest, Refusal};
+use crate::reconcile::{self, Reconciler};
 use crate::statefile::{SlotRecord, StateFile};
 use crate::statefile_watch::{self, SlotHealth, WatchEvent as SfEvent, Watcher};
 use crate::view;
@@ -62,6 +63,8 @@ const CRASH_BACKOFF_RESET: Duration = Duration::from_secs(60);
 /// Failover start attempts (e.g. while a lock lease is still held) and their spacing.
 const FAILOVER_ATTEMPTS: u32 = 10;
 const FAILOVER_RETRY: Duration = Duration::from_secs(1);
+/// How long after a stall longer than the dead timeout a duplicate copy here yields.
+const AFTER_STALL: Duration = Duration::from_secs(15);
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -317,6 +320,15 @@ struct St {
     fenced_guests: BTreeSet<String>,
     tick: u64,
     syncing: BTreeSet<String>,
+    /// Does the pool's record of where each guest runs match libvirt (see `reconcile`).
+    reconciler: Reconciler,
+    /// A reconciliation pass is running.
+    reconciling: bool,
+    /// Guests whose record could not be corrected (warned once per episode).
+    record_warned: BTreeSet<String>,
+    /// Until when this host counts as "just resumed from a stall longer than the dead
+    /// timeout" (its peers may have declared it dead; a duplicate copy here yields).
+    after_stall_until: Option<Instant>,
 }
 
 /// The daemon. Cheap to share (`Arc`).
@@ -418,6 +430,10 @@ impl Ctl {
                 fenced_guests: BTreeSet::new(),
                 tick: 0,
                 syncing: BTreeSet::new(),
+                reconciler: Reconciler::default(),
+                reconciling: false,
+                record_warned: BTreeSet::new(),
+                after_stall_until: None,
             }),
             change_lock: tokio::sync::Mutex::new(()),
             statefile: Mutex::new(None),
@@ -826,6 +842,24 @@ impl Ctl {
                     gap_ms = gap.as_millis() as u64,
                     "the controller was not scheduled for {gap:?}; judging membership after the receivers caught up"
                 );
+                let dead_after = self.cfg.timeouts.dead_after;
+                if gap >= dead_after {
+                    // Peers may have declared this host dead meanwhile and restarted (or tried
+                    // to restart) its guests: re-check ownership at once.
+                    self.st().after_stall_until = Some(now + AFTER_STALL);
+                    self.emit(
+                        EventKind::Stalled,
+                        None,
+                        None,
+                        format!(
+                            "this host's controller was not scheduled for {} ms, longer than dead_after ({} ms): its peers may have declared it dead; re-checking where its guests run",
+                            gap.as_millis(),
+                            dead_after.as_millis()
+                        ),
+                    );
+                    let me = self.clone();
+                    tokio::spawn(async move { me.recheck_after_stall().await });
+                }
                 continue;
             }
             deferred = false;
@@ -865,6 +899,8 @@ impl Ctl {
             }
             if !events.is_empty() || self.st().tick.is_multiple_of(10) {
                 self.recheck_plan();
+                let me = self.clone();
+                tokio::spawn(async move { me.reconcile().await });
             }
         }
     }
@@ -1033,14 +1069,18 @@ impl Ctl {
             let dead: Vec<String> = st.membership.dead_peers().into_iter().collect();
             match plan::place_failed(&hosts, &guests, &dead, plan::Reserve::default()) {
                 Ok(p) => {
-                    let dead_home: BTreeSet<&str> = dead.iter().map(String::as_str).collect();
+                    // The guests that ran on a dead host (by what the hosts last reported, else
+                    // the pool's record), not only those the record places there: a record that
+                    // lags reality must not cost a guest its restart.
+                    let dead_set: BTreeSet<&str> = dead.iter().map(String::as_str).collect();
                     let mine: Vec<String> = p
                         .for_host(&self.me)
                         .filter(|g| {
                             st.pool
                                 .guests
                                 .get(*g)
-                                .is_some_and(|pg| dead_home.contains(pg.home.as_str()))
+                                .and_then(|pg| self.where_runs(&st, pg))
+                                .is_some_and(|h| dead_set.contains(h.as_str()))
                         })
                         .map(str::to_owned)
                         .collect();
@@ -1117,15 +1157,10 @@ impl Ctl {
                 return;
             }
         }
-        // Record the new home first (on every live host; dead ones catch up), so that a
-        // failure of this host right after the start leaves the pool knowing where it runs.
-        let change = pool::Change::Moved {
-            name: name.to_owned(),
-            host: self.me.clone(),
-        };
-        if let Err(e) = self.change_pool(change, None).await {
-            tracing::warn!(guest = name, error = %e, "could not record the guest's new home; starting it anyway");
-        }
+        // The new home is recorded only once the guest runs here (below): a start that is
+        // refused (the dead host was only frozen and still holds the disk) must not move the
+        // record away from where the guest really runs. Until the record follows, this host's
+        // state-file slot lists the guest (it is `starting`, then active), so the pool knows.
         let t0 = Instant::now();
         let mut last_err = String::new();
         let mut ok = false;
@@ -1170,12 +1205,19 @@ impl Ctl {
                             format!("disk lease still held (virtlockd): retrying every {FAILOVER_RETRY:?}: {last_err}"),
                         );
                     }
-                    tokio::time::sleep(FAILOVER_RETRY).await;
+                    // Wait for the next attempt, but stop at once when `from` is heard again.
+                    let until = Instant::now() + FAILOVER_RETRY;
+                    while Instant::now() < until {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        if self.st().membership.state(from) != Some(PeerState::Dead) {
+                            break;
+                        }
+                    }
                 }
             }
         }
-        self.st().starting.remove(name);
         if !ok {
+            self.st().starting.remove(name);
             self.emit(
                 EventKind::GuestRestartFailed,
                 Some(name),
@@ -1184,6 +1226,16 @@ impl Ctl {
             );
             return;
         }
+        // Record the new home (on every live host; dead ones catch up). If that fails, the
+        // reconciliation records it later (the guest runs here, the record says elsewhere).
+        let change = pool::Change::Moved {
+            name: name.to_owned(),
+            host: self.me.clone(),
+        };
+        if let Err(e) = self.change_pool(change, None).await {
+            tracing::warn!(guest = name, error = %e, "could not record the guest's new home yet; reconciliation retries");
+        }
+        self.st().starting.remove(name);
         self.emit(
             EventKind::GuestRestarted,
             Some(name),
@@ -1261,6 +1313,212 @@ impl Ctl {
                 ),
             }
         }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Where guests run: the pool's record follows libvirt (see `reconcile`)
+
+    fn reconcile_snapshot(&self, st: &St, now: Instant) -> reconcile::Snapshot {
+        let mut live_peers_running = BTreeMap::new();
+        let mut config_current = true;
+        for (p, info) in &st.peers {
+            if st.membership.state(p) == Some(PeerState::Dead) {
+                continue;
+            }
+            if info.config_epoch > st.pool.epoch {
+                config_current = false;
+            }
+            live_peers_running.insert(p.clone(), info.running.iter().cloned().collect());
+        }
+        reconcile::Snapshot {
+            me: self.me.clone(),
+            homes: st
+                .pool
+                .guests
+                .values()
+                .map(|g| (g.name.clone(), g.home.clone()))
+                .collect(),
+            active_here: st
+                .local
+                .values()
+                .filter(|d| d.state.is_active())
+                .map(|d| d.name.clone())
+                .collect(),
+            starting: st.starting.clone(),
+            live_peers_running,
+            config_current: config_current && st.pending.is_none() && st.syncing.is_empty(),
+            normal: matches!(st.fencer.state(), FenceState::Normal) && st.local_known,
+            after_stall: st.after_stall_until.is_some_and(|t| now < t),
+        }
+    }
+
+    /// One reconciliation pass (at most one at a time): corrects the record of guests that
+    /// run here, reports duplicates, and right after a stall yields a duplicate copy.
+    async fn reconcile(self: Arc<Self>) -> Vec<reconcile::Action> {
+        let actions = {
+            let mut st = self.st();
+            if st.reconciling {
+                return Vec::new();
+            }
+            let now = Instant::now();
+            let snap = self.reconcile_snapshot(&st, now);
+            let actions = st.reconciler.decide(now.into_std(), &snap);
+            if !actions.is_empty() {
+                st.reconciling = true;
+            }
+            actions
+        };
+        if actions.is_empty() {
+            return actions;
+        }
+        let mut done = Vec::new();
+        for a in actions {
+            // A duplicate is confirmed by the peer's own libvirt (its slot lists the guests it
+            // is starting too): no answer or "not active there" → not acted on.
+            if let reconcile::Action::Duplicate { guest, .. } | reconcile::Action::Yield { guest, .. } = &a {
+                let peers: Vec<String> = match &a {
+                    reconcile::Action::Duplicate { peers, .. } => peers.clone(),
+                    reconcile::Action::Yield { peer, .. } => vec![peer.clone()],
+                    _ => Vec::new(),
+                };
+                let mut confirmed = false;
+                for p in &peers {
+                    confirmed |= self.peer_runs(p, guest).await == Some(true);
+                }
+                if !confirmed {
+                    self.st().reconciler.not_duplicate(guest);
+                    continue;
+                }
+            }
+            match &a {
+                reconcile::Action::Record { guest, was } => {
+                    let change = pool::Change::Moved {
+                        name: guest.clone(),
+                        host: self.me.clone(),
+                    };
+                    match self.change_pool(change, None).await {
+                        Ok(_) => {
+                            self.st().record_warned.remove(guest);
+                            self.emit(
+                                EventKind::GuestLocation,
+                                Some(guest),
+                                None,
+                                format!("{guest} runs here but the pool placed it on {was}: recorded that it runs here"),
+                            )
+                        }
+                        Err(e) if self.st().record_warned.insert(guest.clone()) => tracing::warn!(
+                            guest = %guest, error = %e,
+                            "{guest} runs here but the pool places it on {was}; cannot record it yet (retrying every second)"
+                        ),
+                        Err(e) => tracing::debug!(guest = %guest, error = %e, "record still not corrected"),
+                    }
+                }
+                reconcile::Action::Duplicate { guest, peers } => self.emit(
+                    EventKind::GuestDuplicate,
+                    Some(guest),
+                    peers.first().map(String::as_str),
+                    format!(
+                        "{guest} is active here and on {} at once (a migration in progress, or two copies: check its disk)",
+                        peers.join(", ")
+                    ),
+                ),
+                reconcile::Action::DuplicateOver { guest } => self.emit(
+                    EventKind::GuestLocation,
+                    Some(guest),
+                    None,
+                    format!("{guest} is no longer active on two hosts"),
+                ),
+                reconcile::Action::Yield { guest, peer } => {
+                    let r = self.vmm.destroy(guest).await;
+                    self.emit(
+                        EventKind::GuestYielded,
+                        Some(guest),
+                        Some(peer),
+                        match &r {
+                            Ok(()) => format!(
+                                "this host was declared dead while it was not scheduled and {peer} restarted {guest}, which the pool now places there: destroyed this host's copy"
+                            ),
+                            Err(e) => format!(
+                                "{peer} runs {guest} and the pool places it there, but destroying this host's copy failed: {}",
+                                eac_common::error_chain(e)
+                            ),
+                        },
+                    );
+                }
+            }
+            done.push(a);
+        }
+        self.st().reconciling = false;
+        done
+    }
+
+    /// Does `peer`'s libvirt report `guest` active (its `vm.local`)? None: no answer.
+    async fn peer_runs(&self, peer: &str, guest: &str) -> Option<bool> {
+        let v = self
+            .peer_call(
+                peer,
+                Op::Ext {
+                    name: "vm.local".into(),
+                    args: Value::Null,
+                },
+            )
+            .await
+            .ok()?;
+        let list: Vec<view::LocalGuest> = serde_json::from_value(v).ok()?;
+        Some(list.iter().any(|g| g.name == guest && g.active))
+    }
+
+    /// After a stall longer than the dead timeout: take the newest configuration, let the
+    /// peers' slots arrive, re-check where this host's guests run, and say what was found.
+    async fn recheck_after_stall(self: Arc<Self>) {
+        self.clone().sync_all().await;
+        let t = self.cfg.timeouts;
+        let until = Instant::now() + reconcile::YIELD_CONFIRM + t.statefile_interval * 2 + t.heartbeat_interval;
+        let mut done = Vec::new();
+        tokio::time::sleep(t.statefile_interval + t.heartbeat_interval).await;
+        // Passes until a duplicate is confirmed (or none is seen).
+        while Instant::now() < until {
+            done.extend(self.clone().reconcile().await);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let (kept, elsewhere): (Vec<String>, Vec<String>) = {
+            let st = self.st();
+            let active: Vec<String> = st
+                .pool
+                .guests
+                .keys()
+                .filter(|g| st.local.get(*g).is_some_and(|d| d.state.is_active()))
+                .cloned()
+                .collect();
+            let elsewhere = st
+                .pool
+                .guests
+                .values()
+                .filter(|g| g.home != self.me && !active.contains(&g.name))
+                .filter(|g| st.peers.get(&g.home).is_some_and(|i| i.running.contains(&g.name)))
+                .map(|g| format!("{} on {}", g.name, g.home))
+                .collect();
+            (active, elsewhere)
+        };
+        let acted: Vec<String> = done
+            .iter()
+            .filter_map(|a| match a {
+                reconcile::Action::Record { guest, was } => Some(format!("recorded {guest} here (was {was})")),
+                reconcile::Action::Yield { guest, peer } => Some(format!("yielded {guest} to {peer}")),
+                _ => None,
+            })
+            .collect();
+        self.emit(
+            EventKind::Stalled,
+            None,
+            None,
+            format!(
+                "ownership re-checked after the stall (peers may have declared this host dead): runs here [{}]; runs elsewhere [{}]; {}",
+                kept.join(", "),
+                elsewhere.join(", "),
+                if acted.is_empty() { "nothing to correct".to_owned() } else { acted.join("; ") }
+            ),
+        );
     }
 
     // -----------------------------------------------------------------------------------------

@@ -108,6 +108,15 @@ pub enum EventKind {
     AdmissionRefused,
     /// The pool configuration changed (detail: epoch, what).
     ConfigChanged,
+    /// This host's controller was not scheduled for longer than the dead timeout: its peers
+    /// may have declared it dead (detail: how long; what the re-check of ownership found).
+    Stalled,
+    /// The pool's record of where a guest runs was corrected to what libvirt reports.
+    GuestLocation,
+    /// A protected guest is active on more than one host (or no longer: detail says).
+    GuestDuplicate,
+    /// This host destroyed its copy of a guest that a peer runs and the pool places there.
+    GuestYielded,
     /// A kind this build does not know.
     #[serde(other)]
     Unknown,
@@ -120,9 +129,11 @@ impl EventKind {
         use EventKind::*;
         match self {
             PeerDead | Isolated | Fencing | GuestRestartFailed | PlanBroken | StateFileError | StateFileMissing
-            | StateFileNotRegular | StateFileUnusable => tracing::Level::ERROR,
+            | StateFileNotRegular | StateFileUnusable | GuestDuplicate => tracing::Level::ERROR,
             ChannelDown | RedundancyLost | PeerSuspect | GuestCrashed | WatchdogArmed | AdmissionRefused
-            | StateFileReplaced | StateFileSlotCorrupt | Unknown => tracing::Level::WARN,
+            | StateFileReplaced | StateFileSlotCorrupt | Stalled | GuestLocation | GuestYielded | Unknown => {
+                tracing::Level::WARN
+            }
             _ => tracing::Level::INFO,
         }
     }
@@ -164,6 +175,10 @@ impl EventKind {
             PlanBroken => "plan_broken",
             AdmissionRefused => "admission_refused",
             ConfigChanged => "config_changed",
+            Stalled => "stalled",
+            GuestLocation => "guest_location",
+            GuestDuplicate => "guest_duplicate",
+            GuestYielded => "guest_yielded",
             Unknown => "unknown",
         }
     }

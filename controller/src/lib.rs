@@ -11,6 +11,7 @@ pub mod libvirt;
 pub mod membership;
 pub mod plan;
 pub mod pool;
+pub mod reconcile;
 pub mod statefile;
 pub mod statefile_watch;
 pub mod view;
