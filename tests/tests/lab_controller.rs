@@ -759,25 +759,48 @@ fn home_of(lab: &ControllerLab, host: &str, guest: &str) -> Option<String> {
 #[test]
 #[ignore = "privileged: needs root, namespaces, libvirtd, qemu; run by scripts/test.sh"]
 fn frozen_host_keeps_its_guest_protected() {
+    frozen_host("ctlfz", false);
+}
+
+/// The same with every process of host a frozen (controller, libvirtd, virtlogd, virtlockd,
+/// QEMU), as a hung VM host would be.
+#[test]
+#[ignore = "privileged: needs root, namespaces, libvirtd, qemu; run by scripts/test.sh"]
+fn frozen_whole_host_keeps_its_guest_protected() {
+    frozen_host("ctlfw", true);
+}
+
+fn signal_all(pids: &[i32], sig: nix::sys::signal::Signal) {
+    for &p in pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
+    }
+}
+
+fn frozen_host(tag: &str, whole_host: bool) {
     require_root();
     let _s = serial();
-    let mut lab = up(Options::new("ctlfz"));
+    let mut lab = up(Options::new(tag));
     protected_guest(&lab, "a", "g1");
-    let pid = lab.host_mut("a").controller().expect("a's controller").pid() as i32;
+    let pids: Vec<i32> = if whole_host {
+        lab.lab.host("a").ns.pids()
+    } else {
+        vec![lab.host_mut("a").controller().expect("a's controller").pid() as i32]
+    };
+    println!("freezing {} process(es) of host a", pids.len());
     let t_stop = wall_ms();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    signal_all(&pids, nix::sys::signal::Signal::SIGSTOP);
     // Long enough for b to declare a dead and try to start g1 a few times.
     wait_until(Duration::from_secs(30), "b declares a dead", || {
         first_event(&events(&lab, "b"), "peer_dead", t_stop).is_some()
     })
     .unwrap_or_else(|e| {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGCONT);
+        signal_all(&pids, nix::sys::signal::Signal::SIGCONT);
         panic!("{e}\n{}", lab.logs())
     });
     std::thread::sleep(Duration::from_secs(5));
     let t_cont = wall_ms();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGCONT).unwrap();
-    println!("a's controller stopped for {} ms", t_cont - t_stop);
+    signal_all(&pids, nix::sys::signal::Signal::SIGCONT);
+    println!("host a frozen for {} ms", t_cont - t_stop);
     wait_until(Duration::from_secs(20), "a alive to b again", || {
         lab.eac("b", &["pool", "status", "--json"])
             .json()
