@@ -30,6 +30,13 @@
 //! observation_interval = 10
 //! peer_timeout = 100       # no word from the partner for this long: its evidence is stale
 //! link_timeout = 30        # nothing over one AL this long while another delivers: it is dead
+//!
+//! [damping]                                   # optional; flap damping of our path (damping.rs)
+//! penalty = 1000           # added per failure of our application path
+//! suppress = 1500          # above this the path is not trusted: traffic stays on the partner
+//! reuse = 750              # trusted again once the penalty has decayed below this
+//! half_life = 15000        # ms; the penalty halves this often
+//! max_suppress = 60000     # ms; never suppressed longer than this after the last failure
 //! ```
 
 use std::{
@@ -39,7 +46,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{Mac, Role};
+use crate::{Mac, Role, damping::DampingConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -81,6 +88,8 @@ pub struct Config {
     pub guests: Vec<Guest>,
     #[serde(default)]
     pub timing: Timing,
+    #[serde(default)]
+    pub damping: DampingConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -200,6 +209,7 @@ impl Config {
                 t.peer_timeout
             ));
         }
+        self.damping.validate()?;
         let mut macs = std::collections::HashSet::new();
         for g in &self.guests {
             if !macs.insert(g.mac) {
@@ -272,6 +282,9 @@ port = "vg0"
         assert_eq!(c.availability_links.len(), 2);
         assert_eq!(c.guests[0].role, Role::Local);
         assert_eq!(c.timing.probe_loss, 40);
+        assert_eq!(c.damping, DampingConfig::default());
+        let c = parse(&format!("{GOOD}\n[damping]\nhalf_life = 5000\nmax_suppress = 30000\n")).unwrap();
+        assert_eq!((c.damping.half_life, c.damping.penalty), (5000, 1000));
     }
 
     #[test]
@@ -301,6 +314,11 @@ port = "vg0"
                 format!("{GOOD}\n[timing]\nlink_timeout = 500\n"),
                 "at most peer_timeout",
             ),
+            (
+                format!("{GOOD}\n[damping]\nreuse = 2000\n"),
+                "damping: reuse (2000) must be > 0 and below suppress (1500)",
+            ),
+            (format!("{GOOD}\n[damping]\nhalflife = 1\n"), "unknown field"),
         ];
         for (text, want) in cases {
             let e = parse(&text).unwrap_err().to_string();

@@ -23,6 +23,7 @@ use tokio::{
 use crate::{
     Datapath, Error, Mac, Role,
     config::{Config, Guest},
+    damping::DampEvent,
     decide::{Change, Evidence, Judge, PartnerView},
     link,
     links::{Health, LinkEvent, Links, health_word},
@@ -152,6 +153,30 @@ impl State {
             }
         }
         let changes = self.judge.evaluate(&ev);
+        for e in self.judge.take_damp_events() {
+            let app = self.cfg.app_iface.clone();
+            let d = self.cfg.damping;
+            match e {
+                DampEvent::Suppressed { penalty, until_ms } => self.event(
+                    "warn",
+                    format!(
+                        "application path on {app} suppressed by flap damping: it failed again after healing (penalty {penalty:.0} above {}); not trusted for at least {} ms, traffic stays through the partner while it can",
+                        d.suppress,
+                        until_ms.saturating_sub(ev.now_ms)
+                    ),
+                ),
+                DampEvent::Reused {
+                    penalty,
+                    suppressed_for_ms,
+                } => self.event(
+                    "info",
+                    format!(
+                        "application path on {app} trusted again: flap damping penalty decayed to {penalty:.0} (below {}) after {suppressed_for_ms} ms suppressed",
+                        d.reuse
+                    ),
+                ),
+            }
+        }
         if !changes.is_empty() {
             self.apply(changes);
         }
@@ -439,7 +464,8 @@ impl State {
             "uptime_ms": now,
             "app": {"iface": self.cfg.app_iface, "carrier": self.app_carrier, "path_ok": self.own_ok,
                     "probe_targets": self.cfg.probe_targets,
-                    "last_probe_reply_ms_ago": self.last_probe_reply_ms.map(|t| now.saturating_sub(t))},
+                    "last_probe_reply_ms_ago": self.last_probe_reply_ms.map(|t| now.saturating_sub(t)),
+                    "damping": self.judge.damping().status(now)},
             "availability_links": self.als.iter().enumerate().map(|(i, a)| json!({
                 "iface": a.iface, "peer": a.peer.to_string(), "carrier": self.links.carrier(i),
                 "health": self.links.health(i), "active": self.links.active() == Some(i),
@@ -524,7 +550,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         cfg.timing.link_timeout,
         now0,
     );
-    let mut judge = Judge::new(cfg.timing, prober.is_some(), now0);
+    let mut judge = Judge::new(cfg.timing, cfg.damping, prober.is_some(), now0);
     for g in &cfg.guests {
         judge.add_guest(g.mac, g.role, now0);
     }

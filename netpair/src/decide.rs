@@ -14,14 +14,24 @@
 //! - Nothing is steered into availability links that do not work: with no link judged
 //!   working ([`crate::links`]) the partner's path counts as unusable.
 //! - Traffic returns once our path has been good for `heal_hold` ms (hysteresis against a
-//!   flapping link), or at once if the partner's path fails while ours works, or if the
-//!   partner becomes unreachable (steering through it is then impossible).
+//!   flapping link) and is not suppressed by flap damping, or at once if the partner's path
+//!   fails while ours works, or if the partner becomes unreachable (steering through it is
+//!   then impossible).
+//! - Flap damping ([`crate::damping`]): every failure of our path after it had worked for
+//!   `heal_hold` ms (it was trusted, traffic would have come back: one full flap) adds a
+//!   penalty; a path that flaps is suppressed — not trusted, traffic stays on the partner —
+//!   until the penalty decays. A failure during the heal hold only restarts the hold. Damping
+//!   never delays moving away from a failing path.
 //! - We lend our NIC to a partner's guest exactly while the partner's fresh observation asks
 //!   for it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::{Mac, Role, config::Timing};
+use crate::{
+    Mac, Role,
+    config::Timing,
+    damping::{DampEvent, Damping, DampingConfig},
+};
 
 /// What the partner told us in its latest observation, and when it arrived.
 #[derive(Clone, Debug, Default)]
@@ -70,16 +80,21 @@ pub struct Judge {
     started_ms: u64,
     /// Since when our path has been continuously good (None: it is bad now).
     own_good_since: Option<u64>,
+    damping: Damping,
+    /// Damping changes not yet taken by the daemon.
+    damp_events: Vec<DampEvent>,
     guests: BTreeMap<Mac, GuestDecision>,
 }
 
 impl Judge {
-    pub fn new(timing: Timing, probes_configured: bool, now_ms: u64) -> Self {
+    pub fn new(timing: Timing, damping: DampingConfig, probes_configured: bool, now_ms: u64) -> Self {
         Self {
             timing,
             probes: probes_configured,
             started_ms: now_ms,
             own_good_since: Some(now_ms),
+            damping: Damping::new(damping),
+            damp_events: Vec::new(),
             guests: BTreeMap::new(),
         }
     }
@@ -98,6 +113,16 @@ impl Judge {
 
     pub fn guests(&self) -> &BTreeMap<Mac, GuestDecision> {
         &self.guests
+    }
+
+    /// Flap damping of our path (penalty, suppression), for `status`.
+    pub fn damping(&self) -> &Damping {
+        &self.damping
+    }
+
+    /// The damping changes since the last call, oldest first, to report.
+    pub fn take_damp_events(&mut self) -> Vec<DampEvent> {
+        std::mem::take(&mut self.damp_events)
     }
 
     /// Is our own path working, as we report it to the partner?
@@ -151,9 +176,22 @@ impl Judge {
         let problem = self.own_path_problem(ev);
         match (&problem, self.own_good_since) {
             (None, None) => self.own_good_since = Some(ev.now_ms),
-            (Some(_), Some(_)) => self.own_good_since = None,
+            (Some(_), Some(since)) => {
+                self.own_good_since = None;
+                // A failure of a healed (trusted) path is one flap; one during the heal hold
+                // only restarts the hold.
+                if ev.now_ms.saturating_sub(since) >= self.timing.heal_hold
+                    && let Some(e) = self.damping.failure(ev.now_ms)
+                {
+                    self.damp_events.push(e);
+                }
+            }
             _ => {}
         }
+        if let Some(e) = self.damping.poll(ev.now_ms) {
+            self.damp_events.push(e);
+        }
+        let suppressed = self.damping.suppressed();
         let partner = self.partner_path(ev);
         let partner_fresh = ev
             .partner
@@ -164,11 +202,15 @@ impl Judge {
         for (mac, g) in self.guests.iter_mut() {
             let verdict: Option<(bool, String)> = match g.role {
                 Role::Local if !g.steering => match (&problem, &partner) {
+                    (Some(why), Ok(_)) if suppressed => Some((
+                        true,
+                        format!("{why}; the partner's path works; our path is suppressed (flapping)"),
+                    )),
                     (Some(why), Ok(_)) => Some((true, format!("{why}; the partner's path works"))),
                     _ => None,
                 },
                 Role::Local => match (&problem, &partner, own_good_for) {
-                    (_, _, Some(good)) if good >= self.timing.heal_hold => {
+                    (_, _, Some(good)) if good >= self.timing.heal_hold && !suppressed => {
                         Some((false, format!("our path has worked for {good} ms")))
                     }
                     (None, Err(why), _) => Some((false, format!("{why}; our path works"))),
@@ -224,7 +266,7 @@ mod tests {
     const P: Mac = Mac([0x52, 0x54, 0, 0xfb, 1, 0x0b]);
 
     fn judge() -> Judge {
-        let mut j = Judge::new(Timing::default(), true, 0);
+        let mut j = Judge::new(Timing::default(), DampingConfig::default(), true, 0);
         j.add_guest(G, Role::Local, 0);
         j.add_guest(P, Role::Partner, 0);
         j
@@ -374,9 +416,103 @@ mod tests {
         assert_eq!(steers(&c, P), Some(false));
     }
 
+    /// Runs the judge every 10 ms from `from` to `to` (exclusive) with silent loss on our
+    /// path while `lossy(t)`: probe replies stop, the partner stays fresh and healthy.
+    /// Returns the local guest's changes with their instants.
+    fn run(j: &mut Judge, from: u64, to: u64, lossy: impl Fn(u64) -> bool) -> Vec<(u64, Change)> {
+        let mut last_reply = from;
+        let mut out = Vec::new();
+        for t in (from..to).step_by(10) {
+            if !lossy(t) {
+                last_reply = t;
+            }
+            for c in j.evaluate(&ev(t, true, last_reply, partner(t, true, &[]))) {
+                if c.mac == G {
+                    out.push((t, c));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_single_clean_failure_and_recovery_is_not_damped() {
+        let mut j = judge();
+        // Loss from 5000 to 6000, then a long healthy stretch.
+        let c = run(&mut j, 0, 20_000, |t| (5000..6000).contains(&t));
+        let at: Vec<(u64, bool)> = c.iter().map(|(t, c)| (*t, c.steer)).collect();
+        // Steered at the probe-loss limit (as without damping), back after the heal hold.
+        assert_eq!(at, [(5040, true), (7000, false)], "{c:?}");
+        assert!(!j.damping().suppressed());
+        assert!(j.take_damp_events().is_empty());
+        assert_eq!(j.damping().status(7000).failures, 1);
+    }
+
+    #[test]
+    fn a_flapping_path_is_suppressed_and_trusted_again_once_the_penalty_decays() {
+        let mut j = judge();
+        // Silent loss 1 s on / 1 s off from 2000 to 22000 (as in issue 12: 19-20 path
+        // changes per host without damping).
+        let flapping = |t: u64| (2000..22_000).contains(&t) && (t - 2000) % 2000 < 1000;
+        let c = run(&mut j, 0, 24_000, flapping);
+        let at: Vec<(u64, bool)> = c.iter().map(|(t, c)| (*t, c.steer)).collect();
+        // Out at once, home after the heal hold — just as the path fails again: out at once
+        // (that second failure of a healed path suppresses it), and then it stays out.
+        assert_eq!(at, [(2040, true), (4000, false), (4040, true)], "{c:?}");
+        assert!(c[2].1.why.contains("suppressed (flapping)"), "{}", c[2].1.why);
+        let ev = j.take_damp_events();
+        assert!(matches!(ev[..], [DampEvent::Suppressed { .. }]), "{ev:?}");
+        assert!(j.damping().suppressed());
+        assert_eq!(j.requests(), [G].into_iter().collect());
+        // After the flapping, the path works but is not trusted until the penalty decays
+        // below reuse; then traffic returns (the path has worked far longer than the hold).
+        let c = run(&mut j, 24_000, 120_000, |_| false);
+        let ev = j.take_damp_events();
+        let [DampEvent::Reused { suppressed_for_ms, .. }] = ev[..] else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(c.len(), 1, "{c:?}");
+        let (back, change) = &c[0];
+        assert!(!change.steer);
+        assert_eq!(*back, 4040 + suppressed_for_ms);
+        // Five path changes over ~a minute and a half, where undamped it would be 20 in 20 s.
+        assert!(*back > 60_000 && *back < 90_000, "back at {back}");
+        assert!(j.requests().is_empty());
+    }
+
+    #[test]
+    fn a_suppressed_path_still_takes_traffic_back_when_the_partners_path_fails() {
+        let mut j = judge();
+        let flapping = |t: u64| (2000..8000).contains(&t) && (t - 2000) % 2000 < 1000;
+        run(&mut j, 0, 9000, flapping);
+        assert!(j.damping().suppressed());
+        assert_eq!(j.requests(), [G].into_iter().collect());
+        // Our path works, suppressed; the partner's path fails: our path is the better one.
+        let c = j.evaluate(&ev(9010, true, 9010, partner(9010, false, &[])));
+        assert_eq!(steers(&c, G), Some(false), "{c:?}");
+        // Our path fails again while suppressed and the partner's works: out at once.
+        j.evaluate(&ev(9020, true, 9020, partner(9020, true, &[])));
+        let c = j.evaluate(&ev(9070, true, 9020, partner(9070, true, &[])));
+        assert_eq!(steers(&c, G), Some(true), "{c:?}");
+    }
+
+    #[test]
+    fn failures_during_the_heal_hold_only_restart_it() {
+        let mut j = judge();
+        // Loss 2000-2500, 3000-3500, 4000-4500: the path never works for the heal hold in
+        // between, so traffic never came back — no flap, no penalty beyond the first.
+        let c = run(&mut j, 0, 8000, |t| {
+            [2000, 3000, 4000].iter().any(|s| (*s..s + 500).contains(&t))
+        });
+        let at: Vec<(u64, bool)> = c.iter().map(|(t, c)| (*t, c.steer)).collect();
+        assert_eq!(at, [(2040, true), (5500, false)], "{c:?}");
+        assert!(!j.damping().suppressed());
+        assert_eq!(j.damping().status(8000).failures, 1);
+    }
+
     #[test]
     fn without_probe_targets_only_carrier_counts() {
-        let mut j = Judge::new(Timing::default(), false, 0);
+        let mut j = Judge::new(Timing::default(), DampingConfig::default(), false, 0);
         j.add_guest(G, Role::Local, 0);
         let none = Evidence {
             now_ms: 10_000,

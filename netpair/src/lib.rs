@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod damping;
 pub mod datapath;
 pub mod decide;
 pub mod link;
