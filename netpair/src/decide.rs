@@ -20,8 +20,9 @@
 //! - Flap damping ([`crate::damping`]): every failure of our path after it had worked for
 //!   `heal_hold` ms (it was trusted, traffic would have come back: one full flap) adds a
 //!   penalty; a path that flaps is suppressed — not trusted, traffic stays on the partner —
-//!   until the penalty decays. A failure during the heal hold only restarts the hold. Damping
-//!   never delays moving away from a failing path.
+//!   until the penalty decays. A failure during the heal hold only restarts the hold, except
+//!   while suppressed (then every failure adds penalty). Damping never delays moving away
+//!   from a failing path, nor returning when the partner's path fails or goes silent.
 //! - We lend our NIC to a partner's guest exactly while the partner's fresh observation asks
 //!   for it.
 
@@ -179,8 +180,9 @@ impl Judge {
             (Some(_), Some(since)) => {
                 self.own_good_since = None;
                 // A failure of a healed (trusted) path is one flap; one during the heal hold
-                // only restarts the hold.
-                if ev.now_ms.saturating_sub(since) >= self.timing.heal_hold
+                // only restarts the hold — unless the path is suppressed: then every failure
+                // counts, so a path that keeps flapping stays suppressed.
+                if (ev.now_ms.saturating_sub(since) >= self.timing.heal_hold || self.damping.suppressed())
                     && let Some(e) = self.damping.failure(ev.now_ms)
                 {
                     self.damp_events.push(e);
@@ -508,6 +510,20 @@ mod tests {
         assert_eq!(at, [(2040, true), (5500, false)], "{c:?}");
         assert!(!j.damping().suppressed());
         assert_eq!(j.damping().status(8000).failures, 1);
+    }
+
+    #[test]
+    fn while_suppressed_every_failure_adds_penalty() {
+        let mut j = judge();
+        let flapping = |t: u64| (2000..6000).contains(&t) && (t - 2000) % 2000 < 1000;
+        run(&mut j, 0, 6000, flapping);
+        assert!(j.damping().suppressed());
+        let before = j.damping().status(6000).failures;
+        // Short good stretches (below the heal hold) while suppressed still count.
+        run(&mut j, 6000, 9000, |t| {
+            [6500, 7500, 8500].iter().any(|s| (*s..s + 200).contains(&t))
+        });
+        assert_eq!(j.damping().status(9000).failures, before + 3);
     }
 
     #[test]
