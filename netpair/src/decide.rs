@@ -6,7 +6,10 @@
 //! changes it returns.
 //!
 //! Rules (docs/architecture.md, "netpair"):
-//! - Our path is **bad** on carrier loss, or when no probe reply came for `probe_loss` ms.
+//! - Our path is **bad** on carrier loss, or when no probe reply came for `probe_loss` ms
+//!   of our own running time: a stall of our loop ([`crate::stall`]; we sent no probes) is
+//!   no evidence and is not counted, so after a stall the path is re-observed first. The
+//!   daemon reads every reply and pairing message already queued before it judges.
 //! - A local guest is steered through the partner only when our path is bad **and** the
 //!   partner's evidence agrees: its observation is fresh (it reached us over an AL within
 //!   `peer_timeout`), it has carrier and its own probes are answered. Losing the ALs alone
@@ -32,7 +35,11 @@ use crate::{
     Mac, Role,
     config::Timing,
     damping::{DampEvent, Damping, DampingConfig},
+    stall::Stall,
 };
+
+/// At most this many stalls are remembered (only those since the last probe reply matter).
+const STALLS_KEPT: usize = 64;
 
 /// What the partner told us in its latest observation, and when it arrived.
 #[derive(Clone, Debug, Default)]
@@ -84,6 +91,8 @@ pub struct Judge {
     damping: Damping,
     /// Damping changes not yet taken by the daemon.
     damp_events: Vec<DampEvent>,
+    /// Our own loop's recent stalls ([`crate::stall`]): no evidence against our path.
+    stalls: std::collections::VecDeque<Stall>,
     guests: BTreeMap<Mac, GuestDecision>,
 }
 
@@ -96,8 +105,18 @@ impl Judge {
             own_good_since: Some(now_ms),
             damping: Damping::new(damping),
             damp_events: Vec::new(),
+            stalls: std::collections::VecDeque::new(),
             guests: BTreeMap::new(),
         }
+    }
+
+    /// Our loop was stalled (not running) during `s`: we sent no probes then, so missing
+    /// replies in that time say nothing about our path.
+    pub fn stalled(&mut self, s: Stall) {
+        if self.stalls.len() == STALLS_KEPT {
+            self.stalls.pop_front();
+        }
+        self.stalls.push_back(s);
     }
 
     pub fn add_guest(&mut self, mac: Mac, role: Role, now_ms: u64) {
@@ -132,6 +151,9 @@ impl Judge {
     }
 
     /// Why our path is bad, or None when it works.
+    ///
+    /// Probe loss counts only the time our loop ran since the last reply: stalled time
+    /// (no probes sent) is no evidence, so after a stall the path is re-observed first.
     fn own_path_problem(&self, ev: &Evidence) -> Option<String> {
         if !ev.own_carrier {
             return Some("carrier lost on the application NIC".into());
@@ -139,9 +161,16 @@ impl Judge {
         if self.probes {
             let last = ev.own_last_probe_reply_ms.unwrap_or(self.started_ms);
             let age = ev.now_ms.saturating_sub(last);
-            if age > self.timing.probe_loss {
+            let stalled: u64 = self.stalls.iter().map(|s| s.overlap_ms(last, ev.now_ms)).sum();
+            let observed = age.saturating_sub(stalled);
+            if observed > self.timing.probe_loss {
+                let stalled = if stalled > 0 {
+                    format!(", {stalled} ms of it stalled and not counted")
+                } else {
+                    String::new()
+                };
                 return Some(format!(
-                    "no probe reply for {age} ms (limit {} ms)",
+                    "no probe reply for {age} ms{stalled} (limit {} ms)",
                     self.timing.probe_loss
                 ));
             }
@@ -174,6 +203,11 @@ impl Judge {
 
     /// Re-evaluates every guest; returns the changes to apply, in MAC order.
     pub fn evaluate(&mut self, ev: &Evidence) -> Vec<Change> {
+        // Stalls before the last reply can no longer matter.
+        let last = ev.own_last_probe_reply_ms.unwrap_or(self.started_ms);
+        while self.stalls.front().is_some_and(|s| s.to_ms <= last) {
+            self.stalls.pop_front();
+        }
         let problem = self.own_path_problem(ev);
         match (&problem, self.own_good_since) {
             (None, None) => self.own_good_since = Some(ev.now_ms),
@@ -524,6 +558,142 @@ mod tests {
             [6500, 7500, 8500].iter().any(|s| (*s..s + 200).contains(&t))
         });
         assert_eq!(j.damping().status(9000).failures, before + 3);
+    }
+
+    /// Our daemon's loop on simulated time, 1 ms steps, as the daemon runs it: a probe
+    /// timer every 10 ms (a missed tick fires at once after a stall, then every 10 ms from
+    /// there: tokio's `MissedTickBehavior::Delay`); a probe's reply arrives 1 ms after it
+    /// while `path_ok` held when it was sent, and wakes the loop; inside a stall
+    /// `[from, to)` nothing runs and replies stay queued. On every wake-up the loop detects
+    /// its own stall ([`StallClock`]; told to the judge only if `tell`), reads everything
+    /// queued (stamped with the time it is read) and judges; the partner is fresh and healthy
+    /// throughout (its messages queue during our stall too). Returns the local guest's
+    /// changes and the instants our path was judged failing.
+    fn sim(
+        j: &mut Judge,
+        span: (u64, u64),
+        stalls: &[(u64, u64)],
+        path_ok: impl Fn(u64) -> bool,
+        tell: bool,
+    ) -> (Vec<(u64, Change)>, Vec<u64>) {
+        use crate::stall::StallClock;
+        let mut clock = StallClock::new(10, 10);
+        let (mut next_tick, mut last_reply) = (span.0, span.0);
+        let mut queued: Vec<u64> = Vec::new();
+        let (mut changes, mut failing) = (Vec::new(), Vec::new());
+        for t in span.0..span.1 {
+            if stalls.iter().any(|&(a, b)| (a..b).contains(&t)) {
+                continue;
+            }
+            let tick = t >= next_tick;
+            if !tick && !queued.iter().any(|&r| r <= t) {
+                continue;
+            }
+            if let Some(st) = clock.woke(t)
+                && tell
+            {
+                j.stalled(st);
+            }
+            if queued.iter().any(|&r| r <= t) {
+                last_reply = t;
+                queued.retain(|&r| r > t);
+            }
+            let e = ev(t, true, last_reply, partner(t, true, &[]));
+            if !j.own_path_ok(&e) {
+                failing.push(t);
+            }
+            changes.extend(j.evaluate(&e).into_iter().filter(|c| c.mac == G).map(|c| (t, c)));
+            if tick {
+                if path_ok(t) {
+                    queued.push(t + 1);
+                }
+                next_tick = t + 10;
+            }
+            clock.asleep(t);
+        }
+        (changes, failing)
+    }
+
+    /// Stalls of 150-250 ms every 600-800 ms, starting at every offset against the probe
+    /// timer (so some begin with a reply queued, some just after the last one was read).
+    fn stalls_from(start: u64, n: u64) -> Vec<(u64, u64)> {
+        (0..n)
+            .map(|i| {
+                let a = start + i * 700 + (i * 3) % 10 + (i % 3) * 50;
+                (a, a + 150 + (i * 37) % 101)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stalls_of_our_loop_with_a_working_path_move_nothing_and_restart_no_hold() {
+        let stalls = stalls_from(2000, 20);
+        let mut j = judge();
+        let (c, failing) = sim(&mut j, (0, 17_000), &stalls, |_| true, true);
+        assert!(c.is_empty(), "{c:?}");
+        assert!(failing.is_empty(), "our path judged failing at {failing:?}");
+        assert_eq!(j.damping().status(17_000).failures, 0);
+        // The same stalls judged without knowing them (the old rule): the path "fails" after
+        // most of them and, the partner being fresh, the guest is moved at the first one and
+        // kept away, every later stall restarting the heal hold — issue 12, item 4. This is
+        // what the stall rule prevents.
+        let mut old = judge();
+        let (c, failing) = sim(&mut old, (0, 17_000), &stalls, |_| true, false);
+        assert!(c.first().is_some_and(|(t, c)| c.steer && *t < 2300), "{c:?}");
+        let episodes = failing.windows(2).filter(|w| w[1] - w[0] > 100).count() + 1;
+        assert!(episodes >= 10, "{episodes} false failures: {failing:?}");
+    }
+
+    #[test]
+    fn real_loss_is_still_detected_within_50_ms_without_stalls() {
+        for fault in [3000, 3003, 3007] {
+            let mut j = judge();
+            let (c, _) = sim(&mut j, (0, 4000), &[], |t| t < fault, true);
+            let (at, change) = &c[0];
+            assert!(change.steer && change.why.contains("no probe reply"), "{c:?}");
+            // The last answered probe was sent up to 10 ms before the fault.
+            assert!(*at > fault + 30 && *at <= fault + 50, "fault at {fault}, steered at {at}");
+        }
+    }
+
+    #[test]
+    fn loss_across_a_stall_is_detected_once_re_observed_after_it() {
+        // The path fails 20 ms before a 200 ms stall, and in the middle of another.
+        for (fault, stall) in [(3000, (3020, 3220)), (3100, (3000, 3200))] {
+            let mut j = judge();
+            let (c, _) = sim(&mut j, (0, 4000), &[stall], |t| t < fault, true);
+            let (at, change) = &c[0];
+            assert!(change.steer, "{c:?}");
+            assert!(change.why.contains("stalled and not counted"), "{}", change.why);
+            // Not before the stall's end, and within probe_loss of running time after it.
+            assert!(*at > stall.1 && *at <= stall.1 + 50, "stall {stall:?}, steered at {at}");
+        }
+    }
+
+    #[test]
+    fn a_loop_late_at_every_tick_still_detects_real_loss() {
+        // Under heavy load: every wake-up 25 ms late (35 ms between probes), path dead from
+        // 3000. Only the lateness beyond the timer's interval is discounted, so the unanswered
+        // probes still add up.
+        let stalls: Vec<(u64, u64)> = (0..200).map(|i| (i * 35 + 10, i * 35 + 35)).collect();
+        let mut j = judge();
+        let (c, _) = sim(&mut j, (0, 5000), &stalls, |t| t < 3000, true);
+        let (at, change) = &c[0];
+        assert!(change.steer, "{c:?}");
+        assert!(*at > 3040 && *at <= 3200, "steered at {at}");
+    }
+
+    #[test]
+    fn stalls_during_the_heal_hold_do_not_restart_it() {
+        let mut j = judge();
+        // Path dead 1000-2000, then works; stalls of ~200 ms during the hold.
+        let stalls = [(2300, 2500), (2700, 2920)];
+        let (c, _) = sim(&mut j, (0, 5000), &stalls, |t| !(1000..2000).contains(&t), true);
+        let at: Vec<(u64, bool)> = c.iter().map(|(t, c)| (*t, c.steer)).collect();
+        assert_eq!(at.len(), 2, "{c:?}");
+        assert!(at[0].1 && !at[1].1);
+        // Back after the 1 s hold from the first reply after the fault (~2001-2011).
+        assert!(at[1].0 >= 3000 && at[1].0 <= 3030, "{at:?}");
     }
 
     #[test]

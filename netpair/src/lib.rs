@@ -16,6 +16,7 @@ pub mod link;
 pub mod links;
 pub mod packet;
 pub mod proto;
+pub mod stall;
 pub mod xdp;
 
 pub use datapath::{Datapath, Role};
