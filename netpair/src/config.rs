@@ -9,6 +9,7 @@
 //! app_xdp = true                              # optional; false: count in TC (veth NICs)
 //! pin_dir = "/sys/fs/bpf/eac/netpair"         # optional
 //! control_socket = "/run/eac/netpair.sock"    # optional
+//! realtime_priority = 10                      # optional: SCHED_FIFO 1-99, best effort
 //!
 //! [[availability_link]]                       # two, straight to the partner
 //! iface = "al1"
@@ -82,6 +83,11 @@ pub struct Config {
     pub pin_dir: PathBuf,
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// Run the daemon under SCHED_FIFO with this priority (1-99), so a busy host does not
+    /// delay its judgements. Best effort: refused (no CAP_SYS_NICE, RT throttling, a cgroup
+    /// without RT budget) it is logged and the daemon runs on as before. Off by default.
+    #[serde(default)]
+    pub realtime_priority: Option<u8>,
     #[serde(rename = "availability_link")]
     pub availability_links: Vec<AvailabilityLink>,
     #[serde(default, rename = "guest")]
@@ -210,6 +216,11 @@ impl Config {
             ));
         }
         self.damping.validate()?;
+        if let Some(p) = self.realtime_priority
+            && !(1..=99).contains(&p)
+        {
+            return Err(format!("realtime_priority ({p}) must be between 1 and 99 (SCHED_FIFO)"));
+        }
         let mut macs = std::collections::HashSet::new();
         for g in &self.guests {
             if !macs.insert(g.mac) {
@@ -319,6 +330,11 @@ port = "vg0"
                 "damping: reuse (2000) must be > 0 and below suppress (1500)",
             ),
             (format!("{GOOD}\n[damping]\nhalflife = 1\n"), "unknown field"),
+            (
+                format!("realtime_priority = 0\n{GOOD}"),
+                "realtime_priority (0) must be between 1 and 99",
+            ),
+            (format!("realtime_priority = 300\n{GOOD}"), "realtime_priority"),
         ];
         for (text, want) in cases {
             let e = parse(&text).unwrap_err().to_string();

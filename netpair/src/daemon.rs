@@ -29,6 +29,7 @@ use crate::{
     links::{Health, LinkEvent, Links, health_word},
     packet::{Announcer, AsyncArpProber},
     proto::{Body, GuestObservation, Observation, Opener, ProtoError, Sealer},
+    stall::StallClock,
 };
 
 /// A message older than the last accepted one by at most this many is the other link's
@@ -78,6 +79,10 @@ struct State {
     opener: Opener,
     announcer: Announcer,
     events: VecDeque<Event>,
+    /// Stalls of this loop ([`crate::stall`]), told to the judge.
+    stalls: StallClock,
+    /// The scheduling policy in effect, as `status` shows it.
+    sched: String,
 }
 
 impl State {
@@ -349,12 +354,46 @@ impl State {
         }
     }
 
+    /// A batch of probe replies read now: any from a probe target proves our path works.
+    fn on_replies(&mut self, replies: &[(std::net::Ipv4Addr, [u8; 6])]) {
+        if replies.iter().any(|(ip, _)| self.cfg.probe_targets.contains(ip)) {
+            self.last_probe_reply_ms = Some(self.now_ms());
+        }
+    }
+
+    /// Runs after every wake-up of the loop: notes whether the loop itself was stalled
+    /// (then missing replies in that time are no evidence: [`crate::stall`]), reads every
+    /// pairing message and probe reply already queued, each stamped when read, and only
+    /// then judges — so a late wake-up never judges on half its input.
+    fn settle(&mut self, prober: Option<&AsyncArpProber>, buf: &mut [u8]) {
+        if let Some(s) = self.stalls.woke(self.now_ms()) {
+            self.judge.stalled(s);
+            if s.len_ms() >= self.cfg.timing.probe_loss {
+                tracing::info!(
+                    stalled_ms = s.len_ms(),
+                    "netpair was not running for {} ms (not scheduled, or stopped): missing probe replies in that time are not counted; judging after reading what arrived",
+                    s.len_ms()
+                );
+            } else {
+                tracing::debug!(stalled_ms = s.len_ms(), "loop woke late");
+            }
+        }
+        self.drain_als(buf);
+        if let Some(p) = prober {
+            match p.try_recv_replies() {
+                Ok(r) => self.on_replies(&r),
+                Err(e) => tracing::warn!(error = %e, "reading probe replies"),
+            }
+        }
+        self.evaluate();
+        let now = self.now_ms();
+        self.stalls.asleep(now);
+    }
+
     fn on_link(&mut self, l: link::LinkState) {
         if l.name == self.cfg.app_iface {
-            if l.carrier != self.app_carrier {
-                self.app_carrier = l.carrier;
-                self.evaluate();
-            }
+            // Judged by `settle`, which follows every wake-up.
+            self.app_carrier = l.carrier;
             return;
         }
         let Some(i) = self.als.iter().position(|a| a.iface == l.name) else {
@@ -369,7 +408,6 @@ impl State {
         } else {
             self.event("warn", format!("loss of redundancy: availability link {} down", l.name));
         }
-        self.evaluate();
     }
 
     /// Reports link health changes and moves steered frames to the active link.
@@ -478,6 +516,8 @@ impl State {
             })),
             "guests": guests,
             "pin_dir": self.dp.pin_dir(),
+            "scheduling": self.sched,
+            "stalls": self.stalls.status(now),
             "events": self.events.iter().rev().take(20).collect::<Vec<_>>(),
         })
     }
@@ -490,6 +530,18 @@ fn is_copy(e: &ProtoError) -> bool {
         ProtoError::Stale { seq, last, .. } => last.saturating_sub(*seq) <= REORDER_WINDOW,
         e => e.is_duplicate(),
     }
+}
+
+/// Puts the calling thread (the daemon's only runtime thread; threads it starts later
+/// inherit the policy) under SCHED_FIFO at `prio`.
+fn set_fifo(prio: u8) -> std::io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: i32::from(prio),
+    };
+    // SAFETY: `param` is a live, initialised sched_param for the duration of the call; pid 0
+    // is the calling thread; the call reads the struct and changes nothing in our memory.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` uses.
@@ -541,6 +593,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         source,
     })?;
     let control = bind_control(&cfg.control_socket)?;
+    let probe_interval = cfg.timing.probe_interval;
 
     let now0 = start.elapsed().as_millis() as u64;
     let links = Links::new(
@@ -574,7 +627,21 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         opener,
         announcer,
         events: VecDeque::new(),
+        stalls: StallClock::new(probe_interval, probe_interval),
+        sched: "normal (SCHED_OTHER)".into(),
     };
+    if let Some(prio) = st.cfg.realtime_priority {
+        match set_fifo(prio) {
+            Ok(()) => {
+                st.sched = format!("SCHED_FIFO priority {prio}");
+                st.event("info", format!("running under SCHED_FIFO, priority {prio}"));
+            }
+            Err(e) => st.event(
+                "warn",
+                format!("realtime_priority {prio} refused ({e}): running under the normal scheduler; judgements may come late on a busy host"),
+            ),
+        }
+    }
     st.evaluate();
     st.event(
         "info",
@@ -603,16 +670,11 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
                         }
                     }
                 }
-                st.evaluate();
             }
             _ = obs_tick.tick() => st.send_observation(),
             r = async { match &prober { Some(p) => p.recv_replies().await, None => std::future::pending().await } } => {
                 match r {
-                    Ok(replies) if replies.iter().any(|(ip, _)| targets.contains(ip)) => {
-                        st.last_probe_reply_ms = Some(st.now_ms());
-                        st.evaluate();
-                    }
-                    Ok(_) => {}
+                    Ok(replies) => st.on_replies(&replies),
                     Err(e) => tracing::warn!(error = %e, "reading probe replies"),
                 }
             }
@@ -622,22 +684,20 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
                     Ok((n, from)) => st.on_datagram(0, from, &buf0[..n]),
                     Err(e) => tracing::debug!(error = %e, "AL socket"),
                 }
-                st.drain_als(&mut buf0);
-                st.evaluate();
             }
             r = async { match st.als.get(1) { Some(a) => a.sock.recv_from(&mut buf1).await, None => std::future::pending().await } } => {
                 match r {
                     Ok((n, from)) => st.on_datagram(1, from, &buf1[..n]),
                     Err(e) => tracing::debug!(error = %e, "AL socket"),
                 }
-                st.drain_als(&mut buf1);
-                st.evaluate();
             }
             Ok((stream, _)) = control.accept() => {
                 let status = st.status();
                 tokio::spawn(serve_control(stream, status));
             }
         }
+        // Every wake-up ends here: read what is queued, then judge.
+        st.settle(prober.as_ref(), &mut buf0);
     }
     st.event("info", "netpair stopping: detaching the data path".into());
     let _ = std::fs::remove_file(&st.cfg.control_socket);
