@@ -112,6 +112,11 @@ role = "{role}"
         self.status().is_some_and(|s| s["partner"]["reachable"] == true)
     }
 
+    /// The daemon's process id (to stop and continue it).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
