@@ -411,6 +411,14 @@ fn stalled_daemons_change_no_path_and_report_no_false_failure() {
     let gap = tcp.max_gap_since(t0);
     let report = tcp.stop();
     let stalls = |d: &Daemon| d.status().map(|st| st["stalls"].clone()).unwrap_or_default();
+    // Not asserted (a partner that stalls is really silent): what the other side reported.
+    println!(
+        "events: partner silent a {}, b {}; an AL judged silently dead a {}, b {}",
+        log_lines(&s.a, &["partner silent on every"]),
+        log_lines(&s.b, &["partner silent on every"]),
+        log_lines(&s.a, &["silently dead"]),
+        log_lines(&s.b, &["silently dead"]),
+    );
     println!(
         "24 stops of 150-250 ms over {:.1} s (a stopped {} ms, b {} ms in all): path changes a {}, b {}; \"application path failing\" a {}, b {}; longest TCP gap {:.0} ms; stalls seen: a {}, b {}",
         t0.elapsed().as_secs_f64(),
@@ -440,4 +448,20 @@ fn stalled_daemons_change_no_path_and_report_no_false_failure() {
     );
     assert_eq!((s.a.steering(), s.b.steering()), (Some(false), Some(false)));
     assert!(report.errors.is_empty(), "the TCP stream broke: {:?}", report.errors);
+}
+
+#[test]
+#[ignore = "privileged: needs root, BPF and network namespaces; run by scripts/test.sh"]
+fn realtime_priority_runs_the_daemon_under_sched_fifo() {
+    let s = setup_with("np-rt", "realtime_priority = 10");
+    for d in [&s.a, &s.b] {
+        let st = d.status().unwrap();
+        assert_eq!(st["scheduling"], "SCHED_FIFO priority 10", "{st}");
+        // proc(5): field 40 of /proc/PID/stat is the real-time priority, 41 the policy
+        // (1 = SCHED_FIFO); `rest` starts at field 3, after the command in parentheses.
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", d.pid())).unwrap();
+        let rest: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+        assert_eq!((rest[40 - 3], rest[41 - 3]), ("10", "1"), "{stat}");
+        assert!(st["events"].to_string().contains("running under SCHED_FIFO"), "{st}");
+    }
 }
