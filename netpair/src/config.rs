@@ -9,6 +9,7 @@
 //! app_xdp = true                              # optional; false: count in TC (veth NICs)
 //! pin_dir = "/sys/fs/bpf/eac/netpair"         # optional
 //! control_socket = "/run/eac/netpair.sock"    # optional
+//! realtime_priority = 10                      # optional: SCHED_FIFO 1-99, best effort
 //!
 //! [[availability_link]]                       # two, straight to the partner
 //! iface = "al1"
@@ -30,6 +31,13 @@
 //! observation_interval = 10
 //! peer_timeout = 100       # no word from the partner for this long: its evidence is stale
 //! link_timeout = 30        # nothing over one AL this long while another delivers: it is dead
+//!
+//! [damping]                                   # optional; flap damping of our path (damping.rs)
+//! penalty = 1000           # added per failure of our application path
+//! suppress = 1500          # above this the path is not trusted: traffic stays on the partner
+//! reuse = 750              # trusted again once the penalty has decayed below this
+//! half_life = 15000        # ms; the penalty halves this often
+//! max_suppress = 60000     # ms; never suppressed longer than this after the last failure
 //! ```
 
 use std::{
@@ -39,7 +47,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{Mac, Role};
+use crate::{Mac, Role, damping::DampingConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -75,12 +83,19 @@ pub struct Config {
     pub pin_dir: PathBuf,
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// Run the daemon under SCHED_FIFO with this priority (1-99), so a busy host does not
+    /// delay its judgements. Best effort: refused (no CAP_SYS_NICE, RT throttling, a cgroup
+    /// without RT budget) it is logged and the daemon runs on as before. Off by default.
+    #[serde(default)]
+    pub realtime_priority: Option<u8>,
     #[serde(rename = "availability_link")]
     pub availability_links: Vec<AvailabilityLink>,
     #[serde(default, rename = "guest")]
     pub guests: Vec<Guest>,
     #[serde(default)]
     pub timing: Timing,
+    #[serde(default)]
+    pub damping: DampingConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -200,6 +215,12 @@ impl Config {
                 t.peer_timeout
             ));
         }
+        self.damping.validate()?;
+        if let Some(p) = self.realtime_priority
+            && !(1..=99).contains(&p)
+        {
+            return Err(format!("realtime_priority ({p}) must be between 1 and 99 (SCHED_FIFO)"));
+        }
         let mut macs = std::collections::HashSet::new();
         for g in &self.guests {
             if !macs.insert(g.mac) {
@@ -272,6 +293,9 @@ port = "vg0"
         assert_eq!(c.availability_links.len(), 2);
         assert_eq!(c.guests[0].role, Role::Local);
         assert_eq!(c.timing.probe_loss, 40);
+        assert_eq!(c.damping, DampingConfig::default());
+        let c = parse(&format!("{GOOD}\n[damping]\nhalf_life = 5000\nmax_suppress = 30000\n")).unwrap();
+        assert_eq!((c.damping.half_life, c.damping.penalty), (5000, 1000));
     }
 
     #[test]
@@ -301,6 +325,16 @@ port = "vg0"
                 format!("{GOOD}\n[timing]\nlink_timeout = 500\n"),
                 "at most peer_timeout",
             ),
+            (
+                format!("{GOOD}\n[damping]\nreuse = 2000\n"),
+                "damping: reuse (2000) must be > 0 and below suppress (1500)",
+            ),
+            (format!("{GOOD}\n[damping]\nhalflife = 1\n"), "unknown field"),
+            (
+                format!("realtime_priority = 0\n{GOOD}"),
+                "realtime_priority (0) must be between 1 and 99",
+            ),
+            (format!("realtime_priority = 300\n{GOOD}"), "realtime_priority"),
         ];
         for (text, want) in cases {
             let e = parse(&text).unwrap_err().to_string();

@@ -23,11 +23,13 @@ use tokio::{
 use crate::{
     Datapath, Error, Mac, Role,
     config::{Config, Guest},
+    damping::DampEvent,
     decide::{Change, Evidence, Judge, PartnerView},
     link,
     links::{Health, LinkEvent, Links, health_word},
     packet::{Announcer, AsyncArpProber},
     proto::{Body, GuestObservation, Observation, Opener, ProtoError, Sealer},
+    stall::StallClock,
 };
 
 /// A message older than the last accepted one by at most this many is the other link's
@@ -77,6 +79,10 @@ struct State {
     opener: Opener,
     announcer: Announcer,
     events: VecDeque<Event>,
+    /// Stalls of this loop ([`crate::stall`]), told to the judge.
+    stalls: StallClock,
+    /// The scheduling policy in effect, as `status` shows it.
+    sched: String,
 }
 
 impl State {
@@ -152,6 +158,30 @@ impl State {
             }
         }
         let changes = self.judge.evaluate(&ev);
+        for e in self.judge.take_damp_events() {
+            let app = self.cfg.app_iface.clone();
+            let d = self.cfg.damping;
+            match e {
+                DampEvent::Suppressed { penalty, until_ms } => self.event(
+                    "warn",
+                    format!(
+                        "application path on {app} suppressed by flap damping: it failed again after healing (penalty {penalty:.0} above {}); not trusted for at least {} ms, traffic stays through the partner while it can",
+                        d.suppress,
+                        until_ms.saturating_sub(ev.now_ms)
+                    ),
+                ),
+                DampEvent::Reused {
+                    penalty,
+                    suppressed_for_ms,
+                } => self.event(
+                    "info",
+                    format!(
+                        "application path on {app} trusted again: flap damping penalty decayed to {penalty:.0} (below {}) after {suppressed_for_ms} ms suppressed",
+                        d.reuse
+                    ),
+                ),
+            }
+        }
         if !changes.is_empty() {
             self.apply(changes);
         }
@@ -324,12 +354,46 @@ impl State {
         }
     }
 
+    /// A batch of probe replies read now: any from a probe target proves our path works.
+    fn on_replies(&mut self, replies: &[(std::net::Ipv4Addr, [u8; 6])]) {
+        if replies.iter().any(|(ip, _)| self.cfg.probe_targets.contains(ip)) {
+            self.last_probe_reply_ms = Some(self.now_ms());
+        }
+    }
+
+    /// Runs after every wake-up of the loop: notes whether the loop itself was stalled
+    /// (then missing replies in that time are no evidence: [`crate::stall`]), reads every
+    /// pairing message and probe reply already queued, each stamped when read, and only
+    /// then judges — so a late wake-up never judges on half its input.
+    fn settle(&mut self, prober: Option<&AsyncArpProber>, buf: &mut [u8]) {
+        if let Some(s) = self.stalls.woke(self.now_ms()) {
+            self.judge.stalled(s);
+            if s.len_ms() >= self.cfg.timing.probe_loss {
+                tracing::info!(
+                    stalled_ms = s.len_ms(),
+                    "netpair was not running for {} ms (not scheduled, or stopped): missing probe replies in that time are not counted; judging after reading what arrived",
+                    s.len_ms()
+                );
+            } else {
+                tracing::debug!(stalled_ms = s.len_ms(), "loop woke late");
+            }
+        }
+        self.drain_als(buf);
+        if let Some(p) = prober {
+            match p.try_recv_replies() {
+                Ok(r) => self.on_replies(&r),
+                Err(e) => tracing::warn!(error = %e, "reading probe replies"),
+            }
+        }
+        self.evaluate();
+        let now = self.now_ms();
+        self.stalls.asleep(now);
+    }
+
     fn on_link(&mut self, l: link::LinkState) {
         if l.name == self.cfg.app_iface {
-            if l.carrier != self.app_carrier {
-                self.app_carrier = l.carrier;
-                self.evaluate();
-            }
+            // Judged by `settle`, which follows every wake-up.
+            self.app_carrier = l.carrier;
             return;
         }
         let Some(i) = self.als.iter().position(|a| a.iface == l.name) else {
@@ -344,7 +408,6 @@ impl State {
         } else {
             self.event("warn", format!("loss of redundancy: availability link {} down", l.name));
         }
-        self.evaluate();
     }
 
     /// Reports link health changes and moves steered frames to the active link.
@@ -439,7 +502,8 @@ impl State {
             "uptime_ms": now,
             "app": {"iface": self.cfg.app_iface, "carrier": self.app_carrier, "path_ok": self.own_ok,
                     "probe_targets": self.cfg.probe_targets,
-                    "last_probe_reply_ms_ago": self.last_probe_reply_ms.map(|t| now.saturating_sub(t))},
+                    "last_probe_reply_ms_ago": self.last_probe_reply_ms.map(|t| now.saturating_sub(t)),
+                    "damping": self.judge.damping().status(now)},
             "availability_links": self.als.iter().enumerate().map(|(i, a)| json!({
                 "iface": a.iface, "peer": a.peer.to_string(), "carrier": self.links.carrier(i),
                 "health": self.links.health(i), "active": self.links.active() == Some(i),
@@ -452,6 +516,8 @@ impl State {
             })),
             "guests": guests,
             "pin_dir": self.dp.pin_dir(),
+            "scheduling": self.sched,
+            "stalls": self.stalls.status(now),
             "events": self.events.iter().rev().take(20).collect::<Vec<_>>(),
         })
     }
@@ -464,6 +530,18 @@ fn is_copy(e: &ProtoError) -> bool {
         ProtoError::Stale { seq, last, .. } => last.saturating_sub(*seq) <= REORDER_WINDOW,
         e => e.is_duplicate(),
     }
+}
+
+/// Puts the calling thread (the daemon's only runtime thread; threads it starts later
+/// inherit the policy) under SCHED_FIFO at `prio`.
+fn set_fifo(prio: u8) -> std::io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: i32::from(prio),
+    };
+    // SAFETY: `param` is a live, initialised sched_param for the duration of the call; pid 0
+    // is the calling thread; the call reads the struct and changes nothing in our memory.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` uses.
@@ -515,6 +593,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         source,
     })?;
     let control = bind_control(&cfg.control_socket)?;
+    let probe_interval = cfg.timing.probe_interval;
 
     let now0 = start.elapsed().as_millis() as u64;
     let links = Links::new(
@@ -524,7 +603,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         cfg.timing.link_timeout,
         now0,
     );
-    let mut judge = Judge::new(cfg.timing, prober.is_some(), now0);
+    let mut judge = Judge::new(cfg.timing, cfg.damping, prober.is_some(), now0);
     for g in &cfg.guests {
         judge.add_guest(g.mac, g.role, now0);
     }
@@ -548,7 +627,21 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         opener,
         announcer,
         events: VecDeque::new(),
+        stalls: StallClock::new(probe_interval, probe_interval),
+        sched: "normal (SCHED_OTHER)".into(),
     };
+    if let Some(prio) = st.cfg.realtime_priority {
+        match set_fifo(prio) {
+            Ok(()) => {
+                st.sched = format!("SCHED_FIFO priority {prio}");
+                st.event("info", format!("running under SCHED_FIFO, priority {prio}"));
+            }
+            Err(e) => st.event(
+                "warn",
+                format!("realtime_priority {prio} refused ({e}): running under the normal scheduler; judgements may come late on a busy host"),
+            ),
+        }
+    }
     st.evaluate();
     st.event(
         "info",
@@ -577,16 +670,11 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
                         }
                     }
                 }
-                st.evaluate();
             }
             _ = obs_tick.tick() => st.send_observation(),
             r = async { match &prober { Some(p) => p.recv_replies().await, None => std::future::pending().await } } => {
                 match r {
-                    Ok(replies) if replies.iter().any(|(ip, _)| targets.contains(ip)) => {
-                        st.last_probe_reply_ms = Some(st.now_ms());
-                        st.evaluate();
-                    }
-                    Ok(_) => {}
+                    Ok(replies) => st.on_replies(&replies),
                     Err(e) => tracing::warn!(error = %e, "reading probe replies"),
                 }
             }
@@ -596,22 +684,20 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
                     Ok((n, from)) => st.on_datagram(0, from, &buf0[..n]),
                     Err(e) => tracing::debug!(error = %e, "AL socket"),
                 }
-                st.drain_als(&mut buf0);
-                st.evaluate();
             }
             r = async { match st.als.get(1) { Some(a) => a.sock.recv_from(&mut buf1).await, None => std::future::pending().await } } => {
                 match r {
                     Ok((n, from)) => st.on_datagram(1, from, &buf1[..n]),
                     Err(e) => tracing::debug!(error = %e, "AL socket"),
                 }
-                st.drain_als(&mut buf1);
-                st.evaluate();
             }
             Ok((stream, _)) = control.accept() => {
                 let status = st.status();
                 tokio::spawn(serve_control(stream, status));
             }
         }
+        // Every wake-up ends here: read what is queued, then judge.
+        st.settle(prober.as_ref(), &mut buf0);
     }
     st.event("info", "netpair stopping: detaching the data path".into());
     let _ = std::fs::remove_file(&st.cfg.control_socket);

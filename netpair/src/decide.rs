@@ -6,7 +6,10 @@
 //! changes it returns.
 //!
 //! Rules (docs/architecture.md, "netpair"):
-//! - Our path is **bad** on carrier loss, or when no probe reply came for `probe_loss` ms.
+//! - Our path is **bad** on carrier loss, or when no probe reply came for `probe_loss` ms
+//!   of our own running time: a stall of our loop ([`crate::stall`]; we sent no probes) is
+//!   no evidence and is not counted, so after a stall the path is re-observed first. The
+//!   daemon reads every reply and pairing message already queued before it judges.
 //! - A local guest is steered through the partner only when our path is bad **and** the
 //!   partner's evidence agrees: its observation is fresh (it reached us over an AL within
 //!   `peer_timeout`), it has carrier and its own probes are answered. Losing the ALs alone
@@ -14,14 +17,29 @@
 //! - Nothing is steered into availability links that do not work: with no link judged
 //!   working ([`crate::links`]) the partner's path counts as unusable.
 //! - Traffic returns once our path has been good for `heal_hold` ms (hysteresis against a
-//!   flapping link), or at once if the partner's path fails while ours works, or if the
-//!   partner becomes unreachable (steering through it is then impossible).
+//!   flapping link) and is not suppressed by flap damping, or at once if the partner's path
+//!   fails while ours works, or if the partner becomes unreachable (steering through it is
+//!   then impossible).
+//! - Flap damping ([`crate::damping`]): every failure of our path after it had worked for
+//!   `heal_hold` ms (it was trusted, traffic would have come back: one full flap) adds a
+//!   penalty; a path that flaps is suppressed — not trusted, traffic stays on the partner —
+//!   until the penalty decays. A failure during the heal hold only restarts the hold, except
+//!   while suppressed (then every failure adds penalty). Damping never delays moving away
+//!   from a failing path, nor returning when the partner's path fails or goes silent.
 //! - We lend our NIC to a partner's guest exactly while the partner's fresh observation asks
 //!   for it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::{Mac, Role, config::Timing};
+use crate::{
+    Mac, Role,
+    config::Timing,
+    damping::{DampEvent, Damping, DampingConfig},
+    stall::Stall,
+};
+
+/// At most this many stalls are remembered (only those since the last probe reply matter).
+const STALLS_KEPT: usize = 64;
 
 /// What the partner told us in its latest observation, and when it arrived.
 #[derive(Clone, Debug, Default)]
@@ -70,18 +88,35 @@ pub struct Judge {
     started_ms: u64,
     /// Since when our path has been continuously good (None: it is bad now).
     own_good_since: Option<u64>,
+    damping: Damping,
+    /// Damping changes not yet taken by the daemon.
+    damp_events: Vec<DampEvent>,
+    /// Our own loop's recent stalls ([`crate::stall`]): no evidence against our path.
+    stalls: std::collections::VecDeque<Stall>,
     guests: BTreeMap<Mac, GuestDecision>,
 }
 
 impl Judge {
-    pub fn new(timing: Timing, probes_configured: bool, now_ms: u64) -> Self {
+    pub fn new(timing: Timing, damping: DampingConfig, probes_configured: bool, now_ms: u64) -> Self {
         Self {
             timing,
             probes: probes_configured,
             started_ms: now_ms,
             own_good_since: Some(now_ms),
+            damping: Damping::new(damping),
+            damp_events: Vec::new(),
+            stalls: std::collections::VecDeque::new(),
             guests: BTreeMap::new(),
         }
+    }
+
+    /// Our loop was stalled (not running) during `s`: we sent no probes then, so missing
+    /// replies in that time say nothing about our path.
+    pub fn stalled(&mut self, s: Stall) {
+        if self.stalls.len() == STALLS_KEPT {
+            self.stalls.pop_front();
+        }
+        self.stalls.push_back(s);
     }
 
     pub fn add_guest(&mut self, mac: Mac, role: Role, now_ms: u64) {
@@ -100,12 +135,25 @@ impl Judge {
         &self.guests
     }
 
+    /// Flap damping of our path (penalty, suppression), for `status`.
+    pub fn damping(&self) -> &Damping {
+        &self.damping
+    }
+
+    /// The damping changes since the last call, oldest first, to report.
+    pub fn take_damp_events(&mut self) -> Vec<DampEvent> {
+        std::mem::take(&mut self.damp_events)
+    }
+
     /// Is our own path working, as we report it to the partner?
     pub fn own_path_ok(&self, ev: &Evidence) -> bool {
         self.own_path_problem(ev).is_none()
     }
 
     /// Why our path is bad, or None when it works.
+    ///
+    /// Probe loss counts only the time our loop ran since the last reply: stalled time
+    /// (no probes sent) is no evidence, so after a stall the path is re-observed first.
     fn own_path_problem(&self, ev: &Evidence) -> Option<String> {
         if !ev.own_carrier {
             return Some("carrier lost on the application NIC".into());
@@ -113,9 +161,16 @@ impl Judge {
         if self.probes {
             let last = ev.own_last_probe_reply_ms.unwrap_or(self.started_ms);
             let age = ev.now_ms.saturating_sub(last);
-            if age > self.timing.probe_loss {
+            let stalled: u64 = self.stalls.iter().map(|s| s.overlap_ms(last, ev.now_ms)).sum();
+            let observed = age.saturating_sub(stalled);
+            if observed > self.timing.probe_loss {
+                let stalled = if stalled > 0 {
+                    format!(", {stalled} ms of it stalled and not counted")
+                } else {
+                    String::new()
+                };
                 return Some(format!(
-                    "no probe reply for {age} ms (limit {} ms)",
+                    "no probe reply for {age} ms{stalled} (limit {} ms)",
                     self.timing.probe_loss
                 ));
             }
@@ -148,12 +203,31 @@ impl Judge {
 
     /// Re-evaluates every guest; returns the changes to apply, in MAC order.
     pub fn evaluate(&mut self, ev: &Evidence) -> Vec<Change> {
+        // Stalls before the last reply can no longer matter.
+        let last = ev.own_last_probe_reply_ms.unwrap_or(self.started_ms);
+        while self.stalls.front().is_some_and(|s| s.to_ms <= last) {
+            self.stalls.pop_front();
+        }
         let problem = self.own_path_problem(ev);
         match (&problem, self.own_good_since) {
             (None, None) => self.own_good_since = Some(ev.now_ms),
-            (Some(_), Some(_)) => self.own_good_since = None,
+            (Some(_), Some(since)) => {
+                self.own_good_since = None;
+                // A failure of a healed (trusted) path is one flap; one during the heal hold
+                // only restarts the hold — unless the path is suppressed: then every failure
+                // counts, so a path that keeps flapping stays suppressed.
+                if (ev.now_ms.saturating_sub(since) >= self.timing.heal_hold || self.damping.suppressed())
+                    && let Some(e) = self.damping.failure(ev.now_ms)
+                {
+                    self.damp_events.push(e);
+                }
+            }
             _ => {}
         }
+        if let Some(e) = self.damping.poll(ev.now_ms) {
+            self.damp_events.push(e);
+        }
+        let suppressed = self.damping.suppressed();
         let partner = self.partner_path(ev);
         let partner_fresh = ev
             .partner
@@ -164,11 +238,15 @@ impl Judge {
         for (mac, g) in self.guests.iter_mut() {
             let verdict: Option<(bool, String)> = match g.role {
                 Role::Local if !g.steering => match (&problem, &partner) {
+                    (Some(why), Ok(_)) if suppressed => Some((
+                        true,
+                        format!("{why}; the partner's path works; our path is suppressed (flapping)"),
+                    )),
                     (Some(why), Ok(_)) => Some((true, format!("{why}; the partner's path works"))),
                     _ => None,
                 },
                 Role::Local => match (&problem, &partner, own_good_for) {
-                    (_, _, Some(good)) if good >= self.timing.heal_hold => {
+                    (_, _, Some(good)) if good >= self.timing.heal_hold && !suppressed => {
                         Some((false, format!("our path has worked for {good} ms")))
                     }
                     (None, Err(why), _) => Some((false, format!("{why}; our path works"))),
@@ -224,7 +302,7 @@ mod tests {
     const P: Mac = Mac([0x52, 0x54, 0, 0xfb, 1, 0x0b]);
 
     fn judge() -> Judge {
-        let mut j = Judge::new(Timing::default(), true, 0);
+        let mut j = Judge::new(Timing::default(), DampingConfig::default(), true, 0);
         j.add_guest(G, Role::Local, 0);
         j.add_guest(P, Role::Partner, 0);
         j
@@ -374,9 +452,253 @@ mod tests {
         assert_eq!(steers(&c, P), Some(false));
     }
 
+    /// Runs the judge every 10 ms from `from` to `to` (exclusive) with silent loss on our
+    /// path while `lossy(t)`: probe replies stop, the partner stays fresh and healthy.
+    /// Returns the local guest's changes with their instants.
+    fn run(j: &mut Judge, from: u64, to: u64, lossy: impl Fn(u64) -> bool) -> Vec<(u64, Change)> {
+        let mut last_reply = from;
+        let mut out = Vec::new();
+        for t in (from..to).step_by(10) {
+            if !lossy(t) {
+                last_reply = t;
+            }
+            for c in j.evaluate(&ev(t, true, last_reply, partner(t, true, &[]))) {
+                if c.mac == G {
+                    out.push((t, c));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_single_clean_failure_and_recovery_is_not_damped() {
+        let mut j = judge();
+        // Loss from 5000 to 6000, then a long healthy stretch.
+        let c = run(&mut j, 0, 20_000, |t| (5000..6000).contains(&t));
+        let at: Vec<(u64, bool)> = c.iter().map(|(t, c)| (*t, c.steer)).collect();
+        // Steered at the probe-loss limit (as without damping), back after the heal hold.
+        assert_eq!(at, [(5040, true), (7000, false)], "{c:?}");
+        assert!(!j.damping().suppressed());
+        assert!(j.take_damp_events().is_empty());
+        assert_eq!(j.damping().status(7000).failures, 1);
+    }
+
+    #[test]
+    fn a_flapping_path_is_suppressed_and_trusted_again_once_the_penalty_decays() {
+        let mut j = judge();
+        // Silent loss 1 s on / 1 s off from 2000 to 22000 (as in issue 12: 19-20 path
+        // changes per host without damping).
+        let flapping = |t: u64| (2000..22_000).contains(&t) && (t - 2000) % 2000 < 1000;
+        let c = run(&mut j, 0, 24_000, flapping);
+        let at: Vec<(u64, bool)> = c.iter().map(|(t, c)| (*t, c.steer)).collect();
+        // Out at once, home after the heal hold — just as the path fails again: out at once
+        // (that second failure of a healed path suppresses it), and then it stays out.
+        assert_eq!(at, [(2040, true), (4000, false), (4040, true)], "{c:?}");
+        assert!(c[2].1.why.contains("suppressed (flapping)"), "{}", c[2].1.why);
+        let ev = j.take_damp_events();
+        assert!(matches!(ev[..], [DampEvent::Suppressed { .. }]), "{ev:?}");
+        assert!(j.damping().suppressed());
+        assert_eq!(j.requests(), [G].into_iter().collect());
+        // After the flapping, the path works but is not trusted until the penalty decays
+        // below reuse; then traffic returns (the path has worked far longer than the hold).
+        let c = run(&mut j, 24_000, 120_000, |_| false);
+        let ev = j.take_damp_events();
+        let [DampEvent::Reused { suppressed_for_ms, .. }] = ev[..] else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(c.len(), 1, "{c:?}");
+        let (back, change) = &c[0];
+        assert!(!change.steer);
+        assert_eq!(*back, 4040 + suppressed_for_ms);
+        // Five path changes over ~a minute and a half, where undamped it would be 20 in 20 s.
+        assert!(*back > 60_000 && *back < 90_000, "back at {back}");
+        assert!(j.requests().is_empty());
+    }
+
+    #[test]
+    fn a_suppressed_path_still_takes_traffic_back_when_the_partners_path_fails() {
+        let mut j = judge();
+        let flapping = |t: u64| (2000..8000).contains(&t) && (t - 2000) % 2000 < 1000;
+        run(&mut j, 0, 9000, flapping);
+        assert!(j.damping().suppressed());
+        assert_eq!(j.requests(), [G].into_iter().collect());
+        // Our path works, suppressed; the partner's path fails: our path is the better one.
+        let c = j.evaluate(&ev(9010, true, 9010, partner(9010, false, &[])));
+        assert_eq!(steers(&c, G), Some(false), "{c:?}");
+        // Our path fails again while suppressed and the partner's works: out at once.
+        j.evaluate(&ev(9020, true, 9020, partner(9020, true, &[])));
+        let c = j.evaluate(&ev(9070, true, 9020, partner(9070, true, &[])));
+        assert_eq!(steers(&c, G), Some(true), "{c:?}");
+    }
+
+    #[test]
+    fn failures_during_the_heal_hold_only_restart_it() {
+        let mut j = judge();
+        // Loss 2000-2500, 3000-3500, 4000-4500: the path never works for the heal hold in
+        // between, so traffic never came back — no flap, no penalty beyond the first.
+        let c = run(&mut j, 0, 8000, |t| {
+            [2000, 3000, 4000].iter().any(|s| (*s..s + 500).contains(&t))
+        });
+        let at: Vec<(u64, bool)> = c.iter().map(|(t, c)| (*t, c.steer)).collect();
+        assert_eq!(at, [(2040, true), (5500, false)], "{c:?}");
+        assert!(!j.damping().suppressed());
+        assert_eq!(j.damping().status(8000).failures, 1);
+    }
+
+    #[test]
+    fn while_suppressed_every_failure_adds_penalty() {
+        let mut j = judge();
+        let flapping = |t: u64| (2000..6000).contains(&t) && (t - 2000) % 2000 < 1000;
+        run(&mut j, 0, 6000, flapping);
+        assert!(j.damping().suppressed());
+        let before = j.damping().status(6000).failures;
+        // Short good stretches (below the heal hold) while suppressed still count.
+        run(&mut j, 6000, 9000, |t| {
+            [6500, 7500, 8500].iter().any(|s| (*s..s + 200).contains(&t))
+        });
+        assert_eq!(j.damping().status(9000).failures, before + 3);
+    }
+
+    /// Our daemon's loop on simulated time, 1 ms steps, as the daemon runs it: a probe
+    /// timer every 10 ms (a missed tick fires at once after a stall, then every 10 ms from
+    /// there: tokio's `MissedTickBehavior::Delay`); a probe's reply arrives 1 ms after it
+    /// while `path_ok` held when it was sent, and wakes the loop; inside a stall
+    /// `[from, to)` nothing runs and replies stay queued. On every wake-up the loop detects
+    /// its own stall ([`StallClock`]; told to the judge only if `tell`), reads everything
+    /// queued (stamped with the time it is read) and judges; the partner is fresh and healthy
+    /// throughout (its messages queue during our stall too). Returns the local guest's
+    /// changes and the instants our path was judged failing.
+    fn sim(
+        j: &mut Judge,
+        span: (u64, u64),
+        stalls: &[(u64, u64)],
+        path_ok: impl Fn(u64) -> bool,
+        tell: bool,
+    ) -> (Vec<(u64, Change)>, Vec<u64>) {
+        use crate::stall::StallClock;
+        let mut clock = StallClock::new(10, 10);
+        let (mut next_tick, mut last_reply) = (span.0, span.0);
+        let mut queued: Vec<u64> = Vec::new();
+        let (mut changes, mut failing) = (Vec::new(), Vec::new());
+        for t in span.0..span.1 {
+            if stalls.iter().any(|&(a, b)| (a..b).contains(&t)) {
+                continue;
+            }
+            let tick = t >= next_tick;
+            if !tick && !queued.iter().any(|&r| r <= t) {
+                continue;
+            }
+            if let Some(st) = clock.woke(t)
+                && tell
+            {
+                j.stalled(st);
+            }
+            if queued.iter().any(|&r| r <= t) {
+                last_reply = t;
+                queued.retain(|&r| r > t);
+            }
+            let e = ev(t, true, last_reply, partner(t, true, &[]));
+            if !j.own_path_ok(&e) {
+                failing.push(t);
+            }
+            changes.extend(j.evaluate(&e).into_iter().filter(|c| c.mac == G).map(|c| (t, c)));
+            if tick {
+                if path_ok(t) {
+                    queued.push(t + 1);
+                }
+                next_tick = t + 10;
+            }
+            clock.asleep(t);
+        }
+        (changes, failing)
+    }
+
+    /// Stalls of 150-250 ms every 600-800 ms, starting at every offset against the probe
+    /// timer (so some begin with a reply queued, some just after the last one was read).
+    fn stalls_from(start: u64, n: u64) -> Vec<(u64, u64)> {
+        (0..n)
+            .map(|i| {
+                let a = start + i * 700 + (i * 3) % 10 + (i % 3) * 50;
+                (a, a + 150 + (i * 37) % 101)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stalls_of_our_loop_with_a_working_path_move_nothing_and_restart_no_hold() {
+        let stalls = stalls_from(2000, 20);
+        let mut j = judge();
+        let (c, failing) = sim(&mut j, (0, 17_000), &stalls, |_| true, true);
+        assert!(c.is_empty(), "{c:?}");
+        assert!(failing.is_empty(), "our path judged failing at {failing:?}");
+        assert_eq!(j.damping().status(17_000).failures, 0);
+        // The same stalls judged without knowing them (the old rule): the path "fails" after
+        // most of them and, the partner being fresh, the guest is moved at the first one and
+        // kept away, every later stall restarting the heal hold — issue 12, item 4. This is
+        // what the stall rule prevents.
+        let mut old = judge();
+        let (c, failing) = sim(&mut old, (0, 17_000), &stalls, |_| true, false);
+        assert!(c.first().is_some_and(|(t, c)| c.steer && *t < 2300), "{c:?}");
+        let episodes = failing.windows(2).filter(|w| w[1] - w[0] > 100).count() + 1;
+        assert!(episodes >= 10, "{episodes} false failures: {failing:?}");
+    }
+
+    #[test]
+    fn real_loss_is_still_detected_within_50_ms_without_stalls() {
+        for fault in [3000, 3003, 3007] {
+            let mut j = judge();
+            let (c, _) = sim(&mut j, (0, 4000), &[], |t| t < fault, true);
+            let (at, change) = &c[0];
+            assert!(change.steer && change.why.contains("no probe reply"), "{c:?}");
+            // The last answered probe was sent up to 10 ms before the fault.
+            assert!(*at > fault + 30 && *at <= fault + 50, "fault at {fault}, steered at {at}");
+        }
+    }
+
+    #[test]
+    fn loss_across_a_stall_is_detected_once_re_observed_after_it() {
+        // The path fails 20 ms before a 200 ms stall, and in the middle of another.
+        for (fault, stall) in [(3000, (3020, 3220)), (3100, (3000, 3200))] {
+            let mut j = judge();
+            let (c, _) = sim(&mut j, (0, 4000), &[stall], |t| t < fault, true);
+            let (at, change) = &c[0];
+            assert!(change.steer, "{c:?}");
+            assert!(change.why.contains("stalled and not counted"), "{}", change.why);
+            // Not before the stall's end, and within probe_loss of running time after it.
+            assert!(*at > stall.1 && *at <= stall.1 + 50, "stall {stall:?}, steered at {at}");
+        }
+    }
+
+    #[test]
+    fn a_loop_late_at_every_tick_still_detects_real_loss() {
+        // Under heavy load: every wake-up 25 ms late (35 ms between probes), path dead from
+        // 3000. Only the lateness beyond the timer's interval is discounted, so the unanswered
+        // probes still add up.
+        let stalls: Vec<(u64, u64)> = (0..200).map(|i| (i * 35 + 10, i * 35 + 35)).collect();
+        let mut j = judge();
+        let (c, _) = sim(&mut j, (0, 5000), &stalls, |t| t < 3000, true);
+        let (at, change) = &c[0];
+        assert!(change.steer, "{c:?}");
+        assert!(*at > 3040 && *at <= 3200, "steered at {at}");
+    }
+
+    #[test]
+    fn stalls_during_the_heal_hold_do_not_restart_it() {
+        let mut j = judge();
+        // Path dead 1000-2000, then works; stalls of ~200 ms during the hold.
+        let stalls = [(2300, 2500), (2700, 2920)];
+        let (c, _) = sim(&mut j, (0, 5000), &stalls, |t| !(1000..2000).contains(&t), true);
+        let at: Vec<(u64, bool)> = c.iter().map(|(t, c)| (*t, c.steer)).collect();
+        assert_eq!(at.len(), 2, "{c:?}");
+        assert!(at[0].1 && !at[1].1);
+        // Back after the 1 s hold from the first reply after the fault (~2001-2011).
+        assert!(at[1].0 >= 3000 && at[1].0 <= 3030, "{at:?}");
+    }
+
     #[test]
     fn without_probe_targets_only_carrier_counts() {
-        let mut j = Judge::new(Timing::default(), false, 0);
+        let mut j = Judge::new(Timing::default(), DampingConfig::default(), false, 0);
         j.add_guest(G, Role::Local, 0);
         let none = Evidence {
             now_ms: 10_000,

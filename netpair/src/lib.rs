@@ -9,12 +9,14 @@
 
 pub mod config;
 pub mod daemon;
+pub mod damping;
 pub mod datapath;
 pub mod decide;
 pub mod link;
 pub mod links;
 pub mod packet;
 pub mod proto;
+pub mod stall;
 pub mod xdp;
 
 pub use datapath::{Datapath, Role};

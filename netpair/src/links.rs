@@ -12,7 +12,9 @@
 //! - **down** without carrier;
 //! - **silent** (dead with carrier up: a blackholing qdisc, a broken cable half, a switch in
 //!   between that drops) when nothing arrived over it for `link_timeout` while another link
-//!   delivered within `link_timeout`: the partner is talking, only not over this link;
+//!   has delivered without a gap for at least `link_timeout`: the partner is talking, only
+//!   not over this link (just after the partner resumes from a stall, one link's copy read
+//!   before the other's is no evidence);
 //! - **unknown** before anything arrived over it (at start, after its carrier returns);
 //! - when the partner is silent on *every* link there is no evidence against one link in
 //!   particular (the partner stalled, or both links died — reported as the partner falling
@@ -39,6 +41,8 @@ struct Link {
     /// When carrier last came up (or when we started with it).
     carrier_since_ms: u64,
     last_rx_ms: Option<u64>,
+    /// Since when copies have arrived over it without a gap longer than the timeout.
+    run_since_ms: Option<u64>,
     health: Health,
 }
 
@@ -79,6 +83,7 @@ impl Links {
                     carrier: *carrier,
                     carrier_since_ms: now_ms,
                     last_rx_ms: None,
+                    run_since_ms: None,
                     health: if *carrier { Health::Unknown } else { Health::Down },
                 })
                 .collect(),
@@ -134,7 +139,11 @@ impl Links {
 
     /// An authenticated copy of a pairing message arrived over link `i` (first copy or not).
     pub fn heard(&mut self, i: usize, now_ms: u64) {
+        let timeout = self.timeout_ms;
         if let Some(l) = self.links.get_mut(i) {
+            if l.last_rx_ms.is_none_or(|t| now_ms.saturating_sub(t) > timeout) {
+                l.run_since_ms = Some(now_ms);
+            }
             l.last_rx_ms = Some(l.last_rx_ms.map_or(now_ms, |t| t.max(now_ms)));
         }
     }
@@ -148,7 +157,16 @@ impl Links {
     pub fn evaluate(&mut self, now_ms: u64) -> Vec<LinkEvent> {
         let mut events = Vec::new();
         let fresh: Vec<bool> = self.links.iter().map(|l| l.carrier && self.fresh(l, now_ms)).collect();
-        let any_fresh = fresh.iter().any(|f| *f);
+        // Evidence against a link: another one has delivered without a gap for at least the
+        // timeout. Just after the partner resumed from a stall (or both links from an
+        // outage) one link's copy may be read before the other's: no evidence yet.
+        let talking: Vec<bool> = self
+            .links
+            .iter()
+            .zip(&fresh)
+            .map(|(l, f)| *f && l.run_since_ms.is_some_and(|s| now_ms.saturating_sub(s) >= self.timeout_ms))
+            .collect();
+        let any_talking = talking.iter().any(|t| *t);
         for i in 0..self.links.len() {
             let l = &self.links[i];
             let silent_for = now_ms.saturating_sub(l.last_rx_ms.unwrap_or(0).max(l.carrier_since_ms));
@@ -163,9 +181,9 @@ impl Links {
                     Health::Unknown,
                     "carrier back, no pairing message over it yet".to_owned(),
                 )
-            } else if any_fresh && silent_for > self.timeout_ms {
+            } else if any_talking && silent_for > self.timeout_ms {
                 let others: Vec<&str> = (0..self.links.len())
-                    .filter(|&j| fresh[j])
+                    .filter(|&j| talking[j])
                     .map(|j| self.links[j].name.as_str())
                     .collect();
                 let heard = match l.last_rx_ms {
@@ -329,6 +347,29 @@ mod tests {
         // Then both links' queued copies arrive.
         let ev = talk(&mut l, 1500, 1600, &[0, 1]);
         assert!(ev.is_empty(), "{ev:?}");
+    }
+
+    #[test]
+    fn after_the_partner_resumes_one_links_copy_read_first_blames_no_link() {
+        let mut l = links();
+        talk(&mut l, 0, 500, &[0, 1]);
+        for t in (510..700).step_by(10) {
+            assert!(l.evaluate(t).is_empty(), "t={t}");
+        }
+        // The partner resumes: al1's copy is read, and judged on, before al2's arrives.
+        l.heard(0, 700);
+        let ev = l.evaluate(700);
+        assert!(ev.is_empty(), "al2 blamed for the partner's stall: {ev:?}");
+        l.heard(1, 701);
+        assert!(talk(&mut l, 710, 900, &[0, 1]).is_empty());
+        assert_eq!(healths(&l), [Health::Up, Health::Up]);
+        // But a link that stays silent after the partner resumed is judged within the
+        // timeout of the other link delivering again.
+        for t in (910..1200).step_by(10) {
+            assert!(l.evaluate(t).is_empty(), "t={t}");
+        }
+        let ev = talk(&mut l, 1200, 1240, &[0]);
+        assert_eq!(healths(&l), [Health::Up, Health::Silent], "{ev:?}");
     }
 
     #[test]

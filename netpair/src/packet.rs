@@ -499,6 +499,14 @@ impl AsyncArpProber {
         self.inner.get_ref().send_probe(target)
     }
 
+    /// Every ARP reply addressed to our IP queued now, without waiting (empty: none).
+    pub fn try_recv_replies(&self) -> io::Result<Vec<(Ipv4Addr, [u8; 6])>> {
+        match self.inner.get_ref().drain() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Vec::new()),
+            r => r,
+        }
+    }
+
     /// Waits for at least one ARP reply addressed to our IP and returns all queued ones.
     /// Cancel-safe: a reply is only consumed when it is returned.
     pub async fn recv_replies(&self) -> io::Result<Vec<(Ipv4Addr, [u8; 6])>> {

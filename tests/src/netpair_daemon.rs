@@ -38,7 +38,13 @@ impl NetpairDaemon {
         let peer = lab.hosts.iter().find(|p| p.name != host).unwrap();
         let dir = lab.dir();
         let secret = dir.join("pool.secret");
-        std::fs::write(&secret, SECRET).unwrap();
+        // Written once, atomically: rewriting it in place while the other host's daemon
+        // starts let that daemon read it empty ("the pool secret is 0 bytes").
+        if std::fs::read_to_string(&secret).ok().as_deref() != Some(SECRET) {
+            let tmp = dir.join(format!("pool.secret.{host}.tmp"));
+            std::fs::write(&tmp, SECRET).unwrap();
+            std::fs::rename(&tmp, &secret).unwrap();
+        }
         let pin = BpfPinDir::new(&format!("{}-netpair", h.ns.name()));
         let socket = dir.join(format!("netpair-{host}.sock"));
         let port = if role == "local" { "port = \"vg0\"\n" } else { "" };
@@ -110,6 +116,11 @@ role = "{role}"
 
     pub fn partner_reachable(&self) -> bool {
         self.status().is_some_and(|s| s["partner"]["reachable"] == true)
+    }
+
+    /// The daemon's process id (to stop and continue it).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
     }
 
     pub fn log(&self) -> String {
