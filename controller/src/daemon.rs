@@ -652,6 +652,7 @@ impl Ctl {
                     guests,
                     guests_truncated: false,
                     config_epoch: st.pool.epoch,
+                    sees: st.membership.sees(now),
                 })
             } else {
                 None
@@ -744,7 +745,13 @@ impl Ctl {
                                 if rec.host != host {
                                     continue;
                                 }
-                                let _ = st.membership.observe_slot(&host, rec.incarnation, rec.tick, at);
+                                let _ = st.membership.observe_slot_with_sees(
+                                    &host,
+                                    rec.incarnation,
+                                    rec.tick,
+                                    &rec.sees,
+                                    at,
+                                );
                                 let info = st.peers.entry(host.clone()).or_default();
                                 info.running = rec.guests.clone();
                                 if rec.config_epoch > our_epoch && st.syncing.insert(host.clone()) {

@@ -373,7 +373,7 @@ impl fmt::Display for MembershipEvent {
             },
             MembershipEvent::StateFileRestored => f.write_str("state-file I/O works again"),
             MembershipEvent::Isolated { .. } => {
-                f.write_str("this host is isolated: no peer hears it and the state-file is unreachable")
+                f.write_str("this host is isolated: it lost contact with a majority of the pool (in a pool of two: with its peer and the state-file)")
             }
             MembershipEvent::NotIsolated { .. } => f.write_str("this host has contact again"),
         }
@@ -455,6 +455,8 @@ struct Peer {
     state: PeerState,
     /// When declared dead: the `last_seen` it was declared with.
     dead_since: Option<Instant>,
+    /// Latest contact with this peer: a heartbeat that says it hears us, or its slot advancing.
+    contact: Option<Instant>,
 }
 
 impl Peer {
@@ -530,6 +532,7 @@ impl Membership {
                 slot: None,
                 state: PeerState::Unknown,
                 dead_since: None,
+                contact: None,
             };
             if map.insert(spec.name.clone(), peer).is_some() {
                 return Err(MembershipError::DuplicatePeer(spec.name));
@@ -589,6 +592,8 @@ impl Membership {
         if matches!(channel, Channel::Net(_)) {
             self.last_mutual = self.last_mutual.max(Some(at));
         }
+        let p = self.peer_mut(peer)?;
+        p.contact = p.contact.max(Some(at));
         Ok(())
     }
 
@@ -607,6 +612,9 @@ impl Membership {
         for other in sees {
             if other == &self.self_name {
                 self.last_mutual = self.last_mutual.max(Some(at));
+                if let Some(p) = self.peers.get_mut(peer) {
+                    p.contact = p.contact.max(Some(at));
+                }
             } else if other != peer
                 && let Some(o) = self.peers.get_mut(other)
             {
@@ -628,6 +636,21 @@ impl Membership {
         tick: u64,
         at: Instant,
     ) -> Result<bool, MembershipError> {
+        self.observe_slot_with_sees(peer, incarnation, tick, &[], at)
+    }
+
+    /// [`Membership::observe_slot`] with the `sees` list the slot carries (version 2): when the
+    /// slot advanced, every other host it names is reported alive through `peer`, as a
+    /// heartbeat's `sees` would (so a host that reaches the others only through the state-file
+    /// does not declare dead a host they hear).
+    pub fn observe_slot_with_sees(
+        &mut self,
+        peer: &str,
+        incarnation: u64,
+        tick: u64,
+        sees: &[String],
+        at: Instant,
+    ) -> Result<bool, MembershipError> {
         let p = self.peer_mut(peer)?;
         let advanced = match p.slot {
             None => false,
@@ -638,6 +661,17 @@ impl Membership {
         }
         if advanced {
             self.record(peer, &Channel::StateFile, at)?;
+            let p = self.peer_mut(peer)?;
+            p.contact = p.contact.max(Some(at));
+            for other in sees {
+                if other != peer
+                    && other != &self.self_name
+                    && let Some(o) = self.peers.get_mut(other)
+                {
+                    let e = o.via.entry(peer.to_owned()).or_insert(at);
+                    *e = (*e).max(at);
+                }
+            }
         }
         Ok(advanced)
     }
@@ -659,29 +693,68 @@ impl Membership {
         }
     }
 
-    /// Peers heard on a heartbeat network within [`Timeouts::sees_window`]: what our heartbeats
-    /// must carry in their `sees` field.
+    /// Peers we have direct evidence of life from: heard on a heartbeat network within
+    /// [`Timeouts::sees_window`], or whose state-file slot advanced within one slot interval
+    /// plus two reads. What our heartbeats and our slot carry in their `sees` field: a peer
+    /// that reads it knows we know those hosts are alive (and, if it is named, that we know it
+    /// is — mutual contact).
     pub fn sees(&self, now: Instant) -> Vec<String> {
         let window = self.timeouts.sees_window();
+        let slot_window = self.timeouts.statefile_interval + window;
         self.peers
             .iter()
             .filter(|(_, p)| {
                 p.channels.iter().any(|(c, s)| {
-                    matches!(c, Channel::Net(_))
-                        && s.last_seen.is_some_and(|t| now.saturating_duration_since(t) < window)
+                    let w = if matches!(c, Channel::Net(_)) {
+                        window
+                    } else {
+                        slot_window
+                    };
+                    s.last_seen.is_some_and(|t| now.saturating_duration_since(t) < w)
                 })
             })
             .map(|(n, _)| n.clone())
             .collect()
     }
 
-    /// The time of our latest contact: mutual heartbeat or successful state-file I/O (our start
-    /// if neither happened yet).
+    /// The last instant this host had a **quorum**: contact (a heartbeat saying the peer hears
+    /// us, or the peer's slot advancing) with enough peers that, counting itself, it was in
+    /// contact with a strict majority of the pool — or with exactly half of it *and* its own
+    /// state-file I/O worked (the state-file breaks the tie). Our start if never.
+    ///
+    /// In a two-host pool this is "mutual contact with the peer, or the state-file works" (the
+    /// rule of the two-host design). In larger pools the state-file alone no longer keeps a
+    /// host out of isolation: a host cut from the majority fences even if it still reaches the
+    /// state-file that the majority lost, because the majority, which cannot read its slot,
+    /// will declare it dead (docs/controller.md, "Partition rules").
     pub fn last_contact(&self) -> Instant {
-        self.last_mutual
-            .max(self.last_io_ok)
-            .unwrap_or(self.started)
-            .max(self.started)
+        let mut contacts: Vec<Instant> = self.peers.values().filter_map(|p| p.contact).collect();
+        contacts.sort_unstable_by(|a, b| b.cmp(a));
+        let n = self.peers.len() + 1;
+        let need = n / 2; // peers besides us for a strict majority
+        // The latest time at least `k` peers were in contact (k = 0: always).
+        let kth = |k: usize| -> Option<Option<Instant>> {
+            if k == 0 {
+                Some(None)
+            } else {
+                contacts.get(k - 1).map(|t| Some(*t))
+            }
+        };
+        let majority = match kth(need) {
+            Some(Some(t)) => Some(t),
+            Some(None) => None,
+            None => None,
+        };
+        let tie = if n.is_multiple_of(2) {
+            match kth(need - 1) {
+                Some(None) => self.last_io_ok,
+                Some(Some(t)) => self.last_io_ok.map(|io| io.min(t)),
+                None => None,
+            }
+        } else {
+            None
+        };
+        majority.max(tie).unwrap_or(self.started).max(self.started)
     }
 
     /// Recomputes every state at `now` and returns the transitions since the previous call.
@@ -1648,12 +1721,47 @@ mod tests {
         let mut m = Membership::new("a", peers, Timeouts::default(), t0).unwrap();
         m.observe_heartbeat("b", "mgmt", t0, &[]).unwrap();
         m.observe_heartbeat("c", "mgmt", t0 + ms(300), &[]).unwrap();
-        // A slot advance is not a heartbeat.
-        m.observe_slot("b", 1, 1, t0).unwrap();
-        m.observe_slot("b", 1, 2, t0 + ms(350)).unwrap();
         assert_eq!(m.sees(t0 + ms(399)), ["b", "c"]);
         assert_eq!(m.sees(t0 + ms(400)), ["c"]);
         assert!(m.sees(t0 + ms(700)).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_that_advanced_is_seen_for_one_slot_interval_more() {
+        let t0 = Instant::now();
+        let peers = [PeerSpec::new("b", ["mgmt"]), PeerSpec::new("c", ["mgmt"])];
+        let mut m = Membership::new("a", peers, Timeouts::default(), t0).unwrap();
+        // The first read is a baseline, not evidence.
+        m.observe_slot("b", 1, 1, t0).unwrap();
+        assert!(m.sees(t0).is_empty());
+        m.observe_slot("b", 1, 2, t0 + ms(500)).unwrap();
+        // Slots advance every 500 ms and are read every 200 ms: 500 + 400 ms.
+        assert_eq!(m.sees(t0 + ms(1399)), ["b"]);
+        assert!(m.sees(t0 + ms(1400)).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slot_relays_the_hosts_its_writer_sees() {
+        let t0 = Instant::now();
+        let peers = [PeerSpec::new("b", ["mgmt"]), PeerSpec::new("c", ["mgmt"])];
+        let mut m = Membership::new("a", peers, Timeouts::default(), t0).unwrap();
+        // a hears nobody on the network; b's slot advances and says b hears c.
+        let mut tick = 0;
+        let mut t = t0;
+        while t < t0 + ms(10_000) {
+            tick += 1;
+            m.observe_slot_with_sees("b", 1, tick, &["c".into(), "a".into()], t)
+                .unwrap();
+            m.tick(t);
+            t += ms(500);
+        }
+        assert_eq!(m.state("c"), Some(PeerState::Suspect), "c is alive through b's slot");
+        assert_eq!(m.state("b"), Some(PeerState::Suspect));
+        assert!(m.dead_peers().is_empty());
+        // A slot that stops advancing relays nothing more.
+        m.observe_slot_with_sees("b", 1, tick, &["c".into()], t).unwrap();
+        m.tick(t + ms(3100));
+        assert_eq!(m.dead_peers().len(), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -39,13 +39,15 @@ struct Node {
     started: Vec<(Instant, String)>,
 }
 
+type Slots = BTreeMap<String, (u64, u64, Vec<String>)>;
+
 struct World {
     t0: Instant,
     nodes: Vec<Node>,
     /// Directed (from, to, net) links that drop everything.
     cut: BTreeSet<(String, String, String)>,
-    /// The shared state-file: host → (incarnation, tick).
-    slots: Arc<Mutex<BTreeMap<String, (u64, u64)>>>,
+    /// The shared state-file: host → (incarnation, tick, sees).
+    slots: Arc<Mutex<Slots>>,
     hosts: Vec<Host>,
     guests: Vec<Guest>,
     /// Guest name → hosts where it was active at the same time, with when (violations).
@@ -166,13 +168,13 @@ impl World {
             if t.is_multiple_of(500) {
                 if n.storage {
                     n.tick += 1;
-                    slots.insert(n.name.clone(), (n.incarnation, n.tick));
+                    slots.insert(n.name.clone(), (n.incarnation, n.tick, n.m.sees(now)));
                 }
                 n.m.observe_statefile_io(n.storage, now);
             }
             if t.is_multiple_of(200) && n.storage {
-                for (peer, &(inc, tick)) in slots.iter().filter(|(p, _)| **p != n.name) {
-                    n.m.observe_slot(peer, inc, tick, now).unwrap();
+                for (peer, (inc, tick, sees)) in slots.iter().filter(|(p, _)| **p != n.name) {
+                    n.m.observe_slot_with_sees(peer, *inc, *tick, sees, now).unwrap();
                 }
             }
         }
@@ -631,4 +633,109 @@ async fn flapping_channels_soak_never_declares_anyone_dead() {
         assert!(w.count(h, MembershipEvent::is_redundancy_loss) > 100, "{h}");
     }
     assert!(w.node("a").vmm.is_active("g"));
+}
+
+/// Every way to split `hosts` into network components (set partitions).
+fn set_partitions(hosts: &[&str]) -> Vec<Vec<Vec<String>>> {
+    let Some((first, rest)) = hosts.split_first() else {
+        return vec![Vec::new()];
+    };
+    let mut out = Vec::new();
+    for p in set_partitions(rest) {
+        // `first` alone, or added to each existing block.
+        let mut alone = p.clone();
+        alone.push(vec![first.to_string()]);
+        out.push(alone);
+        for i in 0..p.len() {
+            let mut q = p.clone();
+            q[i].push(first.to_string());
+            out.push(q);
+        }
+    }
+    out
+}
+
+/// Issue 13 §4: every partition shape of 2 and 3 hosts — each way to split the heartbeat
+/// networks into components, times each subset of hosts that keep the state-file — after a
+/// healthy start. In every shape: no guest ever runs on two hosts, and the hosts that may
+/// still change the pool configuration (not fencing, every peer they do not consider dead
+/// reachable in their own component) all lie in one component, so no two sides of a
+/// partition can both commit a change.
+#[tokio::test(start_paused = true)]
+async fn every_partition_shape_of_two_and_three_hosts_is_safe() {
+    let mut shapes = 0;
+    let mut report = Vec::new();
+    for names in [&["a", "b"][..], &["a", "b", "c"][..]] {
+        for parts in set_partitions(names) {
+            for mask in 0..(1u32 << names.len()) {
+                let storage: Vec<bool> = (0..names.len()).map(|i| mask & (1 << i) != 0).collect();
+                let guests: Vec<Guest> = names.iter().map(|h| protected(&format!("g{h}"), h)).collect();
+                let mut w = World::new(names, guests, ms(1500), ms(500));
+                w.run_until(4_000).await;
+                let comp = |h: &str| parts.iter().position(|b| b.iter().any(|x| x == h)).unwrap();
+                for x in names {
+                    for y in names {
+                        if x != y && comp(x) != comp(y) {
+                            for net in NETS {
+                                w.cut_net(x, y, net);
+                            }
+                        }
+                    }
+                }
+                for (i, h) in names.iter().enumerate() {
+                    w.set_storage(h, storage[i]);
+                }
+                w.run_until(20_000).await;
+                shapes += 1;
+                let shape = format!(
+                    "{} storage [{}]",
+                    parts.iter().map(|b| b.join("")).collect::<Vec<_>>().join("|"),
+                    names
+                        .iter()
+                        .zip(&storage)
+                        .filter(|(_, s)| **s)
+                        .map(|(h, _)| *h)
+                        .collect::<Vec<_>>()
+                        .join("")
+                );
+                assert!(
+                    w.violations.is_empty(),
+                    "{shape}: a guest ran on two hosts: {:?}",
+                    w.violations.first()
+                );
+                let committers: BTreeSet<usize> = names
+                    .iter()
+                    .filter(|h| {
+                        let n = w.node(h);
+                        n.f.may_start_guests()
+                            && names
+                                .iter()
+                                .filter(|p| p != h)
+                                .all(|p| n.m.state(p) == Some(crate::membership::PeerState::Dead) || comp(p) == comp(h))
+                    })
+                    .map(|h| comp(h))
+                    .collect();
+                assert!(
+                    committers.len() <= 1,
+                    "{shape}: two sides may change the pool: {committers:?}"
+                );
+                let running: Vec<String> = names
+                    .iter()
+                    .flat_map(|h| {
+                        let n = w.node(h);
+                        names
+                            .iter()
+                            .filter(|g| n.vmm.is_active(&format!("g{g}")))
+                            .map(move |g| format!("g{g}@{h}"))
+                    })
+                    .collect();
+                report.push(format!("{shape:<22} running {running:?}"));
+            }
+        }
+    }
+    for r in &report {
+        eprintln!("{r}");
+    }
+    // 2 hosts: 2 partitions × 4 storage subsets; 3 hosts: 5 × 8.
+    assert_eq!(shapes, 2 * 4 + 5 * 8);
 }

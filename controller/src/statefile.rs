@@ -2,7 +2,7 @@
 //! that it rewrites every `statefile_interval`. A host whose slot keeps changing is alive, even
 //! when every heartbeat network is cut.
 //!
-//! # Layout (version 1)
+//! # Layout (version 2; version 1 is still read)
 //!
 //! The file is `slots × 4096` bytes. Slot `i` (at offset `i × 4096`) belongs to the host whose
 //! name is at position `i` in the sorted list of all the pool's host names — every host must
@@ -11,13 +11,17 @@
 //! ```text
 //! offset  size  field
 //!      0     4  magic      "EACS" (45 41 43 53)
-//!      4     2  version    u16, 1 (VERSION)
+//!      4     2  version    u16, 2 (VERSION); 1 is read too
 //!      6     2  body_len   u16, N ≤ 4056
 //!      8     N  body       bincode 2 (serde; big-endian, fixed-width integers) of SlotRecord:
 //!                            host: u64 length + UTF-8 (1..=64)
 //!                            incarnation: u64   tick: u64   wall_ms: u64   fencing: u8 (0|1)
 //!                            guests: u64 count (≤ 1024), count × (u64 length + UTF-8 ≤ 64)
 //!                            guests_truncated: u8 (0|1)   config_epoch: u64
+//!                            sees: u64 count (≤ 1024), count × (u64 length + UTF-8 ≤ 64)
+//!                              (version 2 only: the hosts the writer has direct evidence of
+//!                              life from, by heartbeat or slot — relayed, so a host that
+//!                              reads only this file learns who is alive beyond it)
 //!  8 + N    …  zeros up to offset 4064
 //!   4064    32  checksum   SHA-256 of bytes 0 .. 4064 of the slot
 //! ```
@@ -60,8 +64,10 @@ use crate::config::MAX_NAME_LEN;
 
 /// "EACS": an eac state-file slot.
 pub const MAGIC: [u8; 4] = *b"EACS";
-/// The slot format version this build writes and reads.
-pub const VERSION: u16 = 1;
+/// The slot format version this build writes (it reads this one and [`OLDEST_READABLE`]).
+pub const VERSION: u16 = 2;
+/// The oldest slot format version this build reads (version 1 has no `sees`).
+pub const OLDEST_READABLE: u16 = 1;
 /// Bytes per slot (and the alignment of every I/O).
 pub const SLOT_SIZE: usize = 4096;
 const HEADER_LEN: usize = 8;
@@ -108,6 +114,40 @@ pub struct SlotRecord {
     pub guests_truncated: bool,
     /// The owner's pool configuration epoch.
     pub config_epoch: u64,
+    /// Hosts the owner has direct evidence of life from (heartbeat or slot), relayed to
+    /// readers (empty in a version 1 slot).
+    #[serde(deserialize_with = "bounded_guests")]
+    pub sees: Vec<String>,
+}
+
+/// A version 1 slot's record (no `sees`).
+#[derive(Deserialize)]
+struct SlotRecordV1 {
+    host: String,
+    incarnation: u64,
+    tick: u64,
+    wall_ms: u64,
+    fencing: bool,
+    #[serde(deserialize_with = "bounded_guests")]
+    guests: Vec<String>,
+    guests_truncated: bool,
+    config_epoch: u64,
+}
+
+impl From<SlotRecordV1> for SlotRecord {
+    fn from(r: SlotRecordV1) -> Self {
+        SlotRecord {
+            host: r.host,
+            incarnation: r.incarnation,
+            tick: r.tick,
+            wall_ms: r.wall_ms,
+            fencing: r.fencing,
+            guests: r.guests,
+            guests_truncated: r.guests_truncated,
+            config_epoch: r.config_epoch,
+            sees: Vec::new(),
+        }
+    }
 }
 
 fn bounded_guests<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -147,7 +187,7 @@ pub enum SlotError {
     #[error("slot {slot} ({host}) is corrupt: {reason}")]
     Corrupt { slot: usize, host: String, reason: String },
     /// Written by a build that speaks another slot version.
-    #[error("slot {slot} ({host}) has format version {got} (this build reads version {supported})")]
+    #[error("slot {slot} ({host}) has format version {got} (this build reads versions 1 to {supported})")]
     UnsupportedVersion {
         slot: usize,
         host: String,
@@ -434,6 +474,11 @@ impl StateFile {
                     r.guests.truncate(keep);
                     r.guests_truncated = true;
                 }
+                // Only in pools of dozens of hosts with long names: relay what fits.
+                _ if !r.sees.is_empty() => {
+                    let keep = r.sees.len().saturating_sub(r.sees.len() / 8 + 1);
+                    r.sees.truncate(keep);
+                }
                 Ok(b) => {
                     return Err(StateFileError::Invalid(format!(
                         "slot record of {} bytes without guests exceeds {MAX_BODY}",
@@ -526,7 +571,7 @@ pub fn decode_slot(slot: usize, host: &str, b: &[u8]) -> Result<SlotRecord, Slot
         return Err(corrupt(format!("bad magic {:02x?}", &b[..4])));
     }
     let version = u16::from_be_bytes([b[4], b[5]]);
-    if version != VERSION {
+    if !(OLDEST_READABLE..=VERSION).contains(&version) {
         return Err(SlotError::UnsupportedVersion {
             slot,
             host: host.to_owned(),
@@ -539,15 +584,22 @@ pub fn decode_slot(slot: usize, host: &str, b: &[u8]) -> Result<SlotRecord, Slot
         return Err(corrupt(format!("body length {n} exceeds {MAX_BODY}")));
     }
     let body = &b[HEADER_LEN..HEADER_LEN + n];
-    let (r, used): (SlotRecord, usize) = bincode::serde::decode_from_slice(body, BINCODE)
-        .map_err(|e| corrupt(format!("record does not decode: {e}")))?;
+    let (r, used): (SlotRecord, usize) = if version == 1 {
+        bincode::serde::decode_from_slice::<SlotRecordV1, _>(body, BINCODE).map(|(r, n)| (r.into(), n))
+    } else {
+        bincode::serde::decode_from_slice(body, BINCODE)
+    }
+    .map_err(|e| corrupt(format!("record does not decode: {e}")))?;
     if used != n {
         return Err(corrupt(format!("{} trailing bytes after the record", n - used)));
     }
     if data[HEADER_LEN + n..].iter().any(|&x| x != 0) {
         return Err(corrupt("non-zero padding".into()));
     }
-    if r.host.is_empty() || r.host.len() > MAX_NAME_LEN || r.guests.iter().any(|g| g.len() > MAX_NAME_LEN) {
+    if r.host.is_empty()
+        || r.host.len() > MAX_NAME_LEN
+        || r.guests.iter().chain(&r.sees).any(|g| g.len() > MAX_NAME_LEN)
+    {
         return Err(corrupt("a name is longer than 64 bytes".into()));
     }
     if r.host != host {
@@ -580,6 +632,7 @@ mod tests {
             guests: vec!["web".into(), "db".into()],
             guests_truncated: false,
             config_epoch: 9,
+            sees: vec!["b".into()],
         }
     }
 
@@ -728,14 +781,27 @@ mod tests {
             assert!(decode_slot(0, "a", &t).is_err(), "flip at {i} accepted");
         }
         // Another version, correctly checksummed.
-        let mut v2 = slot.clone();
-        v2[4..6].copy_from_slice(&2u16.to_be_bytes());
-        let sum = Sha256::digest(&v2[..SLOT_SIZE - SUM_LEN]);
-        v2[SLOT_SIZE - SUM_LEN..].copy_from_slice(&sum);
+        let mut v3 = slot.clone();
+        v3[4..6].copy_from_slice(&3u16.to_be_bytes());
+        let sum = Sha256::digest(&v3[..SLOT_SIZE - SUM_LEN]);
+        v3[SLOT_SIZE - SUM_LEN..].copy_from_slice(&sum);
         assert!(matches!(
-            decode_slot(0, "a", &v2),
-            Err(SlotError::UnsupportedVersion { got: 2, .. })
+            decode_slot(0, "a", &v3),
+            Err(SlotError::UnsupportedVersion { got: 3, .. })
         ));
+        // A version 1 slot (no `sees`: the body ends after config_epoch) is still read.
+        let mut r1 = rec("a", 1);
+        r1.sees.clear();
+        let mut v1 = vec![0u8; SLOT_SIZE];
+        let body = bincode::serde::encode_to_vec(&r1, BINCODE).unwrap();
+        let body = &body[..body.len() - 8]; // drop the empty `sees` (its u64 count)
+        v1[..4].copy_from_slice(&MAGIC);
+        v1[4..6].copy_from_slice(&1u16.to_be_bytes());
+        v1[6..8].copy_from_slice(&(body.len() as u16).to_be_bytes());
+        v1[HEADER_LEN..HEADER_LEN + body.len()].copy_from_slice(body);
+        let sum = Sha256::digest(&v1[..SLOT_SIZE - SUM_LEN]);
+        v1[SLOT_SIZE - SUM_LEN..].copy_from_slice(&sum);
+        assert_eq!(decode_slot(0, "a", &v1), Ok(r1));
         // Random contents with a valid checksum reach the decoder and are refused.
         let mut x = 0x1234_5678_9abc_def0u64;
         for round in 0..2000 {

@@ -852,6 +852,7 @@ mod tests {
                     guests: vec![],
                     guests_truncated: false,
                     config_epoch: 1,
+                    sees: Vec::new(),
                 })
                 .unwrap();
                 for r in sf.read_all().unwrap() {

@@ -541,7 +541,11 @@ fn set_fifo(prio: u8) -> std::io::Result<()> {
     // SAFETY: `param` is a live, initialised sched_param for the duration of the call; pid 0
     // is the calling thread; the call reads the struct and changes nothing in our memory.
     let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` uses.

@@ -652,7 +652,10 @@ mod tests {
             let (at, change) = &c[0];
             assert!(change.steer && change.why.contains("no probe reply"), "{c:?}");
             // The last answered probe was sent up to 10 ms before the fault.
-            assert!(*at > fault + 30 && *at <= fault + 50, "fault at {fault}, steered at {at}");
+            assert!(
+                *at > fault + 30 && *at <= fault + 50,
+                "fault at {fault}, steered at {at}"
+            );
         }
     }
 

@@ -164,7 +164,11 @@ impl Links {
             .links
             .iter()
             .zip(&fresh)
-            .map(|(l, f)| *f && l.run_since_ms.is_some_and(|s| now_ms.saturating_sub(s) >= self.timeout_ms))
+            .map(|(l, f)| {
+                *f && l
+                    .run_since_ms
+                    .is_some_and(|s| now_ms.saturating_sub(s) >= self.timeout_ms)
+            })
             .collect();
         let any_talking = talking.iter().any(|t| *t);
         for i in 0..self.links.len() {

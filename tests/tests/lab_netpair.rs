@@ -334,10 +334,17 @@ fn a_flapping_path_is_damped_and_reported() {
     );
     let report = tcp.stop();
     let show = || format!("--- a:\n{}\n--- b:\n{}", s.a.log(), s.b.log());
-    assert!(a_n <= 4 && b_n <= 4, "not damped: a {a_n}, b {b_n} path changes\n{}", show());
+    assert!(
+        a_n <= 4 && b_n <= 4,
+        "not damped: a {a_n}, b {b_n} path changes\n{}",
+        show()
+    );
     assert!(a_n >= 1, "the flapping never moved the guest\n{}", show());
     assert_eq!(damping["suppressed"], true, "{st}");
-    assert!(damping["penalty"].as_u64().unwrap() > damping["reuse"].as_u64().unwrap(), "{st}");
+    assert!(
+        damping["penalty"].as_u64().unwrap() > damping["reuse"].as_u64().unwrap(),
+        "{st}"
+    );
     assert!(damping["suppressed_for_ms_more"].as_u64().unwrap() > 0, "{st}");
     assert!(
         st["events"].to_string().contains("suppressed by flap damping"),
