@@ -173,11 +173,13 @@ impl ErrorKind {
         match known(e.code()) {
             Some(ErrorNumber::NoDomain) => Self::NotFound,
             Some(ErrorNumber::OperationInvalid) => Self::InvalidState,
-            // virtlockd: "Lockspace resource '<sha256>' is locked"; sanlock: "Failed to acquire
-            // lock". Both come from the locking error domain, relayed by libvirtd.
+            // virtlockd: "Lockspace resource '<sha256>' is locked" (error domain "lockspace",
+            // relayed by libvirtd); sanlock: "Failed to acquire lock" (domain "locking").
             Some(ErrorNumber::ResourceBusy)
-                if matches!(e.domain(), virt::enumutil::Enum::Known(ErrorDomain::Locking))
-                    || msg.contains("Lockspace resource")
+                if matches!(
+                    e.domain(),
+                    virt::enumutil::Enum::Known(ErrorDomain::Lockspace | ErrorDomain::Locking)
+                ) || msg.contains("Lockspace resource")
                     || msg.contains("acquire lock") =>
             {
                 Self::LeaseHeld
