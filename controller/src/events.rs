@@ -135,9 +135,7 @@ impl EventKind {
             | StateFileNotRegular | StateFileUnusable | GuestDuplicate => tracing::Level::ERROR,
             ChannelDown | RedundancyLost | PeerSuspect | GuestCrashed | WatchdogArmed | AdmissionRefused
             | StateFileReplaced | StateFileSlotCorrupt | Stalled | GuestLocation | GuestYielded | GuestStartFailed
-            | Unknown => {
-                tracing::Level::WARN
-            }
+            | Unknown => tracing::Level::WARN,
             _ => tracing::Level::INFO,
         }
     }

@@ -30,8 +30,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::{Mutex, MutexGuard, Once};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
@@ -858,8 +858,8 @@ fn watch_loop(uri: &str, interval: Duration, tx: &tokio::sync::mpsc::Sender<Watc
                             // a newer event of a domain goes after its held-back failure
                             if let Some(i) = pending.iter().position(|(e, _, _)| e.domain == event.domain) {
                                 let (mut held, held_at, _) = pending.remove(i);
-                                held.detail = start_failure_detail(uri, &held.domain, &held.detail, true)
-                                    .unwrap_or_default();
+                                held.detail =
+                                    start_failure_detail(uri, &held.domain, &held.detail, true).unwrap_or_default();
                                 msgs.push(WatchEvent::Lifecycle {
                                     event: held,
                                     at: held_at,
@@ -1100,9 +1100,7 @@ mod tests {
     }
 
     fn seen(rows: &[(&str, DomainState)]) -> BTreeMap<String, Seen> {
-        rows.iter()
-            .map(|(n, s)| ((*n).to_owned(), Seen::new(*s, "")))
-            .collect()
+        rows.iter().map(|(n, s)| ((*n).to_owned(), Seen::new(*s, ""))).collect()
     }
 
     fn now(rows: &[(&str, DomainState, &str)]) -> BTreeMap<String, (DomainState, String)> {
@@ -1219,9 +1217,21 @@ mod tests {
             vec![k(K::StartFailed)]
         );
         // … once: the same failed state again is no new event
-        assert!(diff(&remembered(&[("g", ShutOff, "failed")]), &now(&[("g", ShutOff, "failed")])).is_empty());
+        assert!(
+            diff(
+                &remembered(&[("g", ShutOff, "failed")]),
+                &now(&[("g", ShutOff, "failed")])
+            )
+            .is_empty()
+        );
         // crashed → shut off: no failed start
-        assert!(diff(&remembered(&[("g", Crashed, "crashed")]), &now(&[("g", ShutOff, "destroyed")])).is_empty());
+        assert!(
+            diff(
+                &remembered(&[("g", Crashed, "crashed")]),
+                &now(&[("g", ShutOff, "destroyed")])
+            )
+            .is_empty()
+        );
     }
 
     #[test]
@@ -1233,7 +1243,11 @@ mod tests {
         // a start still returning: held back, unless the watcher gives up
         starts().entry((uri.into(), "g".into())).or_default().in_progress = 1;
         assert_eq!(start_failure_detail(uri, "g", "failed", false), None);
-        assert!(start_failure_detail(uri, "g", "failed", true).unwrap().contains("libvirtd's log"));
+        assert!(
+            start_failure_detail(uri, "g", "failed", true)
+                .unwrap()
+                .contains("libvirtd's log")
+        );
         // the start returned its error: that is the reason, given once
         {
             let mut all = starts();
@@ -1245,7 +1259,11 @@ mod tests {
             start_failure_detail(uri, "g", "failed", false).as_deref(),
             Some("refused by the lock manager (virtlockd): …")
         );
-        assert!(start_failure_detail(uri, "g", "failed", false).unwrap().contains("libvirtd's log"));
+        assert!(
+            start_failure_detail(uri, "g", "failed", false)
+                .unwrap()
+                .contains("libvirtd's log")
+        );
         assert!(!starts().contains_key(&(uri.into(), "g".into())));
     }
 

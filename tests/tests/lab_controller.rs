@@ -851,7 +851,11 @@ fn frozen_host_keeps_its_guest_protected() {
 
 /// The command line of a running QEMU of `host` (its pid file), with NULs as spaces.
 fn qemu_cmdline(lab: &ControllerLab, host: &str, guest: &str) -> String {
-    let pidfile = lab.host(host).libvirt.dir().join(format!("run/libvirt/qemu/{guest}.pid"));
+    let pidfile = lab
+        .host(host)
+        .libvirt
+        .dir()
+        .join(format!("run/libvirt/qemu/{guest}.pid"));
     let pid = std::fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()));
     std::fs::read(format!("/proc/{}/cmdline", pid.trim()))
         .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
@@ -915,7 +919,8 @@ fn the_lease_refuses_a_second_start_when_qemu_does_not_lock_the_image() {
             "a refused start reported as {kind}"
         );
     }
-    let libvirtd_log = std::fs::read_to_string(lab.host("b").libvirt.dir().join("logs/libvirtd.log")).unwrap_or_default();
+    let libvirtd_log =
+        std::fs::read_to_string(lab.host("b").libvirt.dir().join("logs/libvirtd.log")).unwrap_or_default();
     assert!(
         libvirtd_log.contains("Lockspace resource"),
         "b's libvirtd log has no lock-manager refusal"
@@ -925,17 +930,33 @@ fn the_lease_refuses_a_second_start_when_qemu_does_not_lock_the_image() {
     //    fence_grace: the lease refuses, and the events say so.
     let t_kill = wall_ms();
     let pid = lab.host_mut("a").controller().expect("a's controller").pid();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
-    let names_lock_manager = |e: &Value| e["detail"].as_str().is_some_and(|d| d.contains("lock manager (virtlockd)"));
-    wait_until(Duration::from_secs(30), "b's failover start refused by the lease", || {
-        evs = events(&lab, "b");
-        let after: Vec<&Value> = evs
-            .iter()
-            .filter(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= t_kill))
-            .collect();
-        after.iter().any(|e| e["kind"] == "guest_start_failed" && names_lock_manager(e))
-            && after.iter().any(|e| e["kind"] == "guest_restart_failed" && names_lock_manager(e))
-    })
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let names_lock_manager = |e: &Value| {
+        e["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("lock manager (virtlockd)"))
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "b's failover start refused by the lease",
+        || {
+            evs = events(&lab, "b");
+            let after: Vec<&Value> = evs
+                .iter()
+                .filter(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= t_kill))
+                .collect();
+            after
+                .iter()
+                .any(|e| e["kind"] == "guest_start_failed" && names_lock_manager(e))
+                && after
+                    .iter()
+                    .any(|e| e["kind"] == "guest_restart_failed" && names_lock_manager(e))
+        },
+    )
     .unwrap_or_else(|e| {
         print_timeline(&evs, t_kill);
         panic!("{e}\n{}", lab.logs())

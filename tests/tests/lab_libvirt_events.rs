@@ -258,7 +258,9 @@ fn a_second_start_is_refused_and_the_refusal_names_what_refused() {
 
     // 1. QEMU's image lock on: it refuses before the lock manager is asked.
     hv_a.start(name).unwrap();
-    let e = hv_b.start(name).expect_err("a second start with QEMU's image lock on must fail");
+    let e = hv_b
+        .start(name)
+        .expect_err("a second start with QEMU's image lock on must fail");
     let chain = eac_common::error_chain(&e);
     println!("1. QEMU locks its image: {chain}");
     assert_eq!(e.kind(), ErrorKind::ImageLocked, "{chain}");
@@ -269,8 +271,10 @@ fn a_second_start_is_refused_and_the_refusal_names_what_refused() {
     hv_a.destroy(name).unwrap();
 
     // 2. QEMU's image lock off: the lock manager refuses.
-    hv_a.define(&spec_a.clone().without_qemu_image_locking().to_xml()).unwrap();
-    hv_b.define(&spec_b.clone().without_qemu_image_locking().to_xml()).unwrap();
+    hv_a.define(&spec_a.clone().without_qemu_image_locking().to_xml())
+        .unwrap();
+    hv_b.define(&spec_b.clone().without_qemu_image_locking().to_xml())
+        .unwrap();
     hv_a.start(name).unwrap();
     let cmdline = pid_cmdline(&a);
     assert!(
@@ -296,11 +300,17 @@ fn a_second_start_is_refused_and_the_refusal_names_what_refused() {
     println!("   b's events: {seen:?}");
     assert!(seen.iter().all(|(k, _)| *k != LifecycleKind::Started), "{seen:?}");
     let detail = &seen.last().unwrap().1;
-    assert!(detail.contains("lock manager (virtlockd)") && detail.contains("Lockspace resource"), "{detail}");
+    assert!(
+        detail.contains("lock manager (virtlockd)") && detail.contains("Lockspace resource"),
+        "{detail}"
+    );
     assert_eq!(hv_b.state(name).unwrap(), eac_controller::libvirt::DomainState::ShutOff);
     assert!(hv_a.state(name).unwrap().is_active());
     let log = std::fs::read_to_string(b.dir().join("logs/libvirtd.log")).unwrap_or_default();
-    assert!(log.contains("Lockspace resource"), "b's libvirtd log has no lock-manager refusal");
+    assert!(
+        log.contains("Lockspace resource"),
+        "b's libvirtd log has no lock-manager refusal"
+    );
 
     hv_a.destroy(name).unwrap();
     handle.stop();
