@@ -1204,12 +1204,13 @@ impl Ctl {
                 Err(e) => {
                     last_err = eac_common::error_chain(&e);
                     tracing::warn!(guest = name, attempt, error = %last_err, "failover start failed");
-                    if e.kind == ErrorKind::Busy && attempt == 1 {
+                    if e.kind.is_busy() && attempt == 1 {
+                        // last_err names what refused: the lock manager's lease or QEMU's image lock
                         self.emit(
                             EventKind::GuestRestartFailed,
                             Some(name),
                             Some(from),
-                            format!("disk lease still held (virtlockd): retrying every {FAILOVER_RETRY:?}: {last_err}"),
+                            format!("start refused, retrying every {FAILOVER_RETRY:?}: {last_err}"),
                         );
                     }
                     // Wait for the next attempt, but stop at once when `from` is heard again.
@@ -1591,6 +1592,7 @@ impl Ctl {
         match ev.kind {
             LifecycleKind::Started => self.emit(EventKind::GuestStarted, Some(name), None, detail),
             LifecycleKind::Stopped => self.emit(EventKind::GuestStopped, Some(name), None, detail),
+            LifecycleKind::StartFailed => self.emit(EventKind::GuestStartFailed, Some(name), None, ev.detail.clone()),
             LifecycleKind::Crashed => {
                 self.emit(EventKind::GuestCrashed, Some(name), None, detail);
                 self.clone().schedule_crash_restart(name.to_owned());
@@ -1599,7 +1601,7 @@ impl Ctl {
         }
         if matches!(
             ev.kind,
-            LifecycleKind::Started | LifecycleKind::Stopped | LifecycleKind::Crashed
+            LifecycleKind::Started | LifecycleKind::Stopped | LifecycleKind::Crashed | LifecycleKind::StartFailed
         ) {
             self.recheck_plan();
         }

@@ -88,6 +88,9 @@ pub enum EventKind {
     StateFileSlotCorrupt,
     /// A guest was started (by an operator or a decision).
     GuestStarted,
+    /// A start of a guest failed (libvirt launched QEMU, then gave up): one event, with what
+    /// refused (the lock manager's lease, QEMU's image lock, …) when this controller made it.
+    GuestStartFailed,
     /// A guest stopped.
     GuestStopped,
     /// A guest crashed.
@@ -131,9 +134,8 @@ impl EventKind {
             PeerDead | Isolated | Fencing | GuestRestartFailed | PlanBroken | StateFileError | StateFileMissing
             | StateFileNotRegular | StateFileUnusable | GuestDuplicate => tracing::Level::ERROR,
             ChannelDown | RedundancyLost | PeerSuspect | GuestCrashed | WatchdogArmed | AdmissionRefused
-            | StateFileReplaced | StateFileSlotCorrupt | Stalled | GuestLocation | GuestYielded | Unknown => {
-                tracing::Level::WARN
-            }
+            | StateFileReplaced | StateFileSlotCorrupt | Stalled | GuestLocation | GuestYielded | GuestStartFailed
+            | Unknown => tracing::Level::WARN,
             _ => tracing::Level::INFO,
         }
     }
@@ -165,6 +167,7 @@ impl EventKind {
             StateFileHealed => "state_file_healed",
             StateFileSlotCorrupt => "state_file_slot_corrupt",
             GuestStarted => "guest_started",
+            GuestStartFailed => "guest_start_failed",
             GuestStopped => "guest_stopped",
             GuestCrashed => "guest_crashed",
             GuestRestarted => "guest_restarted",

@@ -30,8 +30,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::Once;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
@@ -121,18 +121,91 @@ impl fmt::Display for Op {
 }
 
 /// A coarse classification of libvirt failures, for callers that react to them.
+///
+/// A start that another host's guest prevents is classified by *what* refused it, because only
+/// one of them is the protection the pool relies on:
+/// - [`ErrorKind::LeaseHeld`]: libvirt's lock manager (virtlockd with `lock_manager = "lockd"`,
+///   or sanlock) refused to give this QEMU the disk's lease. It works wherever the lockspace
+///   directory is shared, whatever the storage's own locking does.
+/// - [`ErrorKind::ImageLocked`]: QEMU's own image lock (an OFD lock on the image file) refused.
+///   libvirt launches QEMU paused and acquires the leases only when it resumes the vCPUs, so
+///   where QEMU's lock works it refuses first; on storage where it does not (some NFS set-ups,
+///   `file.locking=off`) only the lease stands in the way.
+/// - [`ErrorKind::Busy`]: any other "resource busy".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// No such domain.
     NotFound,
     /// The domain is not in a state that allows the operation (e.g. destroy of a shut-off domain).
     InvalidState,
-    /// A lock manager lease or a disk image is held by someone else.
+    /// The lock manager refused: another host (or QEMU) holds a lease of the domain's disks.
+    LeaseHeld,
+    /// QEMU's own image lock refused: another QEMU has the disk open for writing.
+    ImageLocked,
+    /// Some other resource is busy.
     Busy,
     /// The daemon is gone or the connection broke.
     ConnectionLost,
     /// Anything else; read the message.
     Other,
+}
+
+impl ErrorKind {
+    /// True for every "someone else holds it" failure: [`ErrorKind::LeaseHeld`],
+    /// [`ErrorKind::ImageLocked`] and [`ErrorKind::Busy`]. Such a start may succeed once the
+    /// holder is gone.
+    pub fn is_busy(self) -> bool {
+        matches!(self, Self::LeaseHeld | Self::ImageLocked | Self::Busy)
+    }
+
+    /// Classifies a libvirt error (see the type's documentation).
+    pub fn of(e: &virt::error::Error) -> Self {
+        // EOF, keepalive timeouts and the like come from libvirt's RPC layer.
+        if matches!(e.domain(), virt::enumutil::Enum::Known(ErrorDomain::Rpc)) {
+            return Self::ConnectionLost;
+        }
+        let msg = e.message();
+        // QEMU's image lock shows only in the text QEMU printed before it exited
+        // ("Failed to get \"write\" lock", "Failed to get shared \"write\" lock").
+        if msg.contains("Failed to get") && msg.contains("lock") && !msg.contains("Lockspace") {
+            return Self::ImageLocked;
+        }
+        match known(e.code()) {
+            Some(ErrorNumber::NoDomain) => Self::NotFound,
+            Some(ErrorNumber::OperationInvalid) => Self::InvalidState,
+            // virtlockd: "Lockspace resource '<sha256>' is locked" (error domain "lockspace",
+            // relayed by libvirtd); sanlock: "Failed to acquire lock" (domain "locking").
+            Some(ErrorNumber::ResourceBusy)
+                if matches!(
+                    e.domain(),
+                    virt::enumutil::Enum::Known(ErrorDomain::Lockspace | ErrorDomain::Locking)
+                ) || msg.contains("Lockspace resource")
+                    || msg.contains("acquire lock") =>
+            {
+                Self::LeaseHeld
+            }
+            Some(ErrorNumber::ResourceBusy) => Self::Busy,
+            Some(ErrorNumber::NoConnect) => Self::ConnectionLost,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// What refused, in the operator's words (used in event texts).
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NotFound => "no such guest",
+            Self::InvalidState => "not possible in the guest's state",
+            Self::LeaseHeld => "refused by the lock manager (virtlockd): the disk lease is held elsewhere",
+            Self::ImageLocked => {
+                "refused by QEMU's image lock (another QEMU has the disk open), not by the lock manager"
+            }
+            Self::Busy => "a resource is busy",
+            Self::ConnectionLost => "libvirtd unreachable",
+            Self::Other => "libvirt error",
+        })
+    }
 }
 
 /// Errors of the libvirt adapter. The message says what we tried, on which host (URI) and for
@@ -194,20 +267,7 @@ impl Error {
             Error::Connect { .. } => return ErrorKind::ConnectionLost,
             _ => {}
         }
-        let e = self.libvirt();
-        // EOF, keepalive timeouts and the like come from libvirt's RPC layer.
-        if matches!(e.domain(), virt::enumutil::Enum::Known(ErrorDomain::Rpc)) {
-            return ErrorKind::ConnectionLost;
-        }
-        match known(e.code()) {
-            Some(ErrorNumber::NoDomain) => ErrorKind::NotFound,
-            Some(ErrorNumber::OperationInvalid) => ErrorKind::InvalidState,
-            Some(ErrorNumber::ResourceBusy) => ErrorKind::Busy,
-            // QEMU's own image locking only shows in the message text.
-            Some(ErrorNumber::InternalError) if e.message().contains("Failed to get \"write\" lock") => ErrorKind::Busy,
-            Some(ErrorNumber::NoConnect) => ErrorKind::ConnectionLost,
-            _ => ErrorKind::Other,
-        }
+        ErrorKind::of(self.libvirt())
     }
 }
 
@@ -273,17 +333,41 @@ impl Hypervisor {
         })
     }
 
-    /// Starts a defined domain (boots it). Blocking (≈ 0.5 s under TCG).
+    /// Starts a defined domain (boots it). Blocking (≈ 0.5 s under TCG). A failure is also
+    /// remembered, with its [`ErrorKind`], for the [`watch`]er of the same URI in this process:
+    /// its [`LifecycleKind::StartFailed`] event then says why.
     pub fn start(&self, name: &str) -> Result<()> {
-        self.with_domain(name, Op::Start, |d| d.create())
+        self.tracked_start(name, Op::Start, |d| d.create())
     }
 
     /// Starts a defined domain with its vCPUs paused: QEMU exists and holds the memory, the
     /// guest does not run until [`Hypervisor::resume`]. Not supported by libvirt's test driver.
     pub fn start_paused(&self, name: &str) -> Result<()> {
-        self.with_domain(name, Op::StartPaused, |d| {
+        self.tracked_start(name, Op::StartPaused, |d| {
             d.create_with_flags(virt::sys::VIR_DOMAIN_START_PAUSED)
         })
+    }
+
+    fn tracked_start(
+        &self,
+        name: &str,
+        op: Op,
+        f: impl FnOnce(&Domain) -> Result<(), virt::error::Error>,
+    ) -> Result<()> {
+        let key = (self.uri.clone(), name.to_owned());
+        starts().entry(key.clone()).or_default().in_progress += 1;
+        let r = self.with_domain(name, op, f);
+        let mut all = starts();
+        let entry = all.entry(key.clone()).or_default();
+        entry.in_progress = entry.in_progress.saturating_sub(1);
+        entry.failure = match &r {
+            Err(e) => Some((Instant::now(), start_failure_reason(e))),
+            Ok(()) => None,
+        };
+        if entry.in_progress == 0 && entry.failure.is_none() {
+            all.remove(&key);
+        }
+        r
     }
 
     /// Resumes a paused domain.
@@ -405,8 +489,16 @@ pub enum LifecycleKind {
     Defined,
     /// A domain disappeared.
     Undefined,
-    /// QEMU came to exist for the domain (booted, or started paused).
+    /// libvirt is starting the domain: QEMU exists, paused, while libvirt sets it up
+    /// ("paused (starting up)"): disk leases, devices. Not a start yet: it ends in
+    /// [`LifecycleKind::Started`] or [`LifecycleKind::StartFailed`].
+    Starting,
+    /// The domain started: it runs (booted), or was started paused on purpose.
     Started,
+    /// A start failed: QEMU was launched but libvirt gave up (libvirt: "shut off (failed)"),
+    /// e.g. the lock manager refused the disk lease. The event's detail says why when the start
+    /// was made through a [`Hypervisor`] of this process (see [`Hypervisor::start`]).
+    StartFailed,
     /// The domain stopped in an orderly way (destroyed, shut down, saved, migrated away).
     Stopped,
     /// The domain stopped because its emulator died or the guest crashed.
@@ -422,7 +514,9 @@ impl fmt::Display for LifecycleKind {
         f.write_str(match self {
             Self::Defined => "defined",
             Self::Undefined => "undefined",
+            Self::Starting => "starting",
             Self::Started => "started",
+            Self::StartFailed => "start failed",
             Self::Stopped => "stopped",
             Self::Crashed => "crashed",
             Self::Paused => "paused",
@@ -458,12 +552,35 @@ pub enum WatchEvent {
 /// A domain as the watcher last saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Seen {
+    /// [`seen_state`]: "paused (starting up)" counts as running.
     state: DomainState,
+    /// libvirt's reason for the state.
+    reason: String,
+    /// libvirt is still starting it ("paused (starting up)"); no `Started` reported yet.
+    starting: bool,
 }
+
+impl Seen {
+    fn new(state: DomainState, reason: &str) -> Self {
+        Self {
+            state: seen_state(state, reason),
+            reason: reason.to_owned(),
+            starting: starting_up(state, reason),
+        }
+    }
+}
+
+/// libvirt shows a domain being started as "paused (starting up)".
+fn starting_up(state: DomainState, reason: &str) -> bool {
+    state == DomainState::Paused && reason.starts_with("starting")
+}
+
+/// libvirt's reason for a domain whose start failed: "shut off (failed)".
+const FAILED_REASON: &str = "failed";
 
 /// The state the watcher remembers: a domain "paused (starting up)" counts as running.
 fn seen_state(state: DomainState, reason: &str) -> DomainState {
-    if state == DomainState::Paused && reason.starts_with("starting") {
+    if starting_up(state, reason) {
         DomainState::Running
     } else {
         state
@@ -473,6 +590,13 @@ fn seen_state(state: DomainState, reason: &str) -> DomainState {
 /// The events that lead from `prev` to `now` (both keyed by domain name). Pure, so it is
 /// unit-tested; the order is by domain name, and per domain: defined, then state changes, then
 /// undefined.
+///
+/// A start is reported once it is decided: libvirt shows a domain being started as "paused
+/// (starting up)" (QEMU launched with its vCPUs stopped, leases not yet acquired), which is
+/// reported as [`LifecycleKind::Starting`]; then either [`LifecycleKind::Started`] (it runs, or
+/// was started paused on purpose) or [`LifecycleKind::StartFailed`] (it is shut off again), never
+/// a start followed by a stop. A failed start that came and went between two looks shows only
+/// as libvirt's reason changing to "failed" on a shut-off domain; that is a `StartFailed` too.
 fn diff(prev: &BTreeMap<String, Seen>, now: &BTreeMap<String, (DomainState, String)>) -> Vec<LifecycleEvent> {
     let mut out = Vec::new();
     let ev = |domain: &str, kind, detail: &str, state| LifecycleEvent {
@@ -481,40 +605,67 @@ fn diff(prev: &BTreeMap<String, Seen>, now: &BTreeMap<String, (DomainState, Stri
         detail: detail.to_owned(),
         state,
     };
-    // libvirt shows a domain being started as "paused (starting up)": for events that is a
-    // start, not a pause (otherwise every start would read started, paused, resumed).
-    let now: BTreeMap<&String, (DomainState, &str)> = now
-        .iter()
-        .map(|(k, (s, r))| (k, (seen_state(*s, r), r.as_str())))
-        .collect();
+    let now: BTreeMap<&String, Seen> = now.iter().map(|(k, (s, r))| (k, Seen::new(*s, r))).collect();
     let mut names: Vec<&String> = prev.keys().chain(now.keys().copied()).collect();
     names.sort();
     names.dedup();
     for name in names {
         match (prev.get(name), now.get(name)) {
-            (None, Some((state, reason))) => {
-                out.push(ev(name, LifecycleKind::Defined, reason, *state));
-                if state.is_active() {
-                    out.push(ev(name, LifecycleKind::Started, reason, *state));
-                    if *state == DomainState::Paused {
-                        out.push(ev(name, LifecycleKind::Paused, reason, *state));
+            (None, Some(n)) => {
+                out.push(ev(name, LifecycleKind::Defined, &n.reason, n.state));
+                if n.starting {
+                    out.push(ev(name, LifecycleKind::Starting, &n.reason, n.state));
+                } else if n.state.is_active() {
+                    out.push(ev(name, LifecycleKind::Started, &n.reason, n.state));
+                    if n.state == DomainState::Paused {
+                        out.push(ev(name, LifecycleKind::Paused, &n.reason, n.state));
                     }
                 }
             }
             (Some(old), None) => {
-                if old.state.is_active() {
+                if old.starting {
+                    // a transient domain whose start failed
+                    out.push(ev(name, LifecycleKind::StartFailed, "", DomainState::ShutOff));
+                } else if old.state.is_active() {
                     out.push(ev(name, LifecycleKind::Stopped, "", DomainState::ShutOff));
                 }
                 out.push(ev(name, LifecycleKind::Undefined, "", DomainState::ShutOff));
             }
-            (Some(old), Some((state, reason))) => {
-                let (was, is) = (old.state, *state);
+            (Some(old), Some(n)) => {
+                let (was, is) = (old.state, n.state);
+                if old.starting {
+                    if n.starting {
+                        continue;
+                    }
+                    if is.is_active() {
+                        out.push(ev(name, LifecycleKind::Started, &n.reason, is));
+                        if is == DomainState::Paused {
+                            out.push(ev(name, LifecycleKind::Paused, &n.reason, is));
+                        }
+                    } else {
+                        out.push(ev(name, LifecycleKind::StartFailed, &n.reason, is));
+                    }
+                    continue;
+                }
+                if n.starting {
+                    if !was.is_active() {
+                        out.push(ev(name, LifecycleKind::Starting, &n.reason, is));
+                    }
+                    continue;
+                }
+                if !was.is_active() && !is.is_active() {
+                    // started and failed between two looks
+                    if n.reason == FAILED_REASON && old.reason != FAILED_REASON {
+                        out.push(ev(name, LifecycleKind::StartFailed, &n.reason, is));
+                    }
+                    continue;
+                }
                 if was == is {
                     continue;
                 }
                 let kind = match (was.is_active(), is.is_active()) {
                     (false, true) => {
-                        out.push(ev(name, LifecycleKind::Started, reason, is));
+                        out.push(ev(name, LifecycleKind::Started, &n.reason, is));
                         if is == DomainState::Paused {
                             Some(LifecycleKind::Paused)
                         } else {
@@ -525,17 +676,78 @@ fn diff(prev: &BTreeMap<String, Seen>, now: &BTreeMap<String, (DomainState, Stri
                     (true, false) => Some(LifecycleKind::Stopped),
                     (true, true) if is == DomainState::Paused => Some(LifecycleKind::Paused),
                     (true, true) if was == DomainState::Paused => Some(LifecycleKind::Resumed),
-                    // shut off ↔ crashed, running ↔ blocked …: not a lifecycle change
+                    // running ↔ blocked …: not a lifecycle change
                     _ => None,
                 };
                 if let Some(kind) = kind {
-                    out.push(ev(name, kind, reason, is));
+                    out.push(ev(name, kind, &n.reason, is));
                 }
             }
             (None, None) => {}
         }
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Why a start failed
+
+/// Starts made through a [`Hypervisor`] in this process, per (URI, domain): how many are in
+/// progress, and why the last one failed. libvirt keeps no reason with a domain whose start
+/// failed (its state is just "shut off (failed)"); the caller of the start gets the error. The
+/// watcher of the same URI looks the reason up here, so a failed start is one event that says
+/// what refused.
+#[derive(Debug, Default)]
+struct StartEntry {
+    in_progress: u32,
+    failure: Option<(Instant, String)>,
+}
+
+static STARTS: Mutex<BTreeMap<(String, String), StartEntry>> = Mutex::new(BTreeMap::new());
+
+/// How long a recorded start failure stays the explanation of a `StartFailed` seen later.
+const START_FAILURE_TTL: Duration = Duration::from_secs(30);
+/// How long the watcher holds a `StartFailed` back while a start of that domain by this process
+/// is still returning (libvirt marks the domain shut off just before the call returns).
+const START_FAILURE_WAIT: Duration = Duration::from_secs(5);
+
+fn starts() -> MutexGuard<'static, BTreeMap<(String, String), StartEntry>> {
+    STARTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// "what refused: libvirt's message", e.g. "refused by the lock manager (virtlockd): the disk
+/// lease is held elsewhere: resource busy: Lockspace resource '…' is locked".
+fn start_failure_reason(e: &Error) -> String {
+    format!("{}: {}", e.kind(), e.libvirt().message())
+}
+
+/// The detail of a `StartFailed` of `name` at `uri`: the recorded reason of a start made in this
+/// process; `None` while such a start is still returning (ask again, unless `give_up`); else
+/// what libvirt says and that the reason is only in libvirtd's log.
+fn start_failure_detail(uri: &str, name: &str, libvirt_reason: &str, give_up: bool) -> Option<String> {
+    let key = (uri.to_owned(), name.to_owned());
+    let mut all = starts();
+    if let Some(entry) = all.get_mut(&key) {
+        let recorded = entry.failure.take().filter(|(at, _)| at.elapsed() <= START_FAILURE_TTL);
+        let in_progress = entry.in_progress > 0;
+        if !in_progress {
+            all.remove(&key);
+        }
+        if let Some((_, reason)) = recorded {
+            return Some(reason);
+        }
+        if in_progress && !give_up {
+            return None;
+        }
+    }
+    let shown = if libvirt_reason.is_empty() {
+        String::new()
+    } else {
+        format!(" (libvirt: shut off, {libvirt_reason})")
+    };
+    Some(format!(
+        "the start failed{shown}; it was not made by this controller, so the reason is only in libvirtd's log"
+    ))
 }
 
 /// Stops its [`watch`] thread when dropped (within one interval).
@@ -592,6 +804,8 @@ fn watch_loop(uri: &str, interval: Duration, tx: &tokio::sync::mpsc::Sender<Watc
     let mut hv: Option<Hypervisor> = None;
     let mut last: Option<BTreeMap<String, Seen>> = None;
     let mut lost_reported = false;
+    // StartFailed events waiting for their reason: (event, seen at, held since)
+    let mut pending: Vec<(LifecycleEvent, Instant, Instant)> = Vec::new();
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) && !tx.is_closed() {
         if hv.is_none() {
@@ -622,23 +836,50 @@ fn watch_loop(uri: &str, interval: Duration, tx: &tokio::sync::mpsc::Sender<Watc
                         msgs.push(WatchEvent::Snapshot(rows.into_iter().map(|(d, _)| d).collect()));
                     }
                     lost_reported = false;
+                    // failed starts held back while their start call returns (in order)
+                    let mut ready = Vec::new();
+                    pending.retain_mut(|(event, at, since)| {
+                        let give_up = since.elapsed() >= START_FAILURE_WAIT;
+                        match start_failure_detail(uri, &event.domain, &event.detail, give_up) {
+                            Some(detail) => {
+                                event.detail = detail;
+                                ready.push(WatchEvent::Lifecycle {
+                                    event: event.clone(),
+                                    at: *at,
+                                });
+                                false
+                            }
+                            None => true,
+                        }
+                    });
+                    msgs.extend(ready);
                     if let Some(prev) = &last {
-                        msgs.extend(
-                            diff(prev, &now)
-                                .into_iter()
-                                .map(|event| WatchEvent::Lifecycle { event, at }),
-                        );
+                        for mut event in diff(prev, &now) {
+                            // a newer event of a domain goes after its held-back failure
+                            if let Some(i) = pending.iter().position(|(e, _, _)| e.domain == event.domain) {
+                                let (mut held, held_at, _) = pending.remove(i);
+                                held.detail =
+                                    start_failure_detail(uri, &held.domain, &held.detail, true).unwrap_or_default();
+                                msgs.push(WatchEvent::Lifecycle {
+                                    event: held,
+                                    at: held_at,
+                                });
+                            }
+                            if event.kind == LifecycleKind::StartFailed {
+                                match start_failure_detail(uri, &event.domain, &event.detail, false) {
+                                    Some(detail) => event.detail = detail,
+                                    None => {
+                                        pending.push((event, at, Instant::now()));
+                                        continue;
+                                    }
+                                }
+                            }
+                            msgs.push(WatchEvent::Lifecycle { event, at });
+                        }
                     }
                     last = Some(
                         now.into_iter()
-                            .map(|(k, (state, reason))| {
-                                (
-                                    k,
-                                    Seen {
-                                        state: seen_state(state, &reason),
-                                    },
-                                )
-                            })
+                            .map(|(k, (state, reason))| (k, Seen::new(state, &reason)))
                             .collect(),
                     );
                     for m in msgs {
@@ -859,9 +1100,7 @@ mod tests {
     }
 
     fn seen(rows: &[(&str, DomainState)]) -> BTreeMap<String, Seen> {
-        rows.iter()
-            .map(|(n, s)| ((*n).to_owned(), Seen { state: *s }))
-            .collect()
+        rows.iter().map(|(n, s)| ((*n).to_owned(), Seen::new(*s, ""))).collect()
     }
 
     fn now(rows: &[(&str, DomainState, &str)]) -> BTreeMap<String, (DomainState, String)> {
@@ -895,10 +1134,10 @@ mod tests {
             kinds(&diff(&seen(&[("g", Running)]), &now(&[("g", Paused, "user")]))),
             vec![k("g", K::Paused)]
         );
-        // libvirt's "paused (starting up)" during a start is a start, and its end no resume
+        // libvirt's "paused (starting up)" during a start is not a start yet, nor a pause
         assert_eq!(
             kinds(&diff(&seen(&[("g", ShutOff)]), &now(&[("g", Paused, "startingup")]))),
-            vec![k("g", K::Started)]
+            vec![k("g", K::Starting)]
         );
         assert!(diff(&seen(&[("g", Running)]), &now(&[("g", Running, "booted")])).is_empty());
         assert_eq!(
@@ -931,6 +1170,112 @@ mod tests {
             )),
             vec![k("a", K::Started), k("b", K::Crashed)]
         );
+    }
+
+    /// `prev` as the watcher remembers `now` after a look.
+    fn remembered(rows: &[(&str, DomainState, &str)]) -> BTreeMap<String, Seen> {
+        rows.iter()
+            .map(|(n, s, r)| ((*n).to_owned(), Seen::new(*s, r)))
+            .collect()
+    }
+
+    #[test]
+    fn a_start_is_reported_once_it_is_decided() {
+        use DomainState::*;
+        use LifecycleKind as K;
+        let k = |x| ("g".to_owned(), x);
+        let starting = remembered(&[("g", Paused, "startingup")]);
+        // starting up → running: started (no pause, no resume)
+        let d = diff(&starting, &now(&[("g", Running, "booted")]));
+        assert_eq!(kinds(&d), vec![k(K::Started)]);
+        assert_eq!(d[0].state, Running);
+        // still starting up: nothing more
+        assert!(diff(&starting, &now(&[("g", Paused, "startingup")])).is_empty());
+        // starting up → started paused on purpose: started + paused
+        assert_eq!(
+            kinds(&diff(&starting, &now(&[("g", Paused, "user")]))),
+            vec![k(K::Started), k(K::Paused)]
+        );
+        // starting up → shut off (failed): one failed start, never started + stopped
+        let d = diff(&starting, &now(&[("g", ShutOff, "failed")]));
+        assert_eq!(kinds(&d), vec![k(K::StartFailed)]);
+        assert_eq!((d[0].state, d[0].detail.as_str()), (ShutOff, "failed"));
+        // a transient domain whose start failed vanishes
+        assert_eq!(
+            kinds(&diff(&starting, &now(&[]))),
+            vec![k(K::StartFailed), k(K::Undefined)]
+        );
+        // a new domain seen while starting up
+        assert_eq!(
+            kinds(&diff(&seen(&[]), &now(&[("g", Paused, "startingup")]))),
+            vec![k(K::Defined), k(K::Starting)]
+        );
+        // a start that failed between two looks: only the reason changed to "failed"
+        let off = remembered(&[("g", ShutOff, "destroyed")]);
+        assert_eq!(
+            kinds(&diff(&off, &now(&[("g", ShutOff, "failed")]))),
+            vec![k(K::StartFailed)]
+        );
+        // … once: the same failed state again is no new event
+        assert!(
+            diff(
+                &remembered(&[("g", ShutOff, "failed")]),
+                &now(&[("g", ShutOff, "failed")])
+            )
+            .is_empty()
+        );
+        // crashed → shut off: no failed start
+        assert!(
+            diff(
+                &remembered(&[("g", Crashed, "crashed")]),
+                &now(&[("g", ShutOff, "destroyed")])
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_failed_start_of_this_process_carries_its_reason() {
+        let uri = "test:///eac-unit-start-reasons";
+        // not started here: the reason is only in libvirtd's log
+        let d = start_failure_detail(uri, "g", "failed", false).unwrap();
+        assert!(d.contains("not made by this controller") && d.contains("failed"), "{d}");
+        // a start still returning: held back, unless the watcher gives up
+        starts().entry((uri.into(), "g".into())).or_default().in_progress = 1;
+        assert_eq!(start_failure_detail(uri, "g", "failed", false), None);
+        assert!(
+            start_failure_detail(uri, "g", "failed", true)
+                .unwrap()
+                .contains("libvirtd's log")
+        );
+        // the start returned its error: that is the reason, given once
+        {
+            let mut all = starts();
+            let e = all.entry((uri.into(), "g".into())).or_default();
+            e.in_progress = 0;
+            e.failure = Some((Instant::now(), "refused by the lock manager (virtlockd): …".into()));
+        }
+        assert_eq!(
+            start_failure_detail(uri, "g", "failed", false).as_deref(),
+            Some("refused by the lock manager (virtlockd): …")
+        );
+        assert!(
+            start_failure_detail(uri, "g", "failed", false)
+                .unwrap()
+                .contains("libvirtd's log")
+        );
+        assert!(!starts().contains_key(&(uri.into(), "g".into())));
+    }
+
+    #[test]
+    fn what_refused_a_start_is_named() {
+        assert!(ErrorKind::LeaseHeld.to_string().contains("lock manager (virtlockd)"));
+        assert!(ErrorKind::ImageLocked.to_string().contains("QEMU's image lock"));
+        assert!(ErrorKind::ImageLocked.to_string().contains("not by the lock manager"));
+        for k in [ErrorKind::LeaseHeld, ErrorKind::ImageLocked, ErrorKind::Busy] {
+            assert!(k.is_busy());
+        }
+        assert!(!ErrorKind::Other.is_busy() && !ErrorKind::NotFound.is_busy());
     }
 
     #[test]

@@ -32,7 +32,11 @@ impl std::fmt::Display for VmmOp {
 /// A failed hypervisor operation: what we tried, on which guest, what kind of failure, and the
 /// cause underneath.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot {op} {}", guest.as_deref().map_or_else(|| "guests".to_owned(), |g| format!("guest '{g}'")))]
+#[error(
+    "cannot {op} {}{}",
+    guest.as_deref().map_or_else(|| "guests".to_owned(), |g| format!("guest '{g}'")),
+    if kind.is_busy() { format!(" ({kind})") } else { String::new() }
+)]
 pub struct VmmError {
     pub op: VmmOp,
     pub guest: Option<String>,
@@ -395,6 +399,13 @@ mod tests {
 
         v.fail(VmmOp::Start, "g1", ErrorKind::Busy);
         assert_eq!(v.start("g1").await.unwrap_err().kind, ErrorKind::Busy);
+        // a refused start names what refused
+        v.fail(VmmOp::Start, "g1", ErrorKind::LeaseHeld);
+        let e = v.start("g1").await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot start guest 'g1' (refused by the lock manager (virtlockd): the disk lease is held elsewhere)"
+        );
         v.clear_faults();
         v.start("g1").await.unwrap();
         let list = v.list().await.unwrap();

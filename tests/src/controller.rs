@@ -81,6 +81,10 @@ pub struct Options {
     pub timeouts: Vec<(String, u64)>,
     /// Host a reaches the state-file through a [`FaultyDisk`] the test can make fail.
     pub statefile_fault_on_a: bool,
+    /// QEMU takes its own image locks (the default). Off: guests run under
+    /// [`crate::libvirt::qemu_without_image_locking`], so only the lock manager's lease stops a
+    /// second start of a disk.
+    pub qemu_image_locking: bool,
 }
 
 impl Options {
@@ -91,6 +95,7 @@ impl Options {
             vcpus: 4,
             timeouts: Vec::new(),
             statefile_fault_on_a: false,
+            qemu_image_locking: true,
         }
     }
 }
@@ -489,10 +494,13 @@ impl ControllerLab {
             let f = fs::File::create(&disk).map_err(io_err(format!("create {}", disk.display())))?;
             f.set_len(16 << 20).map_err(io_err("size the guest disk"))?;
         }
-        Ok(
-            GuestSpec::new(guest, PathBuf::from(format!("/var/log/libvirt/qemu/{guest}.console")))?
-                .disk(Disk::File(disk)),
-        )
+        let spec = GuestSpec::new(guest, PathBuf::from(format!("/var/log/libvirt/qemu/{guest}.console")))?
+            .disk(Disk::File(disk));
+        Ok(if self.opts.qemu_image_locking {
+            spec
+        } else {
+            spec.without_qemu_image_locking()
+        })
     }
 
     /// Defines `spec` on `host` and starts it there.

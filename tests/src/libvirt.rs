@@ -205,7 +205,12 @@ impl LibvirtHost {
 
     /// Starts the host's daemons (in network namespace `netns` if given; with a lease directory
     /// shared by the lab's hosts if `lock`). Takes about 0.2 s.
+    ///
+    /// `EAC_LAB_LOCK_MANAGER=off` starts every host without the lock manager, whatever `lock`
+    /// says: the configuration before the lease was proven, to see what the lease tests catch
+    /// (they must fail then).
     pub fn start(lab_dir: &Path, host_name: &str, netns: Option<&str>, lock: bool) -> Result<Self> {
+        let lock = lock && !lock_manager_disabled();
         let mut cmd = Command::new(Self::script());
         cmd.arg("up").arg(lab_dir).arg(host_name).arg(netns.unwrap_or("-"));
         if lock {
@@ -325,6 +330,16 @@ impl Drop for LibvirtHost {
     }
 }
 
+/// `EAC_LAB_LOCK_MANAGER=off` (see [`LibvirtHost::start`]).
+pub fn lock_manager_disabled() -> bool {
+    let off = std::env::var("EAC_LAB_LOCK_MANAGER").is_ok_and(|v| v == "off");
+    if off {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| eprintln!("lab: EAC_LAB_LOCK_MANAGER=off: lab hosts run WITHOUT libvirt's lock manager"));
+    }
+    off
+}
+
 fn read_lossy(path: &Path) -> String {
     fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -419,6 +434,18 @@ pub struct GuestSpec {
     /// libvirt disk cache mode; `none` (O_DIRECT, the mirror's semantics) by default.
     pub disk_cache: String,
     pub nics: Vec<Nic>,
+    /// The `<emulator>`: [`QEMU`], or [`qemu_without_image_locking`].
+    pub emulator: PathBuf,
+}
+
+/// The machine's QEMU.
+pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+
+/// `scripts/lab/qemu-no-image-lock.sh`: QEMU with its own image locking off
+/// (`file.locking=off` on every file blockdev), so that only libvirt's lock manager can refuse
+/// a second start of a disk (see the script).
+pub fn qemu_without_image_locking() -> PathBuf {
+    workspace_root().join("scripts/lab/qemu-no-image-lock.sh")
 }
 
 impl GuestSpec {
@@ -448,7 +475,14 @@ impl GuestSpec {
             disks: Vec::new(),
             disk_cache: "none".into(),
             nics: Vec::new(),
+            emulator: PathBuf::from(QEMU),
         })
+    }
+
+    /// Runs the guest with QEMU's image locking off ([`qemu_without_image_locking`]).
+    pub fn without_qemu_image_locking(mut self) -> Self {
+        self.emulator = qemu_without_image_locking();
+        self
     }
 
     pub fn machine(mut self, m: Machine) -> Self {
@@ -508,13 +542,14 @@ impl GuestSpec {
              <features><acpi/></features>\n  <clock offset='utc'/>\n  \
              <on_poweroff>destroy</on_poweroff>\n  <on_reboot>restart</on_reboot>\n  \
              <on_crash>destroy</on_crash>\n  <devices>\n    \
-             <emulator>/usr/bin/qemu-system-x86_64</emulator>\n",
+             <emulator>{emulator}</emulator>\n",
             name = esc(&self.name),
             uuid = self.uuid,
             mem = self.memory_mib,
             kernel = esc(&self.kernel.to_string_lossy()),
             initrd = esc(&self.initrd.to_string_lossy()),
             cmdline = esc(&cmdline),
+            emulator = esc(&self.emulator.to_string_lossy()),
         );
         for (i, d) in self.disks.iter().enumerate() {
             let dev = format!("vd{}", char::from(b'a' + i as u8));
@@ -591,6 +626,7 @@ mod tests {
             disks: vec![Disk::File("/tmp/d.raw".into()), Disk::Block("/dev/loop7".into())],
             disk_cache: "none".into(),
             nics: vec![],
+            emulator: QEMU.into(),
         }
         .nic("br-app")
     }
@@ -607,6 +643,9 @@ mod tests {
         assert!(x.contains("<source bridge='br-app'/>"));
         assert!(x.contains("<log file='/tmp/lab/c.log' append='off'/>"));
         assert_eq!(x.matches("<disk ").count(), 2);
+        assert!(x.contains("<emulator>/usr/bin/qemu-system-x86_64</emulator>"));
+        let x = spec().without_qemu_image_locking().to_xml();
+        assert!(x.contains("scripts/lab/qemu-no-image-lock.sh</emulator>"), "{x}");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use eac_controller::libvirt::DomainState;
+use eac_controller::libvirt::{DomainState, ErrorKind};
 use eac_lab::controller::{ControllerLab, Options};
 use eac_lab::faults;
 use eac_lab::faulty_disk::Mode;
@@ -869,5 +869,145 @@ fn frozen_host(tag: &str, whole_host: bool) {
     println!(
         "after the real death: g1 restarted on b at +{} ms",
         restarted["ts_ms"].as_u64().unwrap() - t_kill
+    );
+}
+
+/// The command line of a running QEMU of `host` (its pid file), with NULs as spaces.
+fn qemu_cmdline(lab: &ControllerLab, host: &str, guest: &str) -> String {
+    let pidfile = lab
+        .host(host)
+        .libvirt
+        .dir()
+        .join(format!("run/libvirt/qemu/{guest}.pid"));
+    let pid = std::fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()));
+    std::fs::read(format!("/proc/{}/cmdline", pid.trim()))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// Issue 13 §2: the lease, not QEMU's image lock, is what stops a guest running twice. QEMU's
+/// image locking is off for every guest (as on storage where its locks do not work), so only
+/// libvirt's lock manager (virtlockd, leases in a directory both hosts share) can refuse.
+/// - An operator's second start of g1 on b is refused by the lock manager, and b's controller
+///   reports one `guest_start_failed` (not `guest_started` + `guest_stopped`).
+/// - a's controller dies (its guest keeps running): b declares a dead and restarts g1 — the
+///   lease refuses, and the events name the lock manager (virtlockd).
+/// - g1 never runs on b; it keeps running on a.
+///
+/// Without the lock manager (`EAC_LAB_LOCK_MANAGER=off`) the second start succeeds: two QEMUs
+/// write the same disk, and this test fails.
+#[test]
+#[ignore = "privileged: needs root, namespaces, libvirtd, qemu; run by scripts/test.sh"]
+fn the_lease_refuses_a_second_start_when_qemu_does_not_lock_the_image() {
+    require_root();
+    let _s = serial();
+    let mut opts = Options::new("ctlls");
+    opts.qemu_image_locking = false;
+    let mut lab = up(opts);
+    protected_guest(&lab, "a", "g1");
+    let cmdline = qemu_cmdline(&lab, "a", "g1");
+    assert!(
+        cmdline.contains(r#"{"driver":"file","locking":"off","#),
+        "QEMU on a still locks its image: {cmdline}"
+    );
+
+    // 1. An operator starts g1 on b as well.
+    let t_op = wall_ms();
+    let hv_b = lab.host("b").hypervisor().unwrap();
+    match hv_b.start("g1") {
+        Ok(()) => {
+            let state = hv_b.state_reason("g1");
+            panic!(
+                "a second start of g1 on b succeeded ({state:?}): two QEMUs write {}; the lock manager did not refuse",
+                lab.shared.join("disks/g1.raw").display()
+            );
+        }
+        Err(e) => {
+            let chain = eac_common::error_chain(&e);
+            println!("second start on b (by hand): {chain}");
+            assert_eq!(e.kind(), ErrorKind::LeaseHeld, "{chain}");
+            assert!(chain.contains("Lockspace resource"), "{chain}");
+        }
+    }
+    let mut evs = Vec::new();
+    wait_until(Duration::from_secs(10), "guest_start_failed on b", || {
+        evs = events(&lab, "b");
+        first_event(&evs, "guest_start_failed", t_op).is_some()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    print_timeline(&evs, t_op);
+    for kind in ["guest_started", "guest_stopped"] {
+        assert!(
+            first_event(&evs, kind, t_op).is_none(),
+            "a refused start reported as {kind}"
+        );
+    }
+    let libvirtd_log =
+        std::fs::read_to_string(lab.host("b").libvirt.dir().join("logs/libvirtd.log")).unwrap_or_default();
+    assert!(
+        libvirtd_log.contains("Lockspace resource"),
+        "b's libvirtd log has no lock-manager refusal"
+    );
+
+    // 2. a's controller dies; its guest keeps running. b restarts g1 after dead_after +
+    //    fence_grace: the lease refuses, and the events say so.
+    let t_kill = wall_ms();
+    let pid = lab.host_mut("a").controller().expect("a's controller").pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let names_lock_manager = |e: &Value| {
+        e["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("lock manager (virtlockd)"))
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "b's failover start refused by the lease",
+        || {
+            evs = events(&lab, "b");
+            let after: Vec<&Value> = evs
+                .iter()
+                .filter(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= t_kill))
+                .collect();
+            after
+                .iter()
+                .any(|e| e["kind"] == "guest_start_failed" && names_lock_manager(e))
+                && after
+                    .iter()
+                    .any(|e| e["kind"] == "guest_restart_failed" && names_lock_manager(e))
+        },
+    )
+    .unwrap_or_else(|e| {
+        print_timeline(&evs, t_kill);
+        panic!("{e}\n{}", lab.logs())
+    });
+    print_timeline(&evs, t_kill);
+    assert!(first_event(&evs, "peer_dead", t_kill).is_some());
+    for kind in ["guest_started", "guest_stopped", "guest_restarted"] {
+        assert!(
+            first_event(&evs, kind, t_kill).is_none(),
+            "b reported {kind} for a start the lease refused"
+        );
+    }
+    assert!(
+        evs.iter()
+            .filter(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= t_kill))
+            .all(|e| !e["detail"].as_str().unwrap_or("").contains("QEMU's image lock")),
+        "an event blames QEMU's image lock, which is off"
+    );
+    // g1 runs on a only, still printing.
+    assert_eq!(lab.host("a").domain_state("g1"), Some(DomainState::Running));
+    assert_ne!(lab.host("b").domain_state("g1"), Some(DomainState::Running));
+    let before = lab.host("a").console("g1").len();
+    wait_until(Duration::from_secs(20), "g1's console on a advancing", || {
+        lab.host("a").console("g1").len() > before
+    })
+    .ok();
+    println!(
+        "g1: running on a, refused on b by the lease ({} bytes of console on a)",
+        lab.host("a").console("g1").len()
     );
 }

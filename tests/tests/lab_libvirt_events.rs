@@ -9,8 +9,8 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use eac_controller::libvirt::{Hypervisor, LifecycleKind, WATCH_INTERVAL, WatchEvent, watch};
-use eac_lab::libvirt::{LabDir, LibvirtHost};
+use eac_controller::libvirt::{ErrorKind, Hypervisor, LifecycleKind, WATCH_INTERVAL, WatchEvent, watch};
+use eac_lab::libvirt::{Disk, LabDir, LibvirtHost};
 use eac_lab::require_root;
 
 /// libvirt's own events as `virsh event --all --loop` prints them, with their arrival time.
@@ -192,4 +192,129 @@ fn lifecycle_events_from_a_real_libvirtd() {
         ms(t0.elapsed())
     );
     handle.stop();
+}
+
+/// Issue 13 §2: a second start of a disk on another host is refused, and the refusal says what
+/// refused. Two lab hosts with libvirt's lock manager (virtlockd, a lease directory both share)
+/// and one disk:
+/// 1. QEMU's own image lock on (the default): QEMU on b refuses first (libvirt acquires leases
+///    only when it resumes the paused QEMU) → [`ErrorKind::ImageLocked`].
+/// 2. QEMU's image lock off (`file.locking=off`, as on storage where it does not work): the
+///    lock manager refuses → [`ErrorKind::LeaseHeld`], "Lockspace resource … is locked".
+///
+/// Each time b's watcher reports one `StartFailed` whose detail names what refused, and never
+/// `Started`. Without the lock manager (`EAC_LAB_LOCK_MANAGER=off`) step 2's start succeeds:
+/// two writers, and the test fails.
+#[test]
+#[ignore = "privileged: needs root, libvirtd, qemu; run by scripts/test.sh"]
+fn a_second_start_is_refused_and_the_refusal_names_what_refused() {
+    require_root();
+    let lab = LabDir::new("lvlease").unwrap();
+    let a = LibvirtHost::start(lab.path(), "a", None, true).unwrap();
+    let b = LibvirtHost::start(lab.path(), "b", None, true).unwrap();
+    let disk = lab.path().join("disk.raw");
+    std::fs::File::create(&disk).unwrap().set_len(16 << 20).unwrap();
+    let name = "leaseguest";
+    let spec_a = a.guest(name).unwrap().disk(Disk::File(disk.clone()));
+    let spec_b = b.guest(name).unwrap().disk(Disk::File(disk.clone()));
+    let hv_a = Hypervisor::connect(a.uri()).unwrap();
+    let hv_b = Hypervisor::connect(b.uri()).unwrap();
+    hv_a.define(&spec_a.to_xml()).unwrap();
+    hv_b.define(&spec_b.to_xml()).unwrap();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let handle = watch(b.uri(), WATCH_INTERVAL, tx);
+    let snap = rt.block_on(async { tokio::time::timeout(Duration::from_secs(20), rx.recv()).await });
+    assert!(matches!(snap, Ok(Some(WatchEvent::Snapshot(_)))), "{snap:?}");
+    // b's lifecycle events of the guest up to its StartFailed
+    let mut until_failed = || -> Vec<(LifecycleKind, String)> {
+        rt.block_on(async {
+            let mut seen = Vec::new();
+            let r = tokio::time::timeout(Duration::from_secs(20), async {
+                loop {
+                    if let WatchEvent::Lifecycle { event, .. } = rx.recv().await.expect("watcher alive")
+                        && event.domain == name
+                    {
+                        seen.push((event.kind, event.detail.clone()));
+                        if event.kind == LifecycleKind::StartFailed {
+                            return;
+                        }
+                    }
+                }
+            })
+            .await;
+            assert!(r.is_ok(), "no StartFailed on b within 20 s; saw {seen:?}");
+            seen
+        })
+    };
+    let pid_cmdline = |h: &LibvirtHost| {
+        let pid = std::fs::read_to_string(h.dir().join(format!("run/libvirt/qemu/{name}.pid"))).unwrap();
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap()).replace('\0', " ")
+    };
+
+    // 1. QEMU's image lock on: it refuses before the lock manager is asked.
+    hv_a.start(name).unwrap();
+    let e = hv_b
+        .start(name)
+        .expect_err("a second start with QEMU's image lock on must fail");
+    let chain = eac_common::error_chain(&e);
+    println!("1. QEMU locks its image: {chain}");
+    assert_eq!(e.kind(), ErrorKind::ImageLocked, "{chain}");
+    let seen = until_failed();
+    println!("   b's events: {seen:?}");
+    assert!(seen.iter().all(|(k, _)| *k != LifecycleKind::Started), "{seen:?}");
+    assert!(seen.last().unwrap().1.contains("QEMU's image lock"), "{seen:?}");
+    hv_a.destroy(name).unwrap();
+
+    // 2. QEMU's image lock off: the lock manager refuses.
+    hv_a.define(&spec_a.clone().without_qemu_image_locking().to_xml())
+        .unwrap();
+    hv_b.define(&spec_b.clone().without_qemu_image_locking().to_xml())
+        .unwrap();
+    hv_a.start(name).unwrap();
+    let cmdline = pid_cmdline(&a);
+    assert!(
+        cmdline.contains(r#"{"driver":"file","locking":"off","#),
+        "QEMU on a still locks its image: {cmdline}"
+    );
+    match hv_b.start(name) {
+        Ok(()) => panic!(
+            "a second start succeeded with QEMU's image lock off: two QEMUs write {} ({:?} on a, {:?} on b); \
+             the lock manager did not refuse",
+            disk.display(),
+            hv_a.state(name),
+            hv_b.state(name)
+        ),
+        Err(e) => {
+            let chain = eac_common::error_chain(&e);
+            println!("2. QEMU does not lock: {chain}");
+            assert_eq!(e.kind(), ErrorKind::LeaseHeld, "{chain}");
+            assert!(chain.contains("Lockspace resource"), "{chain}");
+        }
+    }
+    let seen = until_failed();
+    println!("   b's events: {seen:?}");
+    assert!(seen.iter().all(|(k, _)| *k != LifecycleKind::Started), "{seen:?}");
+    let detail = &seen.last().unwrap().1;
+    assert!(
+        detail.contains("lock manager (virtlockd)") && detail.contains("Lockspace resource"),
+        "{detail}"
+    );
+    assert_eq!(hv_b.state(name).unwrap(), eac_controller::libvirt::DomainState::ShutOff);
+    assert!(hv_a.state(name).unwrap().is_active());
+    let log = std::fs::read_to_string(b.dir().join("logs/libvirtd.log")).unwrap_or_default();
+    assert!(
+        log.contains("Lockspace resource"),
+        "b's libvirtd log has no lock-manager refusal"
+    );
+
+    hv_a.destroy(name).unwrap();
+    handle.stop();
+    drop((hv_a, hv_b));
+    a.down().unwrap();
+    b.down().unwrap();
 }
