@@ -622,3 +622,64 @@ fn promote_right_after_a_silent_primary_death_waits_for_the_peer_timeout() {
     );
     assert_eq!(st2.a.field("role"), "primary");
 }
+
+/// Issue 10 ("partition without death"): with `on_peer_loss = "freeze"` a primary that loses
+/// both links acknowledges nothing more until the owner is confirmed (`resume-io`); then it
+/// goes on degraded, and when the links are back the copies converge with every acknowledged
+/// write on both.
+#[test]
+#[ignore = "privileged: network namespaces"]
+fn freeze_policy_acknowledges_nothing_without_the_peer_until_resume_io() {
+    let mut st = setup("mir-freeze", None);
+    let cfg = std::fs::read_to_string(&st.a.config).unwrap();
+    std::fs::write(
+        &st.a.config,
+        cfg.replacen("nbd = ", "on_peer_loss = \"freeze\"\nnbd = ", 1),
+    )
+    .unwrap();
+    st.a.restart();
+    st.a.wait(LONG, "in sync with freeze, serving", |s| {
+        s["sync"] == "in-sync" && s["on_peer_loss"] == "freeze" && s["held"].is_null()
+    });
+    let sock = st.a.nbd_socket.clone();
+    eac_lab::wait::wait_until(LONG, "NBD export of a", || sock.exists()).unwrap();
+    let w = Workload::start(&st.a.nbd_url(), Ledger::new(BLOCKS), 0x5eed_00f2);
+    w.wait_more(100, LONG);
+    assert!(!w.finished(), "the workload stopped");
+    let ns = &st.lab.host("a").ns;
+    link_down(ns, "al1").unwrap();
+    link_down(ns, "al2").unwrap();
+    let t0 = Instant::now();
+    let took = st.a.wait(LONG, "frozen", |s| u(&s["io_frozen"]["held_writes"]) > 0);
+    let acked = w.acked();
+    std::thread::sleep(Duration::from_secs(3));
+    let s = st.a.status().unwrap();
+    println!(
+        "both links down: frozen after {took:?} ({} held write(s)); {} acknowledged in the next 3 s",
+        s["io_frozen"]["held_writes"],
+        w.acked() - acked
+    );
+    assert_eq!(
+        w.acked(),
+        acked,
+        "a write was acknowledged without the peer while frozen: {s:#}"
+    );
+    let r = st.a.request(r#"{"cmd":"resume-io"}"#).expect("resume-io");
+    println!("resume-io after {:?}: {}", t0.elapsed(), r["message"]);
+    w.wait_more(100, LONG);
+    let s = st.a.status().unwrap();
+    assert!(s["io_frozen"].is_null(), "{s:#}");
+    assert_eq!(s["sync"], "degraded", "{s:#}");
+    link_up(ns, "al1").unwrap();
+    link_up(ns, "al2").unwrap();
+    st.a.wait(LONG, "in sync", |s| s["sync"] == "in-sync" && s["dirty_bytes"] == 0);
+    let ledger = w.stop();
+    assert!(ledger.errors.is_empty(), "the client saw errors: {:?}", ledger.errors);
+    println!(
+        "slowest acknowledged write (includes the freeze): {:?}",
+        ledger.max_latency
+    );
+    st.a.wait(LONG, "clean", |s| s["sync"] == "in-sync" && s["dirty_bytes"] == 0);
+    let a_img = st.a_img.clone();
+    assert_copies(&st, &a_img, &ledger);
+}

@@ -1,6 +1,6 @@
 //! The control socket: a unix stream socket speaking JSON lines, one request per line, one
 //! answer per line, any number per connection. The controller and `ublk-mirror status |
-//! promote | demote | resolve | verify | attach-disk` use it.
+//! promote | demote | resolve | verify | attach-disk | resume-io` use it.
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"promote","force":false}`, `{"cmd":"demote"}`,
 //! `{"cmd":"resolve","discard_local":true}` (false = `--keep`), `{"cmd":"verify"}`,
@@ -47,6 +47,8 @@ pub enum Request {
     },
     /// Start an online verify.
     Verify,
+    /// The owner is confirmed: release writes held by `on_peer_loss = freeze`.
+    ResumeIo,
     /// Attach a local disk to a diskless primary.
     AttachDisk {
         /// Default: the configured backing.
@@ -336,6 +338,7 @@ async fn handle(d: &Daemon, req: Request) -> Value {
         Request::Demote => d.demote().await,
         Request::Resolve { discard_local } => d.resolve(discard_local).await,
         Request::Verify => d.verify().await,
+        Request::ResumeIo => d.resume_io().await,
         Request::AttachDisk { path } => d.attach_disk(path).await,
     };
     r.unwrap_or_else(|e| {
@@ -388,6 +391,7 @@ mod tests {
     #[test]
     fn requests_parse_and_bad_ones_are_explained() {
         assert_eq!(parse_request("status\n"), Ok(Request::Status));
+        assert_eq!(parse_request(r#"{"cmd":"resume-io"}"#), Ok(Request::ResumeIo));
         assert_eq!(
             parse_request(r#"{"cmd":"promote"}"#),
             Ok(Request::Promote { force: false })

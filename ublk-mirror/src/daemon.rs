@@ -19,6 +19,9 @@
 //! peer_timeout_ms = 3000                 # optional: no answer this long → degraded
 //! reconnect_interval_ms = 1000           # optional
 //! resync_rate = "100M"                   # optional: bytes/s (K, M, G suffixes); 0 = unlimited
+//! on_peer_loss = "freeze"                # optional: continue (default) | freeze: hold writes
+//!                                        # that miss the peer until `resume-io` or the peer is
+//!                                        # back (for a controller that may promote the partner)
 //! nbd = "127.0.0.1:10809"                # optional: NBD export while primary (host:port or /path)
 //! ublk = true                            # optional: /dev/ublkbN while primary (needs ublk_drv)
 //! ublk_id = 7                            # optional: the device number; a device of a killed
@@ -158,6 +161,8 @@ pub struct Config {
     pub reconnect_interval_ms: u64,
     #[serde(default)]
     pub resync_rate: Rate,
+    #[serde(default)]
+    pub on_peer_loss: crate::engine::PeerLossPolicy,
     #[serde(default)]
     pub nbd: Option<String>,
     #[serde(default)]
@@ -327,6 +332,7 @@ impl Config {
             peer_timeout: Duration::from_millis(self.peer_timeout_ms),
             reconnect_interval: Duration::from_millis(self.reconnect_interval_ms),
             resync_rate: self.resync_rate.0,
+            on_peer_loss: self.on_peer_loss,
         }
     }
 }
@@ -859,6 +865,19 @@ impl Daemon {
                 Ok(json!({"ok": true, "message": "verify started"}))
             }
             _ => Err(DaemonError::Refused("verify runs on the primary".into())),
+        }
+    }
+
+    /// `resume-io`: the owner of the guest is confirmed (on_peer_loss = freeze): writes held
+    /// since the peer was lost complete and later ones go on without it.
+    pub async fn resume_io(&self) -> Result<Value, DaemonError> {
+        let cur = self.node.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match cur {
+            Current::Primary(m, _, _) => {
+                let n = m.resume_io().map_err(DaemonError::Refused)?;
+                Ok(json!({"ok": true, "message": format!("resumed: {n} held write(s) complete"), "held": n}))
+            }
+            _ => Err(DaemonError::Refused("resume-io applies to a serving primary".into())),
         }
     }
 

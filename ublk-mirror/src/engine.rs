@@ -135,6 +135,24 @@ pub struct MirrorConfig {
     pub reconnect_interval: Duration,
     /// Resync rate limit in bytes per second (0 = unlimited).
     pub resync_rate: u64,
+    /// What a write that could not reach the peer does (see [`PeerLossPolicy`]).
+    pub on_peer_loss: PeerLossPolicy,
+}
+
+/// What the primary does with writes when it loses its peer (DRBD's `fencing` policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PeerLossPolicy {
+    /// Go on alone at once (degraded: writes complete locally and are recorded in the dirty
+    /// bitmap). DRBD's `fencing dont-care`. Right when nobody else can promote the partner.
+    #[default]
+    Continue,
+    /// Hold every write that did not reach the peer (not completed, not acknowledged) until
+    /// whoever owns the guest confirms this host still does ([`Mirror::resume_io`], `ublk-
+    /// mirror resume-io`) — or the peer comes back. DRBD's `fencing resource-and-stonith`:
+    /// the partner may be promoted only once this host is known dead or fenced, so a write
+    /// acknowledged here is never lost to a promotion there. Reads continue.
+    Freeze,
 }
 
 impl MirrorConfig {
@@ -601,6 +619,13 @@ pub enum SessionVerdict {
 
 /// Why a request did not reach the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a held write (on_peer_loss = freeze) was released.
+enum Held {
+    Resumed,
+    PeerBack,
+    Stopped,
+}
+
 enum Lost {
     /// No session (degraded, connecting, refused).
     NoSession,
@@ -751,6 +776,14 @@ struct Shared {
     stop: watch::Sender<bool>,
     started: Instant,
     last_degraded: Mutex<Option<Instant>>,
+    /// `on_peer_loss = freeze`: since when new unreplicated writes are held (None: not frozen).
+    frozen_since: Mutex<Option<Instant>>,
+    /// The session epoch (degraded period) for which the owner confirmed: go on alone.
+    resumed_for: AtomicU64,
+    /// Writes held right now.
+    frozen_waiting: AtomicU64,
+    /// Wakes held writes (resume, the peer back, stop).
+    io_gate: Notify,
 }
 
 /// The primary side of a mirrored device; cheap to clone (one shared engine).
@@ -840,6 +873,10 @@ impl Mirror {
             stop,
             started: Instant::now(),
             last_degraded: Mutex::new(None),
+            frozen_since: Mutex::new(None),
+            resumed_for: AtomicU64::new(u64::MAX),
+            frozen_waiting: AtomicU64::new(0),
+            io_gate: Notify::new(),
             cfg,
         });
         sh.events.emit(
@@ -941,6 +978,11 @@ impl Mirror {
     }
 
     /// Starts an online verify in the background.
+    /// `on_peer_loss = freeze`: the guest's owner is confirmed; see [`PeerLossPolicy::Freeze`].
+    pub fn resume_io(&self) -> Result<u64, String> {
+        self.sh.resume_io()
+    }
+
     pub fn start_verify(&self) -> Result<(), EngineError> {
         let sh = &self.sh;
         if !sh.peer_lock().established {
@@ -1021,6 +1063,8 @@ impl Mirror {
         for w in &sh.wake {
             w.notify_one();
         }
+        // Held writes fail (they were never acknowledged); they hold region locks.
+        sh.io_gate.notify_waiters();
         // Quiesce: take every lock exclusively once (in-flight writes hold shared ones).
         for s in 0..STRIPES {
             drop(sh.locks.stripes[s].write().await);
@@ -1240,6 +1284,21 @@ impl Shared {
             p.epoch
         };
         self.attach_link(i, rd, wr);
+        if self
+            .frozen_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .is_some()
+        {
+            let n = self.frozen_waiting.load(Relaxed);
+            self.events.emit(
+                &self.cfg.resource,
+                "io-resumed",
+                format!("the peer is back: {n} held write(s) complete and are resynced"),
+            );
+        }
+        self.io_gate.notify_waiters();
         let sync = match plan {
             SyncPlan::None => SyncState::InSync,
             SyncPlan::Source { .. } => SyncState::ResyncSource,
@@ -1411,15 +1470,25 @@ impl Shared {
                 self.set_sync(SyncState::Degraded);
             }
             let n = failed.len();
+            let freeze = self.cfg.on_peer_loss == PeerLossPolicy::Freeze;
+            if freeze {
+                *self.frozen_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            }
             for f in failed {
                 let _ = f.send(Err(Lost::SessionEnded));
             }
             self.events.emit(
                 &self.cfg.resource,
                 "peer-lost",
-                format!(
-                    "peer lost ({why}); degraded: writes continue locally and are recorded in the dirty bitmap ({n} request(s) were in flight)"
-                ),
+                if freeze {
+                    format!(
+                        "peer lost ({why}); writes are FROZEN (on_peer_loss = freeze) until the owner is confirmed (`ublk-mirror resume-io`) or the peer is back ({n} request(s) were in flight)"
+                    )
+                } else {
+                    format!(
+                        "peer lost ({why}); degraded: writes continue locally and are recorded in the dirty bitmap ({n} request(s) were in flight)"
+                    )
+                },
             );
             let meta = self.meta.clone();
             tokio::spawn(async move {
@@ -1568,7 +1637,7 @@ impl Shared {
     /// start a new data generation (persisted, with the bitmap) before it completes. A write
     /// that raced a reconnect (the session is up again) starts no generation: the region is
     /// dirty and a resync copies it.
-    async fn unreplicated(&self, offset: u64, len: u64) {
+    async fn unreplicated(&self, offset: u64, len: u64) -> IoResult<()> {
         let added = {
             let mut m = lock_meta(&self.meta);
             let before = m.dirty_bytes();
@@ -1589,14 +1658,24 @@ impl Shared {
         };
         if established {
             self.kick.notify_one();
-            return;
+            return Ok(());
+        }
+        if self.cfg.on_peer_loss == PeerLossPolicy::Freeze && self.resumed_for.load(Relaxed) != epoch {
+            match self.hold_until_confirmed(epoch).await {
+                Held::Resumed => {}
+                Held::PeerBack => {
+                    self.kick.notify_one();
+                    return Ok(());
+                }
+                Held::Stopped => return Err(IoError::EIO),
+            }
         }
         if self.gen_bumped_for.load(Relaxed) == epoch {
-            return;
+            return Ok(());
         }
         let _g = self.gen_lock.lock().await;
         if self.gen_bumped_for.load(Relaxed) == epoch {
-            return;
+            return Ok(());
         }
         let r = meta_blocking(&self.meta, |m| {
             m.update(|sb| sb.r#gen = genid::new_data_generation(&sb.r#gen))?;
@@ -1616,6 +1695,72 @@ impl Shared {
             // The session came up meanwhile (with the old generation): copy what we marked.
             self.kick.notify_one();
         }
+        Ok(())
+    }
+
+    /// `on_peer_loss = freeze`: holds a write that did not reach the peer (its data is on the
+    /// local disk and marked dirty, but it is not completed) until the owner is confirmed for
+    /// this degraded period, the peer is back, or the engine stops.
+    async fn hold_until_confirmed(&self, epoch: u64) -> Held {
+        let mut stop = self.stop.subscribe();
+        self.frozen_waiting.fetch_add(1, Relaxed);
+        let out = loop {
+            let gate = self.io_gate.notified();
+            tokio::pin!(gate);
+            gate.as_mut().enable();
+            if *stop.borrow() {
+                break Held::Stopped;
+            }
+            if self.resumed_for.load(Relaxed) == epoch {
+                break Held::Resumed;
+            }
+            let back = {
+                let p = self.peer_lock();
+                p.established || p.epoch != epoch
+            };
+            if back {
+                break Held::PeerBack;
+            }
+            tokio::select! {
+                _ = &mut gate => {}
+                _ = stop.changed() => {}
+            }
+        };
+        self.frozen_waiting.fetch_sub(1, Relaxed);
+        out
+    }
+
+    /// The owner of the guest is confirmed (by the controller or an administrator): writes
+    /// held since the peer was lost complete, and later ones go on alone (degraded) until the
+    /// peer is back. Returns how many were held, or an error when nothing is frozen.
+    pub fn resume_io(&self) -> Result<u64, String> {
+        let epoch = {
+            let p = self.peer_lock();
+            if p.established {
+                return Err("the peer is connected: nothing is frozen".into());
+            }
+            p.epoch
+        };
+        if self.cfg.on_peer_loss != PeerLossPolicy::Freeze {
+            return Err("on_peer_loss is \"continue\": writes are never frozen".into());
+        }
+        let was = self.resumed_for.swap(epoch, Relaxed);
+        let since = self.frozen_since.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let n = self.frozen_waiting.load(Relaxed);
+        self.io_gate.notify_waiters();
+        if was != epoch {
+            self.events.emit(
+                &self.cfg.resource,
+                "io-resumed",
+                format!(
+                    "owner confirmed: {n} held write(s) complete, later writes go on without the peer (degraded){}",
+                    since
+                        .map(|t| format!("; frozen for {} ms", t.elapsed().as_millis()))
+                        .unwrap_or_default()
+                ),
+            );
+        }
+        Ok(n)
     }
 
     /// Starts a resync to the peer whenever a connected session has dirty regions and none
@@ -1797,10 +1942,7 @@ impl Shared {
                 self.stats.replicated.fetch_add(1, Relaxed);
                 Ok(())
             }
-            (Some(Ok(())), Err(_)) => {
-                self.unreplicated(offset, len).await;
-                Ok(())
-            }
+            (Some(Ok(())), Err(_)) => self.unreplicated(offset, len).await,
             (Some(Err(e)), Ok(())) if detachable(e) => {
                 self.stats.replicated.fetch_add(1, Relaxed);
                 self.detach(e, "a write").await;
@@ -2221,6 +2363,11 @@ impl Shared {
             "gen": gen_json(&r#gen),
             "in_flight": pending,
             "degraded_ms_ago": ld.map(|t| (now - t).as_millis() as u64),
+            "on_peer_loss": self.cfg.on_peer_loss,
+            "io_frozen": self.frozen_since.lock().unwrap_or_else(|p| p.into_inner()).map(|t| json!({
+                "ms": (now - t).as_millis() as u64,
+                "held_writes": self.frozen_waiting.load(Relaxed),
+            })),
             "last_peer_loss": {
                 "unflushed_writes": lost_unflushed_writes,
                 "unflushed_dirty_bytes": lost_unflushed_bytes,
@@ -2429,6 +2576,7 @@ mod tests {
             peer_timeout: Duration::from_millis(1500),
             reconnect_interval: Duration::from_millis(100),
             resync_rate: 0,
+            on_peer_loss: PeerLossPolicy::Continue,
         }
     }
 
@@ -2622,6 +2770,150 @@ mod tests {
         assert_eq!(rep.status()["resync"]["received_bytes"], 10 * 4096);
         assert!(same(&d.0.join("a.img"), &d.0.join("b.img")), "copies differ");
         m.shutdown().await;
+    }
+
+    /// A primary with `on_peer_loss = freeze` connected to a replica on one link; returns the
+    /// mirror, the replica, its accept tasks, and the replica's disk and metadata.
+    async fn frozen_pair(
+        d: &Path,
+    ) -> (
+        Mirror,
+        Replica,
+        Vec<tokio::task::JoinHandle<()>>,
+        SocketAddr,
+        LocalDisk,
+        SharedMeta,
+        SharedMeta,
+    ) {
+        let (pd, pm) = side(d, "a");
+        let (rd, rm) = side(d, "b");
+        let addrs = [free_port()];
+        let (rep, tasks) = replica(&addrs, rd.clone(), rm.clone()).await;
+        let mut c = cfg(
+            "a",
+            vec![LinkAddr {
+                local: None,
+                peer: addrs[0],
+            }],
+        );
+        c.on_peer_loss = PeerLossPolicy::Freeze;
+        let m = Mirror::start(c, Some(pd), pm.clone()).await.unwrap();
+        until("connected", 10, || m.status()["sync"] == "in-sync").await;
+        assert!(m.resume_io().is_err(), "nothing to resume while connected");
+        m.write(0, pattern(0, 0), false).await.unwrap();
+        m.flush().await.unwrap();
+        (m, rep, tasks, addrs[0], rd, rm, pm)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn freeze_holds_writes_that_miss_the_peer_until_the_owner_is_confirmed() {
+        let d = dir("freeze");
+        let (m, rep, tasks, _, _, _, pm) = frozen_pair(&d.0).await;
+        let gen_before = pm.lock().unwrap().superblock().r#gen;
+        for t in tasks {
+            t.abort();
+        }
+        rep.shutdown().await;
+        let m2 = m.clone();
+        let held = tokio::spawn(async move { m2.write(4096, pattern(1, 0), false).await });
+        // Past peer_timeout (1.5 s): the write is on the local disk but not completed.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(
+            !held.is_finished(),
+            "a write that missed the peer completed while frozen"
+        );
+        let st = m.status();
+        assert_eq!(st["io_frozen"]["held_writes"], 1, "{st}");
+        assert_eq!(st["sync"], "degraded", "{st}");
+        assert_eq!(
+            pm.lock().unwrap().superblock().r#gen,
+            gen_before,
+            "no new data generation while frozen"
+        );
+        assert_eq!(m.resume_io(), Ok(1));
+        tokio::time::timeout(Duration::from_secs(2), held)
+            .await
+            .expect("the held write completes once resumed")
+            .unwrap()
+            .unwrap();
+        assert!(m.status()["io_frozen"].is_null());
+        assert_ne!(pm.lock().unwrap().superblock().r#gen.current, gen_before.current);
+        // Later writes of this degraded period go on at once.
+        let t0 = Instant::now();
+        m.write(8192, pattern(2, 0), false).await.unwrap();
+        assert!(t0.elapsed() < Duration::from_millis(500), "{:?}", t0.elapsed());
+        assert_eq!(m.status()["dirty_bytes"], 2 * 4096);
+        assert!(m.events().iter().any(|e| e["kind"] == "io-resumed"));
+        m.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_held_write_completes_when_the_peer_comes_back_and_is_resynced() {
+        let d = dir("freeze-back");
+        let (m, rep, tasks, addr, rd, rm, pm) = frozen_pair(&d.0).await;
+        let gen_before = pm.lock().unwrap().superblock().r#gen;
+        for t in tasks {
+            t.abort();
+        }
+        rep.shutdown().await;
+        let m2 = m.clone();
+        let held = tokio::spawn(async move { m2.write(4096, pattern(1, 0), false).await });
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(!held.is_finished());
+        let (rep2, _t) = replica(&[addr], rd, rm).await;
+        tokio::time::timeout(Duration::from_secs(10), held)
+            .await
+            .expect("the held write completes when the peer is back")
+            .unwrap()
+            .unwrap();
+        // Same generation on both (nothing was acknowledged alone): the region the held
+        // write touched is copied by the resync that follows.
+        until("resynced", 10, || {
+            let st = m.status();
+            st["sync"] == "in-sync" && st["dirty_bytes"] == 0
+        })
+        .await;
+        until("replica in sync", 5, || rep2.status()["sync"] == "in-sync").await;
+        assert_eq!(
+            pm.lock().unwrap().superblock().r#gen,
+            gen_before,
+            "nothing was written alone"
+        );
+        let (a, b) = (
+            std::fs::read(d.0.join("a.img")).unwrap(),
+            std::fs::read(d.0.join("b.img")).unwrap(),
+        );
+        let diff: Vec<usize> = (0..a.len())
+            .step_by(4096)
+            .filter(|&o| a[o..o + 4096] != b[o..o + 4096])
+            .collect();
+        assert!(
+            diff.is_empty(),
+            "copies differ at {diff:?}\n{}\n{}\n{:#?}",
+            m.status(),
+            rep2.status(),
+            m.events()
+        );
+        m.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopping_while_frozen_fails_the_held_writes_and_does_not_hang() {
+        let d = dir("freeze-stop");
+        let (m, rep, tasks, _, _, _, _) = frozen_pair(&d.0).await;
+        for t in tasks {
+            t.abort();
+        }
+        rep.shutdown().await;
+        let m2 = m.clone();
+        let held = tokio::spawn(async move { m2.write(4096, pattern(1, 0), false).await });
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(!held.is_finished());
+        tokio::time::timeout(Duration::from_secs(5), m.shutdown())
+            .await
+            .expect("shutdown does not hang on held writes");
+        let r = held.await.unwrap();
+        assert_eq!(r, Err(IoError::EIO), "a held write is never acknowledged");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

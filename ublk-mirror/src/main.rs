@@ -94,6 +94,12 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// The guest's owner is confirmed (`on_peer_loss = "freeze"`): writes held since the peer
+    /// was lost complete, later ones go on without the peer (degraded) until it is back.
+    ResumeIo {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Give a diskless primary a (new or repaired) local disk; it is resynced from the peer.
     AttachDisk {
         /// Default: the configured backing.
@@ -212,6 +218,10 @@ struct RunArgs {
     /// Resync rate limit in bytes/s (K, M, G suffixes; 0 = unlimited).
     #[arg(long, value_name = "RATE", default_value = "0")]
     resync_rate: String,
+    /// What writes do when the peer is lost: continue (degraded at once) or freeze (held until
+    /// `resume-io` or the peer is back).
+    #[arg(long, value_name = "POLICY", default_value = "continue", value_parser = ["continue", "freeze"])]
+    on_peer_loss: String,
     /// Serve the device over NBD while primary (host:port or an absolute unix socket path).
     #[arg(long, value_name = "ADDR")]
     nbd: Option<String>,
@@ -279,6 +289,7 @@ fn run(cli: Cli) -> ublk_mirror::Result<()> {
         | Cmd::Demote { .. }
         | Cmd::Resolve { .. }
         | Cmd::Verify { .. }
+        | Cmd::ResumeIo { .. }
         | Cmd::AttachDisk { .. } => unreachable!("handled in main"),
         Cmd::UblkLocal {
             backing,
@@ -489,6 +500,7 @@ fn mirror_cmd(cmd: Cmd) -> ExitCode {
             discard_local, target, ..
         } => simple(&rt, &target, Request::Resolve { discard_local }),
         Cmd::AttachDisk { path, target } => simple(&rt, &target, Request::AttachDisk { path }),
+        Cmd::ResumeIo { target } => simple(&rt, &target, Request::ResumeIo),
         Cmd::Verify { wait, target } => rt.block_on(async {
             let sock = match socket_of(&target) {
                 Ok(s) => s,
@@ -588,6 +600,11 @@ fn run_config(a: RunArgs) -> Result<Config, daemon::DaemonError> {
         peer_timeout_ms: a.peer_timeout_ms,
         reconnect_interval_ms: 1000,
         resync_rate: Rate(daemon::parse_rate(&a.resync_rate).map_err(bad)?),
+        on_peer_loss: if a.on_peer_loss == "freeze" {
+            ublk_mirror::engine::PeerLossPolicy::Freeze
+        } else {
+            ublk_mirror::engine::PeerLossPolicy::Continue
+        },
         nbd: a.nbd,
         ublk: a.ublk,
         ublk_id: a.ublk_id,
