@@ -4,9 +4,9 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use eac_controller::api::{ApiError, Client, Op, codes};
-use eac_controller::events::Event;
-use eac_controller::view::{ChangeResult, HostList, HostView, PoolStatus, VmList};
+use eac_api::controller::events::Event;
+use eac_api::controller::view::{ChangeResult, HostList, HostView, PoolStatus, VmList};
+use eac_api::controller::{ApiError, Client, Op, codes};
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -392,7 +392,7 @@ pub fn render_plan(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use eac_controller::view::{ChannelView, HostGuests, VmView};
+    use eac_api::controller::view::{ChannelView, HostGuests, VmView};
 
     fn host(name: &str, state: &str, up: bool) -> HostView {
         HostView {
