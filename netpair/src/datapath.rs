@@ -123,7 +123,9 @@ impl Datapath {
     }
 
     /// Protects a guest: counts its frames, and (LOCAL) watches its port so its frames can
-    /// be steered. `port` is required for [`Role::Local`].
+    /// be steered. `port` is required for [`Role::Local`]. Map updates and one program
+    /// attachment on the guest's own port: other guests are not touched. On error nothing
+    /// is left behind.
     pub fn add_guest(&mut self, mac: Mac, role: Role, port: Option<&str>) -> Result<(), Error> {
         let guest_ifindex = match (role, port) {
             (Role::Local, Some(p)) => ifindex(p)?,
@@ -158,8 +160,17 @@ impl Datapath {
                 source,
             })?;
         if let (Role::Local, Some(p)) = (role, port) {
-            let link = attach_tc(&mut self.ebpf, PROG_TC_GUEST_INGRESS, p, TcAttachType::Ingress)?;
-            self.guest_links.insert(mac, (p.to_owned(), link));
+            match attach_tc(&mut self.ebpf, PROG_TC_GUEST_INGRESS, p, TcAttachType::Ingress) {
+                Ok(link) => {
+                    self.guest_links.insert(mac, (p.to_owned(), link));
+                }
+                Err(e) => {
+                    // Nothing half-done: the guest is not protected at all.
+                    let _ = self.guests_map_mut()?.remove(&key);
+                    let _ = self.stats_map_mut()?.remove(&key);
+                    return Err(e);
+                }
+            }
         }
         tracing::info!(%mac, ?role, port, "guest protected");
         Ok(())

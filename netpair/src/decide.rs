@@ -79,6 +79,25 @@ pub struct GuestDecision {
     pub steering: bool,
     pub since_ms: u64,
     pub why: String,
+    /// A local guest that no path carries: ours is bad and the partner cannot carry it.
+    pub cut_off: Option<CutOff>,
+}
+
+/// Since when, and why, a local guest is cut off.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CutOff {
+    pub since_ms: u64,
+    pub why: String,
+}
+
+/// A guest's cut-off state changed; the daemon reports each as an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestEvent {
+    /// Our application path is bad and the partner cannot carry the guest (no working
+    /// availability link, the partner silent, or its path bad too): nothing carries it.
+    CutOff { mac: Mac, why: String },
+    /// Carried again, after `after_ms` cut off: `how` says by which path.
+    Restored { mac: Mac, after_ms: u64, how: String },
 }
 
 #[derive(Debug)]
@@ -94,6 +113,8 @@ pub struct Judge {
     /// Our own loop's recent stalls ([`crate::stall`]): no evidence against our path.
     stalls: std::collections::VecDeque<Stall>,
     guests: BTreeMap<Mac, GuestDecision>,
+    /// Cut-off changes not yet taken by the daemon.
+    guest_events: Vec<GuestEvent>,
 }
 
 impl Judge {
@@ -107,6 +128,7 @@ impl Judge {
             damp_events: Vec::new(),
             stalls: std::collections::VecDeque::new(),
             guests: BTreeMap::new(),
+            guest_events: Vec::new(),
         }
     }
 
@@ -127,8 +149,20 @@ impl Judge {
                 steering: false,
                 since_ms: now_ms,
                 why: "protected".into(),
+                cut_off: None,
             },
         );
+    }
+
+    /// Forgets a guest (removed at runtime, or before it is added again with another
+    /// role). The caller turns its steering off in the data path.
+    pub fn remove_guest(&mut self, mac: Mac) -> Option<GuestDecision> {
+        self.guests.remove(&mac)
+    }
+
+    /// The cut-off changes since the last call, in order, to report.
+    pub fn take_guest_events(&mut self) -> Vec<GuestEvent> {
+        std::mem::take(&mut self.guest_events)
     }
 
     pub fn guests(&self) -> &BTreeMap<Mac, GuestDecision> {
@@ -280,8 +314,46 @@ impl Judge {
                     why,
                 });
             }
+            // Cut off: our path is bad and the partner cannot carry the guest. One state,
+            // one event when it starts and one when it ends.
+            let cut = match (g.role, &problem, &partner) {
+                (Role::Local, Some(own), Err(p)) => Some(format!("our path: {own}; the partner cannot carry it: {p}")),
+                _ => None,
+            };
+            match (&g.cut_off, cut) {
+                (None, Some(why)) => {
+                    self.guest_events.push(GuestEvent::CutOff { mac: *mac, why: why.clone() });
+                    g.cut_off = Some(CutOff {
+                        since_ms: ev.now_ms,
+                        why,
+                    });
+                }
+                (Some(c), None) => {
+                    let how = if problem.is_none() {
+                        "our path works again"
+                    } else {
+                        "through the partner's NIC"
+                    };
+                    self.guest_events.push(GuestEvent::Restored {
+                        mac: *mac,
+                        after_ms: ev.now_ms.saturating_sub(c.since_ms),
+                        how: how.into(),
+                    });
+                    g.cut_off = None;
+                }
+                (Some(c), Some(why)) if c.why != why => {
+                    // Still cut off, for another reason now: the state shows the latest.
+                    g.cut_off = Some(CutOff { since_ms: c.since_ms, why });
+                }
+                _ => {}
+            }
         }
         changes
+    }
+
+    /// Local guests that nothing carries right now.
+    pub fn cut_off(&self) -> impl Iterator<Item = (Mac, &CutOff)> {
+        self.guests.iter().filter_map(|(m, g)| g.cut_off.as_ref().map(|c| (*m, c)))
     }
 
     /// Local guests we currently ask the partner to carry.
@@ -329,6 +401,60 @@ mod tests {
 
     fn steers(c: &[Change], mac: Mac) -> Option<bool> {
         c.iter().find(|c| c.mac == mac).map(|c| c.steer)
+    }
+
+    #[test]
+    fn a_guest_nothing_can_carry_is_cut_off_once_and_restored_once() {
+        let mut j = judge();
+        assert!(j.evaluate(&ev(0, true, 0, partner(0, true, &[]))).is_empty());
+        // Our NIC goes down while no availability link works: nothing is steered (never
+        // into nothing), and the guest is cut off — one event.
+        let mut e = ev(10, false, 0, partner(5, true, &[]));
+        e.al_usable = false;
+        assert_eq!(steers(&j.evaluate(&e), G), None, "never steer through nothing");
+        let evs = j.take_guest_events();
+        assert!(
+            matches!(&evs[..], [GuestEvent::CutOff { mac, why }] if *mac == G && why.contains("no availability link works")),
+            "{evs:?}"
+        );
+        assert_eq!(j.cut_off().count(), 1);
+        // Still cut off later, the partner now silent as well: no second event.
+        let mut e = ev(300, false, 0, partner(5, true, &[]));
+        e.al_usable = false;
+        j.evaluate(&e);
+        assert!(j.take_guest_events().is_empty());
+        assert!(j.cut_off().next().unwrap().1.why.contains("no availability link works"));
+        // A link works again and the partner's path is fine: steered, and no longer cut off.
+        let c = j.evaluate(&ev(320, false, 0, partner(318, true, &[])));
+        assert_eq!(steers(&c, G), Some(true));
+        let evs = j.take_guest_events();
+        assert!(
+            matches!(&evs[..], [GuestEvent::Restored { mac, after_ms: 310, how }] if *mac == G && how.contains("partner")),
+            "{evs:?}"
+        );
+        // The partner's path fails while ours is still bad: cut off again (steering kept
+        // is no help either way); ours heals: restored by our own path.
+        j.evaluate(&ev(330, false, 0, partner(329, false, &[])));
+        assert!(matches!(&j.take_guest_events()[..], [GuestEvent::CutOff { why, .. }] if why.contains("partner's probes")));
+        j.evaluate(&ev(340, true, 340, partner(339, false, &[])));
+        assert!(matches!(&j.take_guest_events()[..], [GuestEvent::Restored { how, .. }] if how.contains("our path")));
+        assert_eq!(j.cut_off().count(), 0);
+        // A partner guest is never "cut off" here: its host judges that.
+        assert!(j.guests()[&P].cut_off.is_none());
+    }
+
+    #[test]
+    fn a_removed_guest_is_forgotten_and_can_come_back_with_another_role() {
+        let mut j = judge();
+        j.evaluate(&ev(0, true, 0, partner(0, true, &[])));
+        let c = j.evaluate(&ev(10, false, 0, partner(9, true, &[])));
+        assert_eq!(steers(&c, G), Some(true));
+        assert!(j.remove_guest(G).is_some_and(|g| g.steering));
+        assert!(!j.requests().contains(&G), "no longer asks the partner to carry it");
+        j.add_guest(G, Role::Partner, 20);
+        // As a partner guest it is lent our NIC only when the partner asks.
+        let c = j.evaluate(&ev(20, false, 0, partner(19, true, &[G])));
+        assert_eq!(steers(&c, G), Some(true));
     }
 
     #[test]
