@@ -3,7 +3,8 @@
 //!
 //! Attachments are links owned by [`Datapath`] (TCX for TC programs on kernels ≥ 6.6, driver
 //! or generic XDP): dropping it detaches everything. Maps are pinned under the instance's
-//! pin directory (e.g. `/sys/fs/bpf/eac/netpair-a/GUEST_STATS`) for `bpftool`.
+//! pin directory (`Config::pin_dir`, `/sys/fs/bpf/eac/netpair` by default:
+//! `/sys/fs/bpf/eac/netpair/GUEST_STATS`) for `bpftool`.
 
 use std::{
     collections::HashMap,
