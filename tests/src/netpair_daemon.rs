@@ -50,7 +50,9 @@ pub struct NetpairDaemon {
     child: Child,
     socket: PathBuf,
     log: PathBuf,
-    _pin: BpfPinDir,
+    /// None once [`NetpairDaemon::kill9`] left the pinned data path to the next daemon.
+    _pin: Option<BpfPinDir>,
+    exited: bool,
 }
 
 impl NetpairDaemon {
@@ -80,6 +82,8 @@ impl NetpairDaemon {
             std::fs::write(&tmp, SECRET).unwrap();
             std::fs::rename(&tmp, &secret).unwrap();
         }
+        // Removed by the guard when the daemon is dropped — but only once: a daemon started
+        // after [`NetpairDaemon::kill9`] takes the directory over.
         let pin = BpfPinDir::new(&format!("{}-netpair", h.ns.name()));
         let socket = dir.join(format!("netpair-{host}.sock"));
         let guests: String = guests
@@ -136,7 +140,8 @@ peer = "{p2}:7301"
             child,
             socket,
             log,
-            _pin: pin,
+            _pin: Some(pin),
+            exited: false,
         }
     }
 
@@ -185,6 +190,17 @@ peer = "{p2}:7301"
         self.status().is_some_and(|s| s["partner"]["reachable"] == true)
     }
 
+    /// SIGKILL, as a crash would: no clean-up runs. What it pinned stays (the next daemon
+    /// started for this host takes it over and removes it when dropped).
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.exited = true;
+        if let Some(pin) = self._pin.take() {
+            std::mem::forget(pin);
+        }
+    }
+
     /// The daemon's process id (to stop and continue it).
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
@@ -197,6 +213,9 @@ peer = "{p2}:7301"
 
 impl Drop for NetpairDaemon {
     fn drop(&mut self) {
+        if self.exited {
+            return;
+        }
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
