@@ -727,9 +727,14 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let start = Instant::now();
     let al_names: Vec<&str> = cfg.availability_links.iter().map(|a| a.iface.as_str()).collect();
     let mut dp = Datapath::attach(&cfg.pin_dir, &cfg.app_iface, &al_names, cfg.app_xdp)?;
+    let mut steered = Vec::new();
     for g in &cfg.guests {
-        dp.add_guest(g.mac, g.role, g.port.as_deref())?;
+        if dp.add_guest(g.mac, g.role, g.port.as_deref())? {
+            steered.push(g.mac);
+        }
     }
+    let adopted = dp.adopted().map(|a| a.links);
+    let released = dp.release_unclaimed();
     start_bpf_logger(&mut dp);
 
     let (links, mut link_rx) = link::watch().await?;
@@ -776,6 +781,9 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     for g in &cfg.guests {
         judge.add_guest(g.mac, g.role, now0);
     }
+    for mac in &steered {
+        judge.adopt_steering(*mac, now0);
+    }
     let sealer = Sealer::new(&secret, &cfg.host).map_err(|e| Error::Config(e.to_string()))?;
     let opener = Opener::new(&secret)
         .map_err(|e| Error::Config(e.to_string()))?
@@ -810,6 +818,20 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
                 format!("realtime_priority {prio} refused ({e}): running under the normal scheduler; judgements may come late on a busy host"),
             ),
         }
+    }
+    if let Some(links) = adopted {
+        let names: Vec<String> = steered
+            .iter()
+            .map(|m| st.guest(*m).map(|g| g.name.clone()).unwrap_or_default())
+            .collect();
+        st.event(
+            "warn",
+            format!(
+                "data path adopted from a daemon that did not stop cleanly: {links} pinned attachments kept running and now run our programs; guests still steered or lent: {}{}",
+                if names.is_empty() { "none".into() } else { names.join(", ") },
+                if released.is_empty() { String::new() } else { format!("; released (no longer configured): {}", released.join(", ")) }
+            ),
+        );
     }
     st.evaluate();
     st.event(

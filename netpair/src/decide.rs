@@ -154,6 +154,16 @@ impl Judge {
         );
     }
 
+    /// The previous daemon left this guest steered (its pinned programs still act on it):
+    /// carry on from there instead of undoing it before anything is known.
+    pub fn adopt_steering(&mut self, mac: Mac, now_ms: u64) {
+        if let Some(g) = self.guests.get_mut(&mac) {
+            g.steering = true;
+            g.since_ms = now_ms;
+            g.why = "steered when the previous daemon stopped (pinned data path adopted)".into();
+        }
+    }
+
     /// Forgets a guest (removed at runtime, or before it is added again with another
     /// role). The caller turns its steering off in the data path.
     pub fn remove_guest(&mut self, mac: Mac) -> Option<GuestDecision> {
@@ -268,6 +278,11 @@ impl Judge {
             .as_ref()
             .is_some_and(|p| ev.now_ms.saturating_sub(p.received_ms) <= self.timing.peer_timeout);
         let own_good_for = self.own_good_since.map(|s| ev.now_ms.saturating_sub(s));
+        // Just started, the partner not heard yet: steering adopted from the previous daemon
+        // ([`Judge::adopt_steering`]) is not undone for want of news (for `peer_timeout`).
+        let starting = ev.partner.is_none() && ev.now_ms.saturating_sub(self.started_ms) <= self.timing.peer_timeout;
+        // The partner is only silent (an AL works): steering through it may still carry.
+        let partner_silent_only = ev.al_usable && !partner_fresh;
         let mut changes = Vec::new();
         for (mac, g) in self.guests.iter_mut() {
             let verdict: Option<(bool, String)> = match g.role {
@@ -280,19 +295,23 @@ impl Judge {
                     _ => None,
                 },
                 Role::Local => match (&problem, &partner, own_good_for) {
+                    _ if starting => None,
                     (_, _, Some(good)) if good >= self.timing.heal_hold && !suppressed => {
                         Some((false, format!("our path has worked for {good} ms")))
                     }
                     (None, Err(why), _) => Some((false, format!("{why}; our path works"))),
-                    (_, Err(why), _) if !partner_fresh || !ev.al_usable => {
-                        Some((false, format!("{why}: cannot steer through it")))
-                    }
+                    // A silent partner with a working AL keeps our traffic: our path is bad,
+                    // and the partner's pinned programs carry it on while its daemon is
+                    // restarted (issue 12, item 6). Links that do not work carry nothing.
+                    (_, Err(why), _) if !ev.al_usable => Some((false, format!("{why}: cannot steer through it"))),
                     _ => None,
                 },
                 Role::Partner => {
                     let asked = partner_fresh && ev.partner.as_ref().is_some_and(|p| p.requests.contains(mac));
                     match (asked, g.steering) {
                         (true, false) => Some((true, "the partner asks to use our NIC".into())),
+                        // A new daemon keeps lending what it adopted until the partner speaks.
+                        (false, true) if starting => None,
                         (false, true) if !partner_fresh => {
                             Some((false, "the partner went silent over the availability links".into()))
                         }
@@ -317,6 +336,7 @@ impl Judge {
             // Cut off: our path is bad and the partner cannot carry the guest. One state,
             // one event when it starts and one when it ends.
             let cut = match (g.role, &problem, &partner) {
+                (Role::Local, Some(_), Err(_)) if g.steering && (partner_silent_only || starting) => None,
                 (Role::Local, Some(own), Err(p)) => Some(format!("our path: {own}; the partner cannot carry it: {p}")),
                 _ => None,
             };
@@ -537,12 +557,56 @@ mod tests {
     }
 
     #[test]
-    fn steering_stops_when_the_partner_goes_silent() {
+    fn a_silent_partner_keeps_our_traffic_while_our_path_is_bad_and_an_al_works() {
+        // Its pinned programs carry on while its daemon restarts (issue 12, item 6);
+        // our own path is known bad, so going home would certainly lose the traffic.
+        let mut j = judge();
+        let c = j.evaluate(&ev(100, false, 100, partner(100, true, &[])));
+        assert_eq!(steers(&c, G), Some(true));
+        let c = j.evaluate(&ev(300, false, 100, partner(100, true, &[])));
+        assert!(c.is_empty(), "{c:?}");
+        assert_eq!(j.cut_off().count(), 0, "steered through a silent partner: not known cut off");
+        // Our path works again: home at once (the partner cannot be trusted to carry it).
+        let c = j.evaluate(&ev(310, true, 310, partner(100, true, &[])));
+        assert_eq!(steers(&c, G), Some(false), "{c:?}");
+        assert!(c[0].why.contains("our path works"), "{}", c[0].why);
+        // Steering, and the links stop working: steering stops (nothing through nothing).
         let mut j = judge();
         j.evaluate(&ev(100, false, 100, partner(100, true, &[])));
-        let c = j.evaluate(&ev(300, false, 100, partner(100, true, &[])));
+        let c = j.evaluate(&Evidence {
+            al_usable: false,
+            ..ev(300, false, 100, partner(100, true, &[]))
+        });
         assert_eq!(steers(&c, G), Some(false), "{c:?}");
         assert!(c[0].why.contains("cannot steer"), "{}", c[0].why);
+    }
+
+    #[test]
+    fn adopted_steering_is_kept_until_the_partner_speaks_or_peer_timeout() {
+        let mut j = Judge::new(Timing::default(), DampingConfig::default(), true, 1000);
+        j.add_guest(G, Role::Local, 1000);
+        j.add_guest(P, Role::Partner, 1000);
+        j.adopt_steering(G, 1000);
+        j.adopt_steering(P, 1000);
+        // Not heard yet, no link judged yet: nothing undone.
+        let starting = |now| Evidence {
+            al_usable: false,
+            ..ev(now, true, now, None)
+        };
+        assert!(j.evaluate(&starting(1010)).is_empty());
+        assert!(j.evaluate(&starting(1100)).is_empty());
+        // The partner speaks and still asks: we keep lending. Our path works: G comes home
+        // after the heal hold as usual.
+        assert!(j.evaluate(&ev(1110, true, 1110, partner(1110, true, &[P]))).is_empty());
+        let c = j.evaluate(&ev(2000, true, 2000, partner(2000, true, &[P])));
+        assert_eq!(steers(&c, G), Some(false), "{c:?}");
+        // Never heard within peer_timeout of the start: lending stops.
+        let mut j = Judge::new(Timing::default(), DampingConfig::default(), true, 0);
+        j.add_guest(P, Role::Partner, 0);
+        j.adopt_steering(P, 0);
+        assert!(j.evaluate(&ev(50, true, 50, None)).is_empty());
+        let c = j.evaluate(&ev(150, true, 150, None));
+        assert_eq!(steers(&c, P), Some(false), "{c:?}");
     }
 
     #[test]
