@@ -18,8 +18,15 @@
 //!   working ([`crate::links`]) the partner's path counts as unusable.
 //! - Traffic returns once our path has been good for `heal_hold` ms (hysteresis against a
 //!   flapping link) and is not suppressed by flap damping, or at once if the partner's path
-//!   fails while ours works, or if the partner becomes unreachable (steering through it is
-//!   then impossible).
+//!   fails or falls silent while ours works. While ours is bad, a partner that falls silent
+//!   keeps the traffic as long as an AL works: its pinned programs carry it on while its
+//!   daemon restarts, and our own path is known bad; no working AL stops steering.
+//! - A local guest is **cut off** while our path is bad and the partner cannot carry it
+//!   (no working AL, its path bad, or silent while we do not steer through it): one state
+//!   and one event when it starts ([`GuestEvent::CutOff`]) and ends.
+//! - A new daemon that adopted steering from its predecessor's pinned data path
+//!   ([`Judge::adopt_steering`]) undoes none of it until the partner speaks or
+//!   `peer_timeout` has passed.
 //! - Flap damping ([`crate::damping`]): every failure of our path after it had worked for
 //!   `heal_hold` ms (it was trusted, traffic would have come back: one full flap) adds a
 //!   penalty; a path that flaps is suppressed — not trusted, traffic stays on the partner —
@@ -27,7 +34,7 @@
 //!   while suppressed (then every failure adds penalty). Damping never delays moving away
 //!   from a failing path, nor returning when the partner's path fails or goes silent.
 //! - We lend our NIC to a partner's guest exactly while the partner's fresh observation asks
-//!   for it.
+//!   for it (after a start, adopted lending waits for the partner's first word as above).
 
 use std::collections::{BTreeMap, BTreeSet};
 
