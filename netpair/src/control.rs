@@ -42,9 +42,17 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub enum Op {
     Status,
     GuestAdd(Guest),
-    GuestRemove { guest: String },
-    GuestSetRole { guest: String, role: Role, port: Option<String> },
-    GuestShow { guest: String },
+    GuestRemove {
+        guest: String,
+    },
+    GuestSetRole {
+        guest: String,
+        role: Role,
+        port: Option<String>,
+    },
+    GuestShow {
+        guest: String,
+    },
 }
 
 /// One request line: the bare `status` of old, or a versioned request.
@@ -52,7 +60,10 @@ pub enum Op {
 pub enum Request {
     /// `status` on a line of its own: answered with the bare status document.
     LegacyStatus,
-    Versioned { id: Value, op: Op },
+    Versioned {
+        id: Value,
+        op: Op,
+    },
 }
 
 /// A refused request: a code for scripts and a sentence for people.
@@ -79,7 +90,10 @@ pub enum Action {
     Add(Guest),
     Remove(Guest),
     /// `from` becomes `to` (same name, MAC and addresses; new role and port).
-    SetRole { from: Guest, to: Guest },
+    SetRole {
+        from: Guest,
+        to: Guest,
+    },
     Show(Guest),
 }
 
@@ -133,10 +147,18 @@ pub fn parse(line: &str) -> Result<Request, (Value, ApiError)> {
         Some(v) => {
             return Err((
                 id,
-                ApiError::new("unsupported_version", format!("version {v}; this daemon speaks {VERSION}")),
+                ApiError::new(
+                    "unsupported_version",
+                    format!("version {v}; this daemon speaks {VERSION}"),
+                ),
             ));
         }
-        None => return Err(bad(&id, format!("the request has no \"v\" (this daemon speaks {VERSION})"))),
+        None => {
+            return Err(bad(
+                &id,
+                format!("the request has no \"v\" (this daemon speaks {VERSION})"),
+            ));
+        }
     }
     let Some(Value::String(op)) = obj.remove("op") else {
         return Err(bad(&id, "the request has no \"op\"".into()));
@@ -187,7 +209,11 @@ pub fn find<'g>(guests: &'g [Guest], which: &str) -> Result<&'g Guest, ApiError>
                 "unknown_guest",
                 format!(
                     "no guest {which} (known: {})",
-                    if known.is_empty() { "none".into() } else { known.join(", ") }
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
                 ),
             )
         })
@@ -261,7 +287,9 @@ pub async fn call(socket: &std::path::Path, op: &str, args: Value) -> Result<Val
         Value::Object(m) => m,
         Value::Null => serde_json::Map::new(),
         other => {
-            return Err(crate::Error::Config(format!("request arguments must be an object, not {other}")));
+            return Err(crate::Error::Config(format!(
+                "request arguments must be an object, not {other}"
+            )));
         }
     };
     req.insert("v".into(), json!(VERSION));
@@ -344,7 +372,10 @@ role = "partner"
         ))
         .unwrap();
         let Action::Add(g) = a else { panic!("{a:?}") };
-        assert_eq!((g.name.as_str(), g.role, g.port.as_deref()), ("db", Role::Local, Some("vg1")));
+        assert_eq!(
+            (g.name.as_str(), g.role, g.port.as_deref()),
+            ("db", Role::Local, Some("vg1"))
+        );
         assert!(run(&add(r#"{"name":"db2","mac":"52:54:00:fb:01:0d","role":"partner"}"#)).is_ok());
         assert!(matches!(
             run(r#"{"v":1,"id":2,"op":"guest.remove","guest":"web"}"#).unwrap(),
@@ -368,32 +399,128 @@ role = "partner"
     #[test]
     fn bad_requests_are_refused_with_a_code_and_a_reason() {
         let cases: Vec<(String, &str, &str)> = vec![
-            (add(r#"{"name":"web","mac":"52:54:00:fb:01:0b","role":"partner"}"#), "duplicate", "web"),
-            (add(r#"{"name":"other","mac":"52:54:00:fb:01:0a","role":"partner"}"#), "duplicate", "already protected"),
-            (add(r#"{"name":"db","mac":"52:54:00:fb:01","role":"partner"}"#), "bad_request", "not a MAC address"),
-            (add(r#"{"name":"db","mac":"01:00:5e:00:00:01","role":"partner"}"#), "invalid", "multicast"),
-            (add(r#"{"name":"db","mac":"00:00:00:00:00:00","role":"partner"}"#), "invalid", "not a usable MAC"),
-            (add(r#"{"name":"db","mac":"52:54:00:fb:01:0b","role":"primary"}"#), "bad_request", "unknown variant `primary`"),
-            (add(r#"{"name":"db","mac":"52:54:00:fb:01:0b","role":"local"}"#), "invalid", "needs `port`"),
-            (add(r#"{"name":"db","mac":"52:54:00:fb:01:0b","role":"partner","port":"vg1"}"#), "invalid", "only for local"),
-            (add(r#"{"name":"db","mac":"52:54:00:fb:01:0b","role":"local","port":"a/b"}"#), "invalid", "not a valid interface name"),
-            (add(r#"{"name":"db","mac":"52:54:00:fb:01:0b","role":"local","port":"this-name-is-too-long"}"#), "invalid", "1 to 15 bytes"),
-            (add(r#"{"name":"db","mac":"52:54:00:fb:01:0b","role":"local","port":"vg0"}"#), "invalid", "already guest web's"),
-            (add(r#"{"name":"db","mac":"52:54:00:fb:01:0b","role":"local","port":"al1"}"#), "invalid", "availability link"),
-            (add(r#"{"name":"d b","mac":"52:54:00:fb:01:0b","role":"partner"}"#), "invalid", "not allowed in a name"),
-            (add(r#"{"name":"db","mac":"52:54:00:fb:01:0b","role":"partner","colour":"red"}"#), "bad_request", "unknown field"),
-            (r#"{"v":1,"id":1,"op":"guest.remove","guest":"nope"}"#.into(), "unknown_guest", "no guest nope (known: web, mail)"),
-            (r#"{"v":1,"id":1,"op":"guest.show","guest":"52:54:00:00:00:99"}"#.into(), "unknown_guest", "no guest"),
-            (r#"{"v":1,"id":1,"op":"guest.set_role","guest":"web","role":"local","port":"vg0"}"#.into(), "unchanged", "already local"),
-            (r#"{"v":1,"id":1,"op":"guest.set_role","guest":"mail","role":"local"}"#.into(), "invalid", "needs `port`"),
-            (r#"{"v":1,"id":1,"op":"guest.set_role","guest":"web","role":"partner","port":"vg0"}"#.into(), "invalid", "only for local"),
-            (r#"{"v":1,"id":1,"op":"guest.set_role","guest":"web","role":"boss"}"#.into(), "bad_request", "unknown variant"),
-            (r#"{"v":1,"id":1,"op":"guest.remove"}"#.into(), "bad_request", "missing field `guest`"),
-            (r#"{"v":1,"id":1,"op":"guest.zap"}"#.into(), "unknown_op", "known: status"),
-            (r#"{"v":2,"id":1,"op":"status"}"#.into(), "unsupported_version", "speaks 1"),
+            (
+                add(r#"{"name":"web","mac":"52:54:00:fb:01:0b","role":"partner"}"#),
+                "duplicate",
+                "web",
+            ),
+            (
+                add(r#"{"name":"other","mac":"52:54:00:fb:01:0a","role":"partner"}"#),
+                "duplicate",
+                "already protected",
+            ),
+            (
+                add(r#"{"name":"db","mac":"52:54:00:fb:01","role":"partner"}"#),
+                "bad_request",
+                "not a MAC address",
+            ),
+            (
+                add(r#"{"name":"db","mac":"01:00:5e:00:00:01","role":"partner"}"#),
+                "invalid",
+                "multicast",
+            ),
+            (
+                add(r#"{"name":"db","mac":"00:00:00:00:00:00","role":"partner"}"#),
+                "invalid",
+                "not a usable MAC",
+            ),
+            (
+                add(r#"{"name":"db","mac":"52:54:00:fb:01:0b","role":"primary"}"#),
+                "bad_request",
+                "unknown variant `primary`",
+            ),
+            (
+                add(r#"{"name":"db","mac":"52:54:00:fb:01:0b","role":"local"}"#),
+                "invalid",
+                "needs `port`",
+            ),
+            (
+                add(r#"{"name":"db","mac":"52:54:00:fb:01:0b","role":"partner","port":"vg1"}"#),
+                "invalid",
+                "only for local",
+            ),
+            (
+                add(r#"{"name":"db","mac":"52:54:00:fb:01:0b","role":"local","port":"a/b"}"#),
+                "invalid",
+                "not a valid interface name",
+            ),
+            (
+                add(r#"{"name":"db","mac":"52:54:00:fb:01:0b","role":"local","port":"this-name-is-too-long"}"#),
+                "invalid",
+                "1 to 15 bytes",
+            ),
+            (
+                add(r#"{"name":"db","mac":"52:54:00:fb:01:0b","role":"local","port":"vg0"}"#),
+                "invalid",
+                "already guest web's",
+            ),
+            (
+                add(r#"{"name":"db","mac":"52:54:00:fb:01:0b","role":"local","port":"al1"}"#),
+                "invalid",
+                "availability link",
+            ),
+            (
+                add(r#"{"name":"d b","mac":"52:54:00:fb:01:0b","role":"partner"}"#),
+                "invalid",
+                "not allowed in a name",
+            ),
+            (
+                add(r#"{"name":"db","mac":"52:54:00:fb:01:0b","role":"partner","colour":"red"}"#),
+                "bad_request",
+                "unknown field",
+            ),
+            (
+                r#"{"v":1,"id":1,"op":"guest.remove","guest":"nope"}"#.into(),
+                "unknown_guest",
+                "no guest nope (known: web, mail)",
+            ),
+            (
+                r#"{"v":1,"id":1,"op":"guest.show","guest":"52:54:00:00:00:99"}"#.into(),
+                "unknown_guest",
+                "no guest",
+            ),
+            (
+                r#"{"v":1,"id":1,"op":"guest.set_role","guest":"web","role":"local","port":"vg0"}"#.into(),
+                "unchanged",
+                "already local",
+            ),
+            (
+                r#"{"v":1,"id":1,"op":"guest.set_role","guest":"mail","role":"local"}"#.into(),
+                "invalid",
+                "needs `port`",
+            ),
+            (
+                r#"{"v":1,"id":1,"op":"guest.set_role","guest":"web","role":"partner","port":"vg0"}"#.into(),
+                "invalid",
+                "only for local",
+            ),
+            (
+                r#"{"v":1,"id":1,"op":"guest.set_role","guest":"web","role":"boss"}"#.into(),
+                "bad_request",
+                "unknown variant",
+            ),
+            (
+                r#"{"v":1,"id":1,"op":"guest.remove"}"#.into(),
+                "bad_request",
+                "missing field `guest`",
+            ),
+            (
+                r#"{"v":1,"id":1,"op":"guest.zap"}"#.into(),
+                "unknown_op",
+                "known: status",
+            ),
+            (
+                r#"{"v":2,"id":1,"op":"status"}"#.into(),
+                "unsupported_version",
+                "speaks 1",
+            ),
             (r#"{"id":1,"op":"status"}"#.into(), "bad_request", "no \"v\""),
             (r#"{"v":1,"op":"status"}"#.into(), "bad_request", "no \"id\""),
-            (r#"{"v":1,"id":1,"op":"status","x":1}"#.into(), "bad_request", "unknown field"),
+            (
+                r#"{"v":1,"id":1,"op":"status","x":1}"#.into(),
+                "bad_request",
+                "unknown field",
+            ),
             ("[1,2]".into(), "bad_request", "JSON object"),
             ("statuss".into(), "bad_request", "not a request"),
         ];

@@ -23,8 +23,8 @@ use tokio::{
 use crate::{
     Datapath, Error, Mac, Role,
     config::{Config, Guest},
-    damping::DampEvent,
     control::{self, Action, ApiError, Request},
+    damping::DampEvent,
     decide::{Change, Evidence, GuestEvent, Judge, PartnerView},
     link,
     links::{Health, LinkEvent, Links, health_word},
@@ -509,7 +509,8 @@ impl State {
     /// entries and its port's program); on failure nothing is changed.
     fn act(&mut self, a: Action) -> Result<serde_json::Value, ApiError> {
         let now = self.now_ms();
-        let dp_err = |what: &str, e: Error| ApiError::new("datapath", format!("{what}: {}", eac_common::error_chain(&e)));
+        let dp_err =
+            |what: &str, e: Error| ApiError::new("datapath", format!("{what}: {}", eac_common::error_chain(&e)));
         let shown = |st: &Self, mac: Mac| {
             let g = st.guest(mac).cloned();
             g.map(|g| st.guest_json(&g, st.now_ms(), &st.guest_stats()))
@@ -527,12 +528,7 @@ impl State {
                 self.cfg.guests.push(g.clone());
                 self.event(
                     "info",
-                    format!(
-                        "guest {} ({}) added at runtime: {}",
-                        g.name,
-                        g.mac,
-                        where_word(&g)
-                    ),
+                    format!("guest {} ({}) added at runtime: {}", g.name, g.mac, where_word(&g)),
                 );
                 self.send_observation();
                 Ok(shown(self, g.mac))
@@ -562,7 +558,11 @@ impl State {
                         "guest {} ({}) removed at runtime: no longer protected{}",
                         g.name,
                         g.mac,
-                        if was.is_some_and(|d| d.steering) { " (its steering stopped)" } else { "" }
+                        if was.is_some_and(|d| d.steering) {
+                            " (its steering stopped)"
+                        } else {
+                            ""
+                        }
                     ),
                 );
                 self.send_observation();
@@ -601,7 +601,11 @@ impl State {
                         to.mac,
                         where_word(&from),
                         where_word(&to),
-                        if was.is_some_and(|d| d.steering) { " (its steering stopped)" } else { "" }
+                        if was.is_some_and(|d| d.steering) {
+                            " (its steering stopped)"
+                        } else {
+                            ""
+                        }
                     ),
                 );
                 self.send_observation();
@@ -641,7 +645,12 @@ impl State {
         let now = self.now_ms();
         let stats = self.guest_stats();
         let lost = self.redundancy_lost();
-        let guests: Vec<_> = self.cfg.guests.iter().map(|g| self.guest_json(g, now, &stats)).collect();
+        let guests: Vec<_> = self
+            .cfg
+            .guests
+            .iter()
+            .map(|g| self.guest_json(g, now, &stats))
+            .collect();
         json!({
             "host": self.cfg.host,
             "uptime_ms": now,
@@ -709,7 +718,11 @@ fn set_fifo(prio: u8) -> std::io::Result<()> {
     // SAFETY: `param` is a live, initialised sched_param for the duration of the call; pid 0
     // is the calling thread; the call reads the struct and changes nothing in our memory.
     let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` uses.
@@ -766,7 +779,8 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         source,
     })?;
     let control = bind_control(&cfg.control_socket)?;
-    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<(Request, tokio::sync::oneshot::Sender<serde_json::Value>)>(16);
+    let (ctl_tx, mut ctl_rx) =
+        tokio::sync::mpsc::channel::<(Request, tokio::sync::oneshot::Sender<serde_json::Value>)>(16);
     let probe_interval = cfg.timing.probe_interval;
 
     let now0 = start.elapsed().as_millis() as u64;
@@ -936,8 +950,13 @@ async fn serve_control(
         let reply = match (&mut r).take(control::MAX_LINE as u64 + 1).read_line(&mut line).await {
             Ok(0) => return,
             Ok(_) if line.len() > control::MAX_LINE => {
-                let e = ApiError::new("too_large", format!("a request line is at most {} bytes", control::MAX_LINE));
-                let _ = w.write_all(format!("{}\n", control::reply(&serde_json::Value::Null, Err(e))).as_bytes()).await;
+                let e = ApiError::new(
+                    "too_large",
+                    format!("a request line is at most {} bytes", control::MAX_LINE),
+                );
+                let _ = w
+                    .write_all(format!("{}\n", control::reply(&serde_json::Value::Null, Err(e))).as_bytes())
+                    .await;
                 return;
             }
             Ok(_) => match control::parse(&line) {
@@ -955,7 +974,9 @@ async fn serve_control(
             },
             Err(e) => {
                 let e = ApiError::new("bad_request", format!("unreadable request line: {e}"));
-                let _ = w.write_all(format!("{}\n", control::reply(&serde_json::Value::Null, Err(e))).as_bytes()).await;
+                let _ = w
+                    .write_all(format!("{}\n", control::reply(&serde_json::Value::Null, Err(e))).as_bytes())
+                    .await;
                 return;
             }
         };

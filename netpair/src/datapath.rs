@@ -190,7 +190,9 @@ impl Datapath {
         // The configuration first: an adopted program sees it from its first frame.
         dp.set_config(CFG_APP_IFINDEX, app_ifindex)?;
         dp.set_config(CFG_COUNT_IN_TC, u32::from(!xdp))?;
-        let kept_al = dp.config(CFG_AL_IFINDEX).filter(|i| dp.al_ifindexes.iter().any(|(_, a)| a == i));
+        let kept_al = dp
+            .config(CFG_AL_IFINDEX)
+            .filter(|i| dp.al_ifindexes.iter().any(|(_, a)| a == i));
         match kept_al {
             // Adopted: steered frames keep their link until the new daemon judges the links.
             Some(_) if dp.adopted.is_some() => {}
@@ -199,8 +201,18 @@ impl Datapath {
                 dp.set_config(CFG_AL_IFINDEX, first_al)?;
             }
         }
-        dp.attach_tc(PROG_TC_APP_INGRESS, app_iface, TcAttachType::Ingress, format!("tc-in-{app_iface}"))?;
-        dp.attach_tc(PROG_TC_APP_EGRESS, app_iface, TcAttachType::Egress, format!("tc-out-{app_iface}"))?;
+        dp.attach_tc(
+            PROG_TC_APP_INGRESS,
+            app_iface,
+            TcAttachType::Ingress,
+            format!("tc-in-{app_iface}"),
+        )?;
+        dp.attach_tc(
+            PROG_TC_APP_EGRESS,
+            app_iface,
+            TcAttachType::Egress,
+            format!("tc-out-{app_iface}"),
+        )?;
         for al in al_ifaces {
             dp.attach_tc(PROG_TC_AL_INGRESS, al, TcAttachType::Ingress, format!("tc-in-{al}"))?;
         }
@@ -239,7 +251,10 @@ impl Datapath {
                     gone.push(format!("guest {mac}"));
                 }
             }
-            self.adopted = Some(Adopted { guests: HashMap::new(), ..a });
+            self.adopted = Some(Adopted {
+                guests: HashMap::new(),
+                ..a
+            });
         }
         let _ = self.refresh_steering_tables();
         gone
@@ -262,10 +277,13 @@ impl Datapath {
             Some(id) => id,
             None => {
                 let _ = std::fs::remove_file(&path);
-                p.attach(iface, at).map_err(|source| Error::Program { name: prog, source })?
+                p.attach(iface, at)
+                    .map_err(|source| Error::Program { name: prog, source })?
             }
         };
-        let link = p.take_link(id).map_err(|source| Error::Program { name: prog, source })?;
+        let link = p
+            .take_link(id)
+            .map_err(|source| Error::Program { name: prog, source })?;
         let fd = FdLink::try_from(link).map_err(|e| Error::Io {
             what: format!("{prog} on {iface} is not a BPF link (TCX needs kernel 6.6)"),
             source: std::io::Error::other(e.to_string()),

@@ -349,7 +349,10 @@ impl Judge {
             };
             match (&g.cut_off, cut) {
                 (None, Some(why)) => {
-                    self.guest_events.push(GuestEvent::CutOff { mac: *mac, why: why.clone() });
+                    self.guest_events.push(GuestEvent::CutOff {
+                        mac: *mac,
+                        why: why.clone(),
+                    });
                     g.cut_off = Some(CutOff {
                         since_ms: ev.now_ms,
                         why,
@@ -370,7 +373,10 @@ impl Judge {
                 }
                 (Some(c), Some(why)) if c.why != why => {
                     // Still cut off, for another reason now: the state shows the latest.
-                    g.cut_off = Some(CutOff { since_ms: c.since_ms, why });
+                    g.cut_off = Some(CutOff {
+                        since_ms: c.since_ms,
+                        why,
+                    });
                 }
                 _ => {}
             }
@@ -380,7 +386,9 @@ impl Judge {
 
     /// Local guests that nothing carries right now.
     pub fn cut_off(&self) -> impl Iterator<Item = (Mac, &CutOff)> {
-        self.guests.iter().filter_map(|(m, g)| g.cut_off.as_ref().map(|c| (*m, c)))
+        self.guests
+            .iter()
+            .filter_map(|(m, g)| g.cut_off.as_ref().map(|c| (*m, c)))
     }
 
     /// Local guests we currently ask the partner to carry.
@@ -462,7 +470,9 @@ mod tests {
         // The partner's path fails while ours is still bad: cut off again (steering kept
         // is no help either way); ours heals: restored by our own path.
         j.evaluate(&ev(330, false, 0, partner(329, false, &[])));
-        assert!(matches!(&j.take_guest_events()[..], [GuestEvent::CutOff { why, .. }] if why.contains("partner's probes")));
+        assert!(
+            matches!(&j.take_guest_events()[..], [GuestEvent::CutOff { why, .. }] if why.contains("partner's probes"))
+        );
         j.evaluate(&ev(340, true, 340, partner(339, false, &[])));
         assert!(matches!(&j.take_guest_events()[..], [GuestEvent::Restored { how, .. }] if how.contains("our path")));
         assert_eq!(j.cut_off().count(), 0);
@@ -572,7 +582,11 @@ mod tests {
         assert_eq!(steers(&c, G), Some(true));
         let c = j.evaluate(&ev(300, false, 100, partner(100, true, &[])));
         assert!(c.is_empty(), "{c:?}");
-        assert_eq!(j.cut_off().count(), 0, "steered through a silent partner: not known cut off");
+        assert_eq!(
+            j.cut_off().count(),
+            0,
+            "steered through a silent partner: not known cut off"
+        );
         // Our path works again: home at once (the partner cannot be trusted to carry it).
         let c = j.evaluate(&ev(310, true, 310, partner(100, true, &[])));
         assert_eq!(steers(&c, G), Some(false), "{c:?}");
@@ -849,7 +863,10 @@ mod tests {
             let (at, change) = &c[0];
             assert!(change.steer && change.why.contains("no probe reply"), "{c:?}");
             // The last answered probe was sent up to 10 ms before the fault.
-            assert!(*at > fault + 30 && *at <= fault + 50, "fault at {fault}, steered at {at}");
+            assert!(
+                *at > fault + 30 && *at <= fault + 50,
+                "fault at {fault}, steered at {at}"
+            );
         }
     }
 

@@ -164,9 +164,15 @@ impl Links {
             .links
             .iter()
             .zip(&fresh)
-            .map(|(l, f)| *f && l.run_since_ms.is_some_and(|s| now_ms.saturating_sub(s) >= self.timeout_ms))
+            .map(|(l, f)| {
+                *f && l
+                    .run_since_ms
+                    .is_some_and(|s| now_ms.saturating_sub(s) >= self.timeout_ms)
+            })
             .collect();
         let any_talking = talking.iter().any(|t| *t);
+        // Indexes: the body reads other links (`talking`) and then updates link `i`.
+        #[allow(clippy::needless_range_loop)]
         for i in 0..self.links.len() {
             let l = &self.links[i];
             let silent_for = now_ms.saturating_sub(l.last_rx_ms.unwrap_or(0).max(l.carrier_since_ms));

@@ -146,7 +146,9 @@ fn run(cli: Cli) -> Result<(), netpair::Error> {
             };
             match runtime()?.block_on(netpair::control::call(&socket, op, args)) {
                 Ok(v) if json_out => println!("{v}"),
-                Ok(v) if op == "guest.remove" => println!("removed guest {}", v["removed"]["name"].as_str().unwrap_or("?")),
+                Ok(v) if op == "guest.remove" => {
+                    println!("removed guest {}", v["removed"]["name"].as_str().unwrap_or("?"))
+                }
                 Ok(v) => print_guest(&v),
                 Err(e @ netpair::Error::Refused { .. }) => {
                     eprintln!("netpair: {e}");
@@ -241,10 +243,7 @@ fn print_status(v: &serde_json::Value) {
     let events: Vec<&serde_json::Value> = v["events"].as_array().into_iter().flatten().collect();
     if !events.is_empty() {
         let now = v["uptime_ms"].as_u64().unwrap_or(0);
-        println!(
-            "recent events (newest first; {} kept, all with --json):",
-            events.len()
-        );
+        println!("recent events (newest first; {} kept, all with --json):", events.len());
         for e in events.iter().take(RECENT_EVENTS) {
             println!(
                 "  {:>8} ms ago  {:<5}  {}",

@@ -119,7 +119,10 @@ mod tests {
         c.asleep(341);
         assert_eq!(c.woke(372).map(|s| s.len_ms()), Some(21));
         let st = c.status(400);
-        assert_eq!((st.count, st.longest_ms, st.last_ms, st.last_ended_ms_ago), (2, 211, Some(21), Some(28)));
+        assert_eq!(
+            (st.count, st.longest_ms, st.last_ms, st.last_ended_ms_ago),
+            (2, 211, Some(21), Some(28))
+        );
     }
 
     #[test]

@@ -66,7 +66,12 @@ impl NetpairDaemon {
     /// [`NetpairDaemon::start`] with extra top-level configuration lines (e.g. `app_xdp = false`).
     pub fn start_with(lab: &Lab, host: &str, role: &str, extra: &str) -> NetpairDaemon {
         let port = (role == "local").then_some("vg0");
-        Self::start_guests(lab, host, extra, &[GuestSpec::new("web", GUEST_MAC, GUEST_IP, role, port)])
+        Self::start_guests(
+            lab,
+            host,
+            extra,
+            &[GuestSpec::new("web", GUEST_MAC, GUEST_IP, role, port)],
+        )
     }
 
     /// [`NetpairDaemon::start_with`] with the given guests in the configuration file.
@@ -162,7 +167,8 @@ peer = "{p2}:7301"
         req.insert("op".into(), op.into());
         let mut s = UnixStream::connect(&self.socket).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok();
-        s.write_all(format!("{}\n", serde_json::Value::Object(req)).as_bytes()).ok()?;
+        s.write_all(format!("{}\n", serde_json::Value::Object(req)).as_bytes())
+            .ok()?;
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).ok()?;
         serde_json::from_str(&line).ok()

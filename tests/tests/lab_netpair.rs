@@ -334,10 +334,17 @@ fn a_flapping_path_is_damped_and_reported() {
     );
     let report = tcp.stop();
     let show = || format!("--- a:\n{}\n--- b:\n{}", s.a.log(), s.b.log());
-    assert!(a_n <= 4 && b_n <= 4, "not damped: a {a_n}, b {b_n} path changes\n{}", show());
+    assert!(
+        a_n <= 4 && b_n <= 4,
+        "not damped: a {a_n}, b {b_n} path changes\n{}",
+        show()
+    );
     assert!(a_n >= 1, "the flapping never moved the guest\n{}", show());
     assert_eq!(damping["suppressed"], true, "{st}");
-    assert!(damping["penalty"].as_u64().unwrap() > damping["reuse"].as_u64().unwrap(), "{st}");
+    assert!(
+        damping["penalty"].as_u64().unwrap() > damping["reuse"].as_u64().unwrap(),
+        "{st}"
+    );
     assert!(damping["suppressed_for_ms_more"].as_u64().unwrap() > 0, "{st}");
     assert!(
         st["events"].to_string().contains("suppressed by flap damping"),
@@ -468,7 +475,10 @@ fn realtime_priority_runs_the_daemon_under_sched_fifo() {
 
 /// `netpair ARGS…` (the command an administrator runs): (exit code, stdout, stderr).
 fn netpair_cmd(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(eac_lab::workspace_bin("netpair")).args(args).output().unwrap();
+    let out = Command::new(eac_lab::workspace_bin("netpair"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -562,7 +572,9 @@ fn guests_are_added_removed_and_changed_at_runtime_without_disturbing_the_others
     ]);
     assert_eq!(rc, 0, "{out}{err}");
     assert!(out.contains("guest app 52:54:00:fb:01:0c role=local port=vg2"), "{out}");
-    let r = b.request("guest.add", serde_json::json!({"guest": spec(2, "partner").json()})).unwrap();
+    let r = b
+        .request("guest.add", serde_json::json!({"guest": spec(2, "partner").json()}))
+        .unwrap();
     assert_eq!(r["ok"]["role"], "partner", "{r}");
     std::thread::sleep(Duration::from_millis(300));
     let gap_add = web.max_gap_since(t_add).max(db.max_gap_since(t_add));
@@ -584,7 +596,10 @@ fn guests_are_added_removed_and_changed_at_runtime_without_disturbing_the_others
     std::thread::sleep(Duration::from_millis(500));
     let gap_app = app.max_gap_since(t_fault);
     let lent = b.guest("app").unwrap();
-    assert!(lent["counters"]["here"]["to_al_packets"].as_u64().unwrap() > 0, "{lent}");
+    assert!(
+        lent["counters"]["here"]["to_al_packets"].as_u64().unwrap() > 0,
+        "{lent}"
+    );
     drop(loss);
     wait_until(Duration::from_secs(5), "traffic home", || {
         ["web", "db", "app"].iter().all(|n| !steered(&a, n) && !steered(&b, n))
@@ -601,15 +616,31 @@ fn guests_are_added_removed_and_changed_at_runtime_without_disturbing_the_others
     std::thread::sleep(Duration::from_millis(500));
     let gap_rm = web.max_gap_since(t_rm).max(app.max_gap_since(t_rm));
     assert_eq!(guest_names(&a), ["web", "app"]);
-    assert!(db.flowing_after(t_rm + Duration::from_millis(200)), "db itself is only unprotected");
+    assert!(
+        db.flowing_after(t_rm + Duration::from_millis(200)),
+        "db itself is only unprotected"
+    );
 
     // Change app's role on a (it "moved" to b) and back, while web's stream flows.
     let t_role = Instant::now();
     let (rc, out, err) = netpair_cmd(&["guest", "role", "app", "partner", "--socket", &sock]);
     assert_eq!(rc, 0, "{out}{err}");
     let g = a.guest("app").unwrap();
-    assert_eq!((g["role"].as_str(), g["state"].as_str(), g["port"].as_str()), (Some("partner"), Some("on_partner"), None), "{g}");
-    let (rc, out, err) = netpair_cmd(&["guest", "role", "52:54:00:fb:01:0c", "local", "--port", "vg2", "--socket", &sock]);
+    assert_eq!(
+        (g["role"].as_str(), g["state"].as_str(), g["port"].as_str()),
+        (Some("partner"), Some("on_partner"), None),
+        "{g}"
+    );
+    let (rc, out, err) = netpair_cmd(&[
+        "guest",
+        "role",
+        "52:54:00:fb:01:0c",
+        "local",
+        "--port",
+        "vg2",
+        "--socket",
+        &sock,
+    ]);
     assert_eq!(rc, 0, "{out}{err}");
     assert_eq!(a.guest("app").unwrap()["port"], "vg2");
     std::thread::sleep(Duration::from_millis(500));
@@ -617,10 +648,18 @@ fn guests_are_added_removed_and_changed_at_runtime_without_disturbing_the_others
     let (rc, out, _) = netpair_cmd(&["guest", "show", "app", "--json", "--socket", &sock]);
     assert_eq!(rc, 0);
     let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!((shown["role"].as_str(), shown["state"].as_str()), (Some("local"), Some("own_nic")), "{shown}");
+    assert_eq!(
+        (shown["role"].as_str(), shown["state"].as_str()),
+        (Some("local"), Some("own_nic")),
+        "{shown}"
+    );
 
     let events = a.status().unwrap()["events"].to_string();
-    for want in ["guest app (52:54:00:fb:01:0c) added at runtime", "guest db (52:54:00:fb:01:0b) removed at runtime", "role changed at runtime: was local (port vg2), now partner"] {
+    for want in [
+        "guest app (52:54:00:fb:01:0c) added at runtime",
+        "guest db (52:54:00:fb:01:0b) removed at runtime",
+        "role changed at runtime: was local (port vg2), now partner",
+    ] {
         assert!(events.contains(want), "no {want:?} in {events}");
     }
     let reports = [web.stop(), db.stop(), app.stop()];
@@ -635,10 +674,21 @@ fn guests_are_added_removed_and_changed_at_runtime_without_disturbing_the_others
         ms(gap_role),
         ms(gap_app)
     );
-    for (what, gap) in [("adding a guest", gap_add), ("removing a guest", gap_rm), ("changing a role", gap_role)] {
-        assert!(gap <= Duration::from_millis(20), "{what} disturbed another guest's stream: {gap:?}");
+    for (what, gap) in [
+        ("adding a guest", gap_add),
+        ("removing a guest", gap_rm),
+        ("changing a role", gap_role),
+    ] {
+        assert!(
+            gap <= Duration::from_millis(20),
+            "{what} disturbed another guest's stream: {gap:?}"
+        );
     }
-    assert!(gap_app < Duration::from_secs(1), "app's stream gap {gap_app:?}\n{}", show());
+    assert!(
+        gap_app < Duration::from_secs(1),
+        "app's stream gap {gap_app:?}\n{}",
+        show()
+    );
 }
 
 #[test]
@@ -673,17 +723,30 @@ fn a_guest_nothing_can_carry_is_reported_cut_off_and_restored() {
     let g = s.a.guest("web").unwrap();
     assert_eq!(g["steering"], false, "steered into links known down: {g}");
     assert!(g["cut_off"]["why"].as_str().unwrap().contains("carrier lost"), "{g}");
-    assert!(st["redundancy"]["lost"].to_string().contains("guest web cut off"), "{st}");
-    assert!(st["events"].to_string().contains("guest web (52:54:00:fb:01:0a) cut off"), "{}", st["events"]);
+    assert!(
+        st["redundancy"]["lost"].to_string().contains("guest web cut off"),
+        "{st}"
+    );
+    assert!(
+        st["events"]
+            .to_string()
+            .contains("guest web (52:54:00:fb:01:0a) cut off"),
+        "{}",
+        st["events"]
+    );
     // Held a while: still one cut-off event, never a steer.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(s.a.log().matches(") cut off:").count(), 1, "{}", show());
-    assert_eq!(s.a.log().matches("traffic now through the partner").count(), 0, "{}", show());
+    assert_eq!(
+        s.a.log().matches("traffic now through the partner").count(),
+        0,
+        "{}",
+        show()
+    );
 
     faults::link_up(ns, "al1").unwrap();
     let back = wait_until(Duration::from_secs(5), "web carried through b", || {
-        s.a.guest("web").is_some_and(|g| g["state"] == "through_partner")
-            && s.b.steering() == Some(true)
+        s.a.guest("web").is_some_and(|g| g["state"] == "through_partner") && s.b.steering() == Some(true)
     })
     .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", s.a.guest("web"), show()));
     wait_until(Duration::from_secs(10), "the stream flows through b", || {
@@ -699,7 +762,10 @@ fn a_guest_nothing_can_carry_is_reported_cut_off_and_restored() {
         "cut off: state and event {took:?} after a's NIC went down (both ALs down); carried through b {back:?} after AL1 came back; test ran {:?} since the fault",
         t.elapsed()
     );
-    assert!(took <= Duration::from_millis(100), "cut off reported only after {took:?}");
+    assert!(
+        took <= Duration::from_millis(100),
+        "cut off reported only after {took:?}"
+    );
 }
 
 #[test]
@@ -716,8 +782,10 @@ fn status_keeps_every_event_and_shows_no_sentinels() {
     let web = |role: &str| GuestSpec::new("web", GUEST_MAC, GUEST_IP, role, (role == "local").then_some("vg0"));
     let a = Daemon::start_guests(&lab, "a", "", &[web("local"), idle.clone()]);
     let b = Daemon::start_guests(&lab, "b", "", &[web("partner"), idle]);
-    wait_until(Duration::from_secs(10), "pairing", || a.partner_reachable() && b.partner_reachable())
-        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", a.log(), b.log()));
+    wait_until(Duration::from_secs(10), "pairing", || {
+        a.partner_reachable() && b.partner_reachable()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", a.log(), b.log()));
     let ns = &lab.host("a").ns;
     for _ in 0..14 {
         faults::link_down(ns, "al1").unwrap();
@@ -731,8 +799,16 @@ fn status_keeps_every_event_and_shows_no_sentinels() {
     println!("{logged} AL1 events logged; status --json returns {kept} events");
     assert!(logged >= 28, "{}", a.log());
     assert!(kept > logged, "status keeps {kept} events of {logged}+ logged");
-    let idle_here = st["guests"].as_array().unwrap().iter().find(|g| g["name"] == "idle").unwrap();
-    assert!(idle_here["counters"]["partner"]["last_rx_age_ms"].is_null(), "{idle_here}");
+    let idle_here = st["guests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "idle")
+        .unwrap();
+    assert!(
+        idle_here["counters"]["partner"]["last_rx_age_ms"].is_null(),
+        "{idle_here}"
+    );
     let text = st.to_string();
     assert!(!text.contains("4294967295"), "a raw sentinel in status: {text}");
     // The human status: the recent events and "never".
@@ -770,7 +846,13 @@ fn partner_daemon_killed_while_lending_keeps_the_data_path() {
     let gap_dead = tcp.max_gap_since(t_kill);
     let b_log_before = s.b.log();
     s.b = Daemon::start(&s.lab, "b", "partner");
-    let show = || format!("--- a:\n{}\n--- b (before):\n{b_log_before}\n--- b:\n{}", s.a.log(), s.b.log());
+    let show = || {
+        format!(
+            "--- a:\n{}\n--- b (before):\n{b_log_before}\n--- b:\n{}",
+            s.a.log(),
+            s.b.log()
+        )
+    };
     let took = wait_until(Duration::from_secs(10), "the new b pairs and lends", || {
         s.b.partner_reachable() && s.b.steering() == Some(true)
     })
@@ -786,7 +868,11 @@ fn partner_daemon_killed_while_lending_keeps_the_data_path() {
         gap_dead.as_secs_f64() * 1e3
     );
     assert!(report.errors.is_empty(), "the TCP stream broke: {:?}", report.errors);
-    assert!(gap < Duration::from_millis(200), "the guest was cut off for {gap:?}\n{}", show());
+    assert!(
+        gap < Duration::from_millis(200),
+        "the guest was cut off for {gap:?}\n{}",
+        show()
+    );
     assert!(events_b.contains("adopted"), "{events_b}");
     assert_eq!(s.a.log().matches("traffic back on our NIC").count(), 0, "{}", show());
 }
