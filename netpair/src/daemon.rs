@@ -622,7 +622,11 @@ impl State {
         let s = stats.get(&g.mac).copied().unwrap_or_default();
         let p = self.partner.as_ref().and_then(|p| p.guests.get(&g.mac));
         let (active_path, state) = match (g.role, steering, cut_off) {
-            (Role::Local, _, Some(_)) => ("none: cut off", "cut_off"),
+            (Role::Local, true, Some(_)) => (
+                "partner NIC (over the availability link), not confirmed: cut off",
+                "cut_off",
+            ),
+            (Role::Local, false, Some(_)) => ("none: cut off", "cut_off"),
             (Role::Local, false, None) => ("own NIC", "own_nic"),
             (Role::Local, true, None) => ("partner NIC (over the availability link)", "through_partner"),
             (Role::Partner, false, _) => ("partner's own NIC", "on_partner"),

@@ -22,8 +22,9 @@
 //!   keeps the traffic as long as an AL works: its pinned programs carry it on while its
 //!   daemon restarts, and our own path is known bad; no working AL stops steering.
 //! - A local guest is **cut off** while our path is bad and the partner cannot carry it
-//!   (no working AL, its path bad, or silent while we do not steer through it): one state
-//!   and one event when it starts ([`GuestEvent::CutOff`]) and ends.
+//!   (no working AL, its path bad, or silent — when we still steer through a silent partner
+//!   the reason says so): one state and one event when it starts ([`GuestEvent::CutOff`])
+//!   and ends.
 //! - A new daemon that adopted steering from its predecessor's pinned data path
 //!   ([`Judge::adopt_steering`]) undoes none of it until the partner speaks or
 //!   `peer_timeout` has passed.
@@ -343,7 +344,14 @@ impl Judge {
             // Cut off: our path is bad and the partner cannot carry the guest. One state,
             // one event when it starts and one when it ends.
             let cut = match (g.role, &problem, &partner) {
-                (Role::Local, Some(_), Err(_)) if g.steering && (partner_silent_only || starting) => None,
+                // Just started: the partner is not known to be unable yet.
+                (Role::Local, Some(_), Err(_)) if g.steering && starting => None,
+                // Steered through a partner that fell silent: its pinned programs may still
+                // carry the guest (a daemon restart) or not (the host died) — not known to be
+                // carried, so reported, saying that steering goes on.
+                (Role::Local, Some(own), Err(p)) if g.steering && partner_silent_only => Some(format!(
+                    "our path: {own}; the partner cannot confirm it carries it: {p} (still steered through it: its data path may outlive its daemon)"
+                )),
                 (Role::Local, Some(own), Err(p)) => Some(format!("our path: {own}; the partner cannot carry it: {p}")),
                 _ => None,
             };
@@ -582,10 +590,10 @@ mod tests {
         assert_eq!(steers(&c, G), Some(true));
         let c = j.evaluate(&ev(300, false, 100, partner(100, true, &[])));
         assert!(c.is_empty(), "{c:?}");
-        assert_eq!(
-            j.cut_off().count(),
-            0,
-            "steered through a silent partner: not known cut off"
+        let cut: Vec<String> = j.cut_off().map(|(_, c)| c.why.clone()).collect();
+        assert!(
+            matches!(&cut[..], [why] if why.contains("still steered through it")),
+            "steered through a silent partner: not known to be carried, and said so: {cut:?}"
         );
         // Our path works again: home at once (the partner cannot be trusted to carry it).
         let c = j.evaluate(&ev(310, true, 310, partner(100, true, &[])));
