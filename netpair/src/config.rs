@@ -106,7 +106,7 @@ pub struct AvailabilityLink {
     pub peer: SocketAddr,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Guest {
     pub name: String,
@@ -142,6 +142,36 @@ impl Default for Timing {
             link_timeout: 30,
         }
     }
+}
+
+/// A guest's name: 1 to 64 of `A-Z a-z 0-9 . _ -` (it appears in logs and events).
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err("a name is 1 to 64 characters".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!("{c:?} is not allowed in a name (A-Z a-z 0-9 . _ -)"));
+    }
+    Ok(())
+}
+
+/// A Linux interface name: 1 to 15 bytes, no `/`, `:` or whitespace, not `.` or `..`.
+pub fn check_ifname(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err("an interface name is 1 to 15 bytes".into());
+    }
+    if name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        return Err("not a valid interface name (no '/', ':' or whitespace)".into());
+    }
+    Ok(())
 }
 
 fn default_true() -> bool {
@@ -221,21 +251,47 @@ impl Config {
         {
             return Err(format!("realtime_priority ({p}) must be between 1 and 99 (SCHED_FIFO)"));
         }
-        let mut macs = std::collections::HashSet::new();
-        for g in &self.guests {
-            if !macs.insert(g.mac) {
-                return Err(format!("guest {}: MAC {} listed twice", g.name, g.mac));
+        for (i, g) in self.guests.iter().enumerate() {
+            self.check_guest(g, &self.guests[..i])?;
+        }
+        Ok(())
+    }
+
+    /// Checks one guest against the rest of the configuration and the guests `others`
+    /// (those already protected): the same rules for the configuration file and for a guest
+    /// added or changed at runtime ([`crate::control`]). The reason names the guest.
+    pub fn check_guest(&self, g: &Guest, others: &[Guest]) -> Result<(), String> {
+        check_name(&g.name).map_err(|e| format!("guest {:?}: {e}", g.name))?;
+        if let Some(o) = others.iter().find(|o| o.name == g.name) {
+            return Err(format!("guest {}: the name is taken (MAC {})", g.name, o.mac));
+        }
+        if let Some(o) = others.iter().find(|o| o.mac == g.mac) {
+            return Err(format!("guest {}: MAC {} is already guest {}", g.name, g.mac, o.name));
+        }
+        if g.mac.0[0] & 1 == 1 {
+            return Err(format!("guest {}: {} is a multicast MAC", g.name, g.mac));
+        }
+        if g.mac.0 == [0; 6] {
+            return Err(format!("guest {}: {} is not a usable MAC", g.name, g.mac));
+        }
+        match (g.role, &g.port) {
+            (Role::Local, None) => return Err(format!("guest {}: a local guest needs `port`", g.name)),
+            (Role::Partner, Some(_)) => {
+                return Err(format!("guest {}: `port` is only for local guests", g.name));
             }
-            if g.mac.0[0] & 1 == 1 {
-                return Err(format!("guest {}: {} is a multicast MAC", g.name, g.mac));
-            }
-            match (g.role, &g.port) {
-                (Role::Local, None) => return Err(format!("guest {}: a local guest needs `port`", g.name)),
-                (Role::Partner, Some(_)) => {
-                    return Err(format!("guest {}: `port` is only for local guests", g.name));
+            (Role::Local, Some(p)) => {
+                check_ifname(p).map_err(|e| format!("guest {}: port {p:?}: {e}", g.name))?;
+                if *p == self.app_iface || self.availability_links.iter().any(|l| l.iface == *p) {
+                    return Err(format!(
+                        "guest {}: port {p} is the application NIC or an availability link, not a guest's port",
+                        g.name
+                    ));
                 }
-                _ => {}
+                if let Some(o) = others.iter().find(|o| o.port.as_deref() == Some(p.as_str())) {
+                    return Err(format!("guest {}: port {p} is already guest {}'s", g.name, o.name));
+                }
             }
+            (Role::Partner, None) => {}
         }
         Ok(())
     }

@@ -23,8 +23,9 @@ use tokio::{
 use crate::{
     Datapath, Error, Mac, Role,
     config::{Config, Guest},
+    control::{self, Action, ApiError, Request},
     damping::DampEvent,
-    decide::{Change, Evidence, Judge, PartnerView},
+    decide::{Change, Evidence, GuestEvent, Judge, PartnerView},
     link,
     links::{Health, LinkEvent, Links, health_word},
     packet::{Announcer, AsyncArpProber},
@@ -39,8 +40,9 @@ const REORDER_WINDOW: u64 = 64;
 /// At most this many queued datagrams are read per wake-up before judging.
 const DRAIN_MAX: usize = 256;
 
-/// How many events `status` keeps.
-const EVENTS_KEPT: usize = 64;
+/// How many events `status` keeps (and `status --json` returns, newest first). A flapping
+/// path produced 40 path changes in 30 s in issue 12's lab: keep minutes of that.
+const EVENTS_KEPT: usize = 256;
 
 #[derive(Clone, Debug, serde::Serialize)]
 struct Event {
@@ -184,6 +186,24 @@ impl State {
         }
         if !changes.is_empty() {
             self.apply(changes);
+        }
+        for e in self.judge.take_guest_events() {
+            match e {
+                GuestEvent::CutOff { mac, why } => {
+                    let name = self.guest(mac).map(|g| g.name.clone()).unwrap_or_default();
+                    self.event(
+                        "error",
+                        format!("guest {name} ({mac}) cut off: nothing carries its traffic: {why}"),
+                    );
+                }
+                GuestEvent::Restored { mac, after_ms, how } => {
+                    let name = self.guest(mac).map(|g| g.name.clone()).unwrap_or_default();
+                    self.event(
+                        "info",
+                        format!("guest {name} ({mac}) no longer cut off after {after_ms} ms: {how}"),
+                    );
+                }
+            }
         }
     }
 
@@ -464,7 +484,165 @@ impl State {
         if !self.own_ok {
             lost.push(format!("application path on {} failing", self.cfg.app_iface));
         }
+        for (mac, c) in self.judge.cut_off() {
+            let name = self.guest(mac).map(|g| g.name.as_str()).unwrap_or_default();
+            lost.push(format!("guest {name} cut off: {}", c.why));
+        }
         lost
+    }
+
+    /// Answers one control request ([`crate::control`]).
+    fn handle(&mut self, req: Request) -> serde_json::Value {
+        match req {
+            Request::LegacyStatus => self.status(),
+            Request::Versioned { id, op } => {
+                let r = control::validate(&op, &self.cfg).and_then(|a| self.act(a));
+                if let Err(e) = &r {
+                    tracing::info!(code = e.code, "control request refused: {}", e.message);
+                }
+                control::reply(&id, r)
+            }
+        }
+    }
+
+    /// Applies a validated request. A change touches only the guest concerned (its map
+    /// entries and its port's program); on failure nothing is changed.
+    fn act(&mut self, a: Action) -> Result<serde_json::Value, ApiError> {
+        let now = self.now_ms();
+        let dp_err =
+            |what: &str, e: Error| ApiError::new("datapath", format!("{what}: {}", eac_common::error_chain(&e)));
+        let shown = |st: &Self, mac: Mac| {
+            let g = st.guest(mac).cloned();
+            g.map(|g| st.guest_json(&g, st.now_ms(), &st.guest_stats()))
+                .unwrap_or(serde_json::Value::Null)
+        };
+        match a {
+            Action::Status => Ok(self.status()),
+            Action::Show(g) => Ok(shown(self, g.mac)),
+            Action::Add(g) => {
+                port_exists(&g)?;
+                self.dp
+                    .add_guest(g.mac, g.role, g.port.as_deref())
+                    .map_err(|e| dp_err("protecting the guest", e))?;
+                self.judge.add_guest(g.mac, g.role, now);
+                self.cfg.guests.push(g.clone());
+                self.event(
+                    "info",
+                    format!("guest {} ({}) added at runtime: {}", g.name, g.mac, where_word(&g)),
+                );
+                self.send_observation();
+                Ok(shown(self, g.mac))
+            }
+            Action::Remove(g) => {
+                let was = self.judge.remove_guest(g.mac);
+                if let Err(e) = self.dp.remove_guest(g.mac) {
+                    self.event(
+                        "error",
+                        format!(
+                            "guest {} ({}): removing it from the data path: {}",
+                            g.name,
+                            g.mac,
+                            eac_common::error_chain(&e)
+                        ),
+                    );
+                }
+                // A local guest steered until now: its traffic is back on our NIC, and the
+                // switch must learn that (as when traffic comes home), if our path works.
+                if g.role == Role::Local && was.as_ref().is_some_and(|d| d.steering) && self.own_ok {
+                    self.announce(g.mac);
+                }
+                self.cfg.guests.retain(|o| o.mac != g.mac);
+                self.event(
+                    "info",
+                    format!(
+                        "guest {} ({}) removed at runtime: no longer protected{}",
+                        g.name,
+                        g.mac,
+                        if was.is_some_and(|d| d.steering) {
+                            " (its steering stopped)"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
+                self.send_observation();
+                Ok(json!({"removed": g}))
+            }
+            Action::SetRole { from, to } => {
+                port_exists(&to)?;
+                let was = self.judge.remove_guest(from.mac);
+                let _ = self.dp.remove_guest(from.mac);
+                if let Err(e) = self.dp.add_guest(to.mac, to.role, to.port.as_deref()) {
+                    // Put the guest back as it was.
+                    let back = self.dp.add_guest(from.mac, from.role, from.port.as_deref());
+                    self.judge.add_guest(from.mac, from.role, now);
+                    if let Err(b) = back {
+                        self.event(
+                            "error",
+                            format!(
+                                "guest {} ({}): role change failed and restoring it failed too: {}",
+                                from.name,
+                                from.mac,
+                                eac_common::error_chain(&b)
+                            ),
+                        );
+                    }
+                    return Err(dp_err("changing the role", e));
+                }
+                self.judge.add_guest(to.mac, to.role, now);
+                if let Some(slot) = self.cfg.guests.iter_mut().find(|o| o.mac == from.mac) {
+                    *slot = to.clone();
+                }
+                self.event(
+                    "info",
+                    format!(
+                        "guest {} ({}) role changed at runtime: was {}, now {}{}",
+                        to.name,
+                        to.mac,
+                        where_word(&from),
+                        where_word(&to),
+                        if was.is_some_and(|d| d.steering) {
+                            " (its steering stopped)"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
+                self.send_observation();
+                Ok(shown(self, to.mac))
+            }
+        }
+    }
+
+    /// One guest as `status` and `guest.show` show it.
+    fn guest_json(&self, g: &Guest, now: u64, stats: &BTreeMap<Mac, ebpf_common::GuestStats>) -> serde_json::Value {
+        let d = self.judge.guests().get(&g.mac);
+        let steering = d.is_some_and(|d| d.steering);
+        let cut_off = d.and_then(|d| d.cut_off.as_ref());
+        let s = stats.get(&g.mac).copied().unwrap_or_default();
+        let p = self.partner.as_ref().and_then(|p| p.guests.get(&g.mac));
+        let (active_path, state) = match (g.role, steering, cut_off) {
+            (Role::Local, true, Some(_)) => (
+                "partner NIC (over the availability link), not confirmed: cut off",
+                "cut_off",
+            ),
+            (Role::Local, false, Some(_)) => ("none: cut off", "cut_off"),
+            (Role::Local, false, None) => ("own NIC", "own_nic"),
+            (Role::Local, true, None) => ("partner NIC (over the availability link)", "through_partner"),
+            (Role::Partner, false, _) => ("partner's own NIC", "on_partner"),
+            (Role::Partner, true, _) => ("our NIC (lent)", "lent"),
+        };
+        json!({
+            "name": g.name, "mac": g.mac, "ip": g.ip, "ipv6": g.ipv6, "role": g.role, "port": g.port,
+            "state": state, "active_path": active_path, "steering": steering,
+            "cut_off": cut_off.map(|c| json!({"ms_ago": now.saturating_sub(c.since_ms), "why": c.why})),
+            "last_decision": d.map(|d| json!({"ms_ago": now.saturating_sub(d.since_ms), "why": d.why})),
+            "counters": {
+                "here": {"rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes, "tx_packets": s.tx_packets,
+                         "tx_bytes": s.tx_bytes, "to_al_packets": s.to_al_packets, "from_al_packets": s.from_al_packets},
+                "partner": p.map(|p| json!({"rx_packets": p.rx_packets, "tx_packets": p.tx_packets, "last_rx_age_ms": age_or_null(p.last_rx_age_ms)})),
+            },
+        })
     }
 
     fn status(&self) -> serde_json::Value {
@@ -475,27 +653,7 @@ impl State {
             .cfg
             .guests
             .iter()
-            .map(|g| {
-                let d = self.judge.guests().get(&g.mac);
-                let steering = d.is_some_and(|d| d.steering);
-                let s = stats.get(&g.mac).copied().unwrap_or_default();
-                let p = self.partner.as_ref().and_then(|p| p.guests.get(&g.mac));
-                let active_path = match (g.role, steering) {
-                    (Role::Local, false) => "own NIC",
-                    (Role::Local, true) => "partner NIC (over the availability link)",
-                    (Role::Partner, false) => "partner's own NIC",
-                    (Role::Partner, true) => "our NIC (lent)",
-                };
-                json!({
-                    "name": g.name, "mac": g.mac, "role": g.role, "active_path": active_path, "steering": steering,
-                    "last_decision": d.map(|d| json!({"ms_ago": now.saturating_sub(d.since_ms), "why": d.why})),
-                    "counters": {
-                        "here": {"rx_packets": s.rx_packets, "rx_bytes": s.rx_bytes, "tx_packets": s.tx_packets,
-                                 "tx_bytes": s.tx_bytes, "to_al_packets": s.to_al_packets, "from_al_packets": s.from_al_packets},
-                        "partner": p.map(|p| json!({"rx_packets": p.rx_packets, "tx_packets": p.tx_packets, "last_rx_age_ms": p.last_rx_age_ms})),
-                    },
-                })
-            })
+            .map(|g| self.guest_json(g, now, &stats))
             .collect();
         json!({
             "host": self.cfg.host,
@@ -512,15 +670,38 @@ impl State {
             "redundancy": {"ok": lost.is_empty(), "lost": lost},
             "partner": self.partner.as_ref().map(|p| json!({
                 "host": p.host, "reachable": self.partner_fresh, "heard_ms_ago": now.saturating_sub(p.view.received_ms),
-                "carrier": p.view.carrier, "path_ok": p.view.probe_ok, "probe_age_ms": p.probe_age_ms,
+                "carrier": p.view.carrier, "path_ok": p.view.probe_ok, "probe_age_ms": age_or_null(p.probe_age_ms),
             })),
             "guests": guests,
             "pin_dir": self.dp.pin_dir(),
             "scheduling": self.sched,
             "stalls": self.stalls.status(now),
-            "events": self.events.iter().rev().take(20).collect::<Vec<_>>(),
+            "events": self.events.iter().rev().collect::<Vec<_>>(),
         })
     }
+}
+
+/// Refuses a guest whose port is not an interface here (before anything is changed).
+fn port_exists(g: &Guest) -> Result<(), ApiError> {
+    match g.port.as_deref() {
+        Some(p) => crate::xdp::ifindex(p)
+            .map(drop)
+            .map_err(|e| ApiError::new("invalid", format!("guest {}: port {p}: {e}", g.name))),
+        None => Ok(()),
+    }
+}
+
+/// "local, port vg0" / "partner".
+fn where_word(g: &Guest) -> String {
+    match &g.port {
+        Some(p) => format!("{} (port {p})", control::role_word(g.role)),
+        None => control::role_word(g.role).to_owned(),
+    }
+}
+
+/// The protocol's "never" (u32::MAX) as null; an age otherwise.
+fn age_or_null(ms: u32) -> Option<u32> {
+    (ms != u32::MAX).then_some(ms)
 }
 
 /// An authenticated copy of a message already accepted: the other link's copy, or one
@@ -563,9 +744,14 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let start = Instant::now();
     let al_names: Vec<&str> = cfg.availability_links.iter().map(|a| a.iface.as_str()).collect();
     let mut dp = Datapath::attach(&cfg.pin_dir, &cfg.app_iface, &al_names, cfg.app_xdp)?;
+    let mut steered = Vec::new();
     for g in &cfg.guests {
-        dp.add_guest(g.mac, g.role, g.port.as_deref())?;
+        if dp.add_guest(g.mac, g.role, g.port.as_deref())? {
+            steered.push(g.mac);
+        }
     }
+    let adopted = dp.adopted().map(|a| a.links);
+    let released = dp.release_unclaimed();
     start_bpf_logger(&mut dp);
 
     let (links, mut link_rx) = link::watch().await?;
@@ -597,6 +783,8 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         source,
     })?;
     let control = bind_control(&cfg.control_socket)?;
+    let (ctl_tx, mut ctl_rx) =
+        tokio::sync::mpsc::channel::<(Request, tokio::sync::oneshot::Sender<serde_json::Value>)>(16);
     let probe_interval = cfg.timing.probe_interval;
 
     let now0 = start.elapsed().as_millis() as u64;
@@ -610,6 +798,9 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let mut judge = Judge::new(cfg.timing, cfg.damping, prober.is_some(), now0);
     for g in &cfg.guests {
         judge.add_guest(g.mac, g.role, now0);
+    }
+    for mac in &steered {
+        judge.adopt_steering(*mac, now0);
     }
     let sealer = Sealer::new(&secret, &cfg.host).map_err(|e| Error::Config(e.to_string()))?;
     let opener = Opener::new(&secret)
@@ -645,6 +836,20 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
                 format!("realtime_priority {prio} refused ({e}): running under the normal scheduler; judgements may come late on a busy host"),
             ),
         }
+    }
+    if let Some(links) = adopted {
+        let names: Vec<String> = steered
+            .iter()
+            .map(|m| st.guest(*m).map(|g| g.name.clone()).unwrap_or_default())
+            .collect();
+        st.event(
+            "warn",
+            format!(
+                "data path adopted from a daemon that did not stop cleanly: {links} pinned attachments kept running and now run our programs; guests still steered or lent: {}{}",
+                if names.is_empty() { "none".into() } else { names.join(", ") },
+                if released.is_empty() { String::new() } else { format!("; released (no longer configured): {}", released.join(", ")) }
+            ),
+        );
     }
     st.evaluate();
     st.event(
@@ -696,8 +901,10 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
                 }
             }
             Ok((stream, _)) = control.accept() => {
-                let status = st.status();
-                tokio::spawn(serve_control(stream, status));
+                tokio::spawn(serve_control(stream, ctl_tx.clone()));
+            }
+            Some((req, reply)) = ctl_rx.recv() => {
+                let _ = reply.send(st.handle(req));
             }
         }
         // Every wake-up ends here: read what is queued, then judge.
@@ -732,36 +939,60 @@ fn bind_control(path: &std::path::Path) -> Result<UnixListener, Error> {
     Ok(l)
 }
 
-/// One request line per connection: `status` → one JSON document.
-async fn serve_control(stream: tokio::net::UnixStream, status: serde_json::Value) {
+/// Serves one control connection: request lines in order, each answered with one line
+/// ([`crate::control`]). Lines are parsed here; the daemon's loop applies them, so a slow
+/// client never holds up the loop.
+async fn serve_control(
+    stream: tokio::net::UnixStream,
+    to_loop: tokio::sync::mpsc::Sender<(Request, tokio::sync::oneshot::Sender<serde_json::Value>)>,
+) {
     let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
     let mut line = String::new();
-    let mut r = BufReader::new(r.take(256));
-    let reply = match r.read_line(&mut line).await {
-        Ok(_) if line.trim() == "status" => status.to_string(),
-        Ok(_) => json!({"error": format!("unknown request {:?}; known: status", line.trim())}).to_string(),
-        Err(e) => json!({"error": e.to_string()}).to_string(),
-    };
-    let _ = w.write_all(reply.as_bytes()).await;
-    let _ = w.write_all(b"\n").await;
+    loop {
+        line.clear();
+        let reply = match (&mut r).take(control::MAX_LINE as u64 + 1).read_line(&mut line).await {
+            Ok(0) => return,
+            Ok(_) if line.len() > control::MAX_LINE => {
+                let e = ApiError::new(
+                    "too_large",
+                    format!("a request line is at most {} bytes", control::MAX_LINE),
+                );
+                let _ = w
+                    .write_all(format!("{}\n", control::reply(&serde_json::Value::Null, Err(e))).as_bytes())
+                    .await;
+                return;
+            }
+            Ok(_) => match control::parse(&line) {
+                Err((id, e)) => control::reply(&id, Err(e)),
+                Ok(req) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    if to_loop.send((req, tx)).await.is_err() {
+                        return;
+                    }
+                    match rx.await {
+                        Ok(v) => v,
+                        Err(_) => return,
+                    }
+                }
+            },
+            Err(e) => {
+                let e = ApiError::new("bad_request", format!("unreadable request line: {e}"));
+                let _ = w
+                    .write_all(format!("{}\n", control::reply(&serde_json::Value::Null, Err(e))).as_bytes())
+                    .await;
+                return;
+            }
+        };
+        if w.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Asks a running daemon for its status.
 pub async fn query_status(socket: &std::path::Path) -> Result<serde_json::Value, Error> {
-    let io = |what: &str, source| Error::Io {
-        what: format!("{what} {}", socket.display()),
-        source,
-    };
-    let mut s = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| io("connect to", e))?;
-    s.write_all(b"status\n").await.map_err(|e| io("write to", e))?;
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .await
-        .map_err(|e| io("read from", e))?;
-    serde_json::from_str(&line).map_err(|e| Error::Config(format!("bad status reply: {e}")))
+    control::call(socket, "status", serde_json::Value::Null).await
 }
 
 /// Forwards the programs' aya-log records into our log (they are lost unless polled).

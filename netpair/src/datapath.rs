@@ -1,9 +1,14 @@
 //! The netpair data path: the eBPF programs on one host's application NIC, availability
 //! links and guest ports, and the maps userspace drives them through.
 //!
-//! Attachments are links owned by [`Datapath`] (TCX for TC programs on kernels ≥ 6.6, driver
-//! or generic XDP): dropping it detaches everything. Maps are pinned under the instance's
-//! pin directory (e.g. `/sys/fs/bpf/eac/netpair-a/GUEST_STATS`) for `bpftool`.
+//! Attachments are BPF links (TCX for TC programs on kernels ≥ 6.6, driver or generic XDP),
+//! pinned under `<pin_dir>/links/` beside the maps (`Config::pin_dir`,
+//! `/sys/fs/bpf/eac/netpair` by default: `/sys/fs/bpf/eac/netpair/GUEST_STATS`). Pinned,
+//! they outlive the process: a daemon that is killed (or crashes) leaves its programs
+//! running on the last map state — a guest steered or lent stays so — and the next daemon
+//! **adopts** them: it reuses the pinned maps, loads its programs and swaps each into the
+//! pinned link atomically (`bpf_link_update`), so no frame meets a missing program. A
+//! clean stop (dropping [`Datapath`]) unpins everything and so detaches it.
 
 use std::{
     collections::HashMap,
@@ -13,7 +18,12 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues},
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+    },
     util::nr_cpus,
 };
 use ebpf_common::{
@@ -42,7 +52,23 @@ pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     al_ifindexes: Vec<(String, u32)>,
-    guest_links: HashMap<Mac, (String, SchedClassifierLinkId)>,
+    /// Every attachment, by its pin name under `<pin_dir>/links/`.
+    links: HashMap<String, FdLink>,
+    /// Local guests' ports (their attachment is `links["guest-<port>"]`).
+    guest_ports: HashMap<Mac, String>,
+    /// Guests protected by this daemon.
+    claimed: std::collections::HashSet<Mac>,
+    /// Taken over from a daemon that did not stop cleanly (see the module doc).
+    adopted: Option<Adopted>,
+}
+
+/// What a new daemon found left running by the previous one.
+#[derive(Clone, Debug, Default)]
+pub struct Adopted {
+    /// Attachments whose program was swapped in place.
+    pub links: usize,
+    /// Guest entries found in the pinned `GUESTS` map (steering flags included).
+    pub guests: HashMap<Mac, GuestEntry>,
 }
 
 impl Datapath {
@@ -63,23 +89,52 @@ impl Datapath {
             .iter()
             .map(|n| Ok(((*n).to_owned(), ifindex(n)?)))
             .collect::<Result<Vec<_>, Error>>()?;
-        let mut ebpf = EbpfLoader::new().load(crate::xdp::EBPF_OBJECT).map_err(Error::Load)?;
-        for name in PINNED_MAPS {
-            let path = pin_dir.join(name);
-            // A pin left by a daemon that was killed: replace it.
-            let _ = std::fs::remove_file(&path);
-            let map = ebpf.map_mut(name).ok_or(Error::MissingMap(name))?;
-            map.pin(&path).map_err(|e| Error::Io {
-                what: format!("pin {name} at {}", path.display()),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-        }
+        // Maps pinned by a daemon that did not stop cleanly are reused (their state — which
+        // guest is steered — is what its programs still act on); otherwise created and pinned.
+        let adopting = pin_dir.join(MAP_GUESTS).exists();
+        let links_dir = pin_dir.join("links");
+        std::fs::create_dir_all(&links_dir).map_err(|source| Error::Io {
+            what: format!("create {}", links_dir.display()),
+            source,
+        })?;
+        let load = || {
+            let mut loader = EbpfLoader::new();
+            let paths: Vec<(&str, PathBuf)> = PINNED_MAPS.iter().map(|n| (*n, pin_dir.join(n))).collect();
+            for (name, path) in &paths {
+                loader.map_pin_path(name, path.as_path());
+            }
+            loader.load(crate::xdp::EBPF_OBJECT)
+        };
+        let ebpf = match load() {
+            Ok(e) => e,
+            Err(e) if adopting => {
+                // Left by another build (another map layout): start afresh.
+                tracing::warn!(error = %e, "the pinned maps cannot be reused; replacing them (steering restarts)");
+                for name in PINNED_MAPS {
+                    let _ = std::fs::remove_file(pin_dir.join(name));
+                }
+                load().map_err(Error::Load)?
+            }
+            Err(e) => return Err(Error::Load(e)),
+        };
         let mut dp = Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             al_ifindexes,
-            guest_links: HashMap::new(),
+            links: HashMap::new(),
+            guest_ports: HashMap::new(),
+            claimed: std::collections::HashSet::new(),
+            adopted: None,
         };
+        if adopting {
+            let guests = dp
+                .guests_map()?
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(k, e)| (Mac(k.addr), e))
+                .collect();
+            dp.adopted = Some(Adopted { links: 0, guests });
+        }
 
         if xdp {
             let prog: &mut Xdp = program(&mut dp.ebpf, PROG_XDP_APP)?;
@@ -87,13 +142,41 @@ impl Datapath {
                 name: PROG_XDP_APP,
                 source,
             })?;
-            if let Err(e) = prog.attach(app_iface, XdpMode::Driver) {
-                tracing::info!(app_iface, error = %e, "driver-mode XDP refused; using generic mode");
-                prog.attach(app_iface, XdpMode::Skb).map_err(|source| Error::Program {
-                    name: PROG_XDP_APP,
-                    source,
-                })?;
-            }
+            let pin = format!("xdp-{app_iface}");
+            let path = links_dir.join(&pin);
+            let adopted = adopt::<XdpLink>(&path).and_then(|l| match prog.attach_to_link(l) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::warn!(link = pin, error = %e, "cannot swap our program into the pinned link; attaching anew");
+                    None
+                }
+            });
+            let was_adopted = adopted.is_some();
+            let id = match adopted {
+                Some(id) => id,
+                None => {
+                    let _ = std::fs::remove_file(&path);
+                    match prog.attach(app_iface, XdpMode::Driver) {
+                        Ok(id) => id,
+                        Err(e) => {
+                            tracing::info!(app_iface, error = %e, "driver-mode XDP refused; using generic mode");
+                            prog.attach(app_iface, XdpMode::Skb).map_err(|source| Error::Program {
+                                name: PROG_XDP_APP,
+                                source,
+                            })?
+                        }
+                    }
+                }
+            };
+            let link = prog.take_link(id).map_err(|source| Error::Program {
+                name: PROG_XDP_APP,
+                source,
+            })?;
+            let fd = FdLink::try_from(link).map_err(|e| Error::Io {
+                what: format!("XDP on {app_iface} is not a BPF link (kernel too old to keep it across restarts)"),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            dp.keep_link(pin, fd, was_adopted)?;
         }
         for name in [
             PROG_TC_APP_INGRESS,
@@ -104,17 +187,132 @@ impl Datapath {
             let p: &mut SchedClassifier = program(&mut dp.ebpf, name)?;
             p.load().map_err(|source| Error::Program { name, source })?;
         }
-        attach_tc(&mut dp.ebpf, PROG_TC_APP_INGRESS, app_iface, TcAttachType::Ingress)?;
-        attach_tc(&mut dp.ebpf, PROG_TC_APP_EGRESS, app_iface, TcAttachType::Egress)?;
-        for al in al_ifaces {
-            attach_tc(&mut dp.ebpf, PROG_TC_AL_INGRESS, al, TcAttachType::Ingress)?;
-        }
+        // The configuration first: an adopted program sees it from its first frame.
         dp.set_config(CFG_APP_IFINDEX, app_ifindex)?;
         dp.set_config(CFG_COUNT_IN_TC, u32::from(!xdp))?;
-        let first_al = dp.al_ifindexes.first().map(|(_, i)| *i).unwrap_or(0);
-        dp.set_config(CFG_AL_IFINDEX, first_al)?;
-        tracing::info!(app_iface, ?al_ifaces, xdp, pin_dir = %pin_dir.display(), "netpair data path attached");
+        let kept_al = dp
+            .config(CFG_AL_IFINDEX)
+            .filter(|i| dp.al_ifindexes.iter().any(|(_, a)| a == i));
+        match kept_al {
+            // Adopted: steered frames keep their link until the new daemon judges the links.
+            Some(_) if dp.adopted.is_some() => {}
+            _ => {
+                let first_al = dp.al_ifindexes.first().map(|(_, i)| *i).unwrap_or(0);
+                dp.set_config(CFG_AL_IFINDEX, first_al)?;
+            }
+        }
+        dp.attach_tc(
+            PROG_TC_APP_INGRESS,
+            app_iface,
+            TcAttachType::Ingress,
+            format!("tc-in-{app_iface}"),
+        )?;
+        dp.attach_tc(
+            PROG_TC_APP_EGRESS,
+            app_iface,
+            TcAttachType::Egress,
+            format!("tc-out-{app_iface}"),
+        )?;
+        for al in al_ifaces {
+            dp.attach_tc(PROG_TC_AL_INGRESS, al, TcAttachType::Ingress, format!("tc-in-{al}"))?;
+        }
+        tracing::info!(app_iface, ?al_ifaces, xdp, pin_dir = %pin_dir.display(), adopted = ?dp.adopted.as_ref().map(|a| a.links), "netpair data path attached");
         Ok(dp)
+    }
+
+    /// What was taken over from a previous daemon (None: a fresh start).
+    pub fn adopted(&self) -> Option<&Adopted> {
+        self.adopted.as_ref()
+    }
+
+    /// Ends the adoption once every configured guest is added: attachments and guest
+    /// entries the previous daemon left that nobody claimed are removed (detached).
+    /// Returns what was removed, one name each.
+    pub fn release_unclaimed(&mut self) -> Vec<String> {
+        let mut gone = Vec::new();
+        if let Ok(dir) = std::fs::read_dir(self.pin_dir.join("links")) {
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !self.links.contains_key(&name) && std::fs::remove_file(e.path()).is_ok() {
+                    gone.push(format!("link {name}"));
+                }
+            }
+        }
+        if let Some(a) = self.adopted.take() {
+            for mac in a.guests.keys() {
+                if !self.claimed.contains(mac) {
+                    let key = MacKey::new(mac.0);
+                    if let Ok(mut m) = self.guests_map_mut() {
+                        let _ = m.remove(&key);
+                    }
+                    if let Ok(mut m) = self.stats_map_mut() {
+                        let _ = m.remove(&key);
+                    }
+                    gone.push(format!("guest {mac}"));
+                }
+            }
+            self.adopted = Some(Adopted {
+                guests: HashMap::new(),
+                ..a
+            });
+        }
+        let _ = self.refresh_steering_tables();
+        gone
+    }
+
+    /// Attaches TC program `prog` to `iface` (or swaps it into the link a previous daemon
+    /// pinned as `pin`), and pins the link.
+    fn attach_tc(&mut self, prog: &'static str, iface: &str, at: TcAttachType, pin: String) -> Result<(), Error> {
+        let path = self.pin_dir.join("links").join(&pin);
+        let p: &mut SchedClassifier = program(&mut self.ebpf, prog)?;
+        let adopted = adopt::<SchedClassifierLink>(&path).and_then(|l| match p.attach_to_link(l) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::warn!(link = pin, error = %e, "cannot swap our program into the pinned link; attaching anew");
+                None
+            }
+        });
+        let was_adopted = adopted.is_some();
+        let id = match adopted {
+            Some(id) => id,
+            None => {
+                let _ = std::fs::remove_file(&path);
+                p.attach(iface, at)
+                    .map_err(|source| Error::Program { name: prog, source })?
+            }
+        };
+        let link = p
+            .take_link(id)
+            .map_err(|source| Error::Program { name: prog, source })?;
+        let fd = FdLink::try_from(link).map_err(|e| Error::Io {
+            what: format!("{prog} on {iface} is not a BPF link (TCX needs kernel 6.6)"),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        self.keep_link(pin, fd, was_adopted)
+    }
+
+    /// Keeps `fd` as attachment `pin`, pinning it unless it was adopted (already pinned).
+    fn keep_link(&mut self, pin: String, fd: FdLink, adopted: bool) -> Result<(), Error> {
+        let fd = if adopted {
+            if let Some(a) = &mut self.adopted {
+                a.links += 1;
+            }
+            fd
+        } else {
+            let path = self.pin_dir.join("links").join(&pin);
+            FdLink::from(fd.pin(&path).map_err(|e| Error::Io {
+                what: format!("pin link {}", path.display()),
+                source: std::io::Error::other(e.to_string()),
+            })?)
+        };
+        self.links.insert(pin, fd);
+        Ok(())
+    }
+
+    /// Detaches attachment `pin` (unpins it and closes our handle).
+    fn drop_link(&mut self, pin: &str) {
+        let _ = std::fs::remove_file(self.pin_dir.join("links").join(pin));
+        self.links.remove(pin);
     }
 
     /// The directory holding the pinned maps.
@@ -123,8 +321,13 @@ impl Datapath {
     }
 
     /// Protects a guest: counts its frames, and (LOCAL) watches its port so its frames can
-    /// be steered. `port` is required for [`Role::Local`].
-    pub fn add_guest(&mut self, mac: Mac, role: Role, port: Option<&str>) -> Result<(), Error> {
+    /// be steered. `port` is required for [`Role::Local`]. Map updates and one program
+    /// attachment on the guest's own port: other guests are not touched. On error nothing
+    /// is left behind.
+    ///
+    /// Returns whether the guest is steered: only a guest adopted from a previous daemon
+    /// (same role and port) can be, keeping the flag its programs act on.
+    pub fn add_guest(&mut self, mac: Mac, role: Role, port: Option<&str>) -> Result<bool, Error> {
         let guest_ifindex = match (role, port) {
             (Role::Local, Some(p)) => ifindex(p)?,
             (Role::Local, None) => return Err(Error::Config(format!("local guest {mac} needs its port"))),
@@ -137,6 +340,22 @@ impl Datapath {
             _pad: 0,
         };
         let key = MacKey::new(mac.0);
+        // Left by the previous daemon with the same role and port: keep its steering flag
+        // and counters (its programs act on them now).
+        let kept = self
+            .adopted
+            .as_mut()
+            .and_then(|a| a.guests.remove(&mac))
+            .filter(|e| e.role == entry.role && e.guest_ifindex == entry.guest_ifindex);
+        if let Some(k) = kept {
+            if let (Role::Local, Some(p)) = (role, port) {
+                self.attach_tc(PROG_TC_GUEST_INGRESS, p, TcAttachType::Ingress, format!("guest-{p}"))?;
+                self.guest_ports.insert(mac, p.to_owned());
+            }
+            self.claimed.insert(mac);
+            tracing::info!(%mac, ?role, port, steer = k.steer, "guest protected (adopted from the previous daemon)");
+            return Ok(k.steer != 0);
+        }
         let cpus = nr_cpus().map_err(|(what, source)| Error::Io {
             what: what.to_owned(),
             source,
@@ -158,11 +377,21 @@ impl Datapath {
                 source,
             })?;
         if let (Role::Local, Some(p)) = (role, port) {
-            let link = attach_tc(&mut self.ebpf, PROG_TC_GUEST_INGRESS, p, TcAttachType::Ingress)?;
-            self.guest_links.insert(mac, (p.to_owned(), link));
+            match self.attach_tc(PROG_TC_GUEST_INGRESS, p, TcAttachType::Ingress, format!("guest-{p}")) {
+                Ok(()) => {
+                    self.guest_ports.insert(mac, p.to_owned());
+                }
+                Err(e) => {
+                    // Nothing half-done: the guest is not protected at all.
+                    let _ = self.guests_map_mut()?.remove(&key);
+                    let _ = self.stats_map_mut()?.remove(&key);
+                    return Err(e);
+                }
+            }
         }
+        self.claimed.insert(mac);
         tracing::info!(%mac, ?role, port, "guest protected");
-        Ok(())
+        Ok(false)
     }
 
     /// Stops protecting a guest (steering off, counters removed, port program detached).
@@ -171,11 +400,9 @@ impl Datapath {
         let key = MacKey::new(mac.0);
         let _ = self.guests_map_mut()?.remove(&key);
         let _ = self.stats_map_mut()?.remove(&key);
-        if let Some((port, link)) = self.guest_links.remove(&mac) {
-            let p: &mut SchedClassifier = program(&mut self.ebpf, PROG_TC_GUEST_INGRESS)?;
-            if let Err(e) = p.detach(link) {
-                tracing::warn!(%mac, port, error = %e, "detaching the guest port program failed");
-            }
+        self.claimed.remove(&mac);
+        if let Some(port) = self.guest_ports.remove(&mac) {
+            self.drop_link(&format!("guest-{port}"));
         }
         Ok(())
     }
@@ -266,6 +493,12 @@ impl Datapath {
         self.set_config(CFG_PARTNER_STEERING, u32::from(partner))
     }
 
+    fn config(&self, index: u32) -> Option<u32> {
+        let m = self.ebpf.map(MAP_CONFIG)?;
+        let cfg: Array<&MapData, u32> = Array::try_from(m).ok()?;
+        cfg.get(&index, 0).ok()
+    }
+
     fn set_config(&mut self, index: u32, value: u32) -> Result<(), Error> {
         let mut cfg: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, MAP_CONFIG)?;
         cfg.set(index, value, 0).map_err(|source| Error::Map {
@@ -324,7 +557,12 @@ impl Datapath {
 }
 
 impl Drop for Datapath {
+    /// A clean stop: every attachment unpinned and detached, the maps unpinned.
     fn drop(&mut self) {
+        for pin in self.links.keys().cloned().collect::<Vec<String>>() {
+            self.drop_link(&pin);
+        }
+        let _ = std::fs::remove_dir(self.pin_dir.join("links"));
         for name in PINNED_MAPS {
             let _ = std::fs::remove_file(self.pin_dir.join(name));
         }
@@ -350,12 +588,8 @@ where
     T::try_from(m).map_err(|source| Error::Map { name, source })
 }
 
-fn attach_tc(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    iface: &str,
-    at: TcAttachType,
-) -> Result<SchedClassifierLinkId, Error> {
-    let p: &mut SchedClassifier = program(ebpf, name)?;
-    p.attach(iface, at).map_err(|source| Error::Program { name, source })
+/// The link a previous daemon pinned at `path`, if there is one of type `L`.
+fn adopt<L: TryFrom<FdLink>>(path: &Path) -> Option<L> {
+    let pinned = PinnedLink::from_pin(path).ok()?;
+    L::try_from(FdLink::from(pinned)).ok()
 }

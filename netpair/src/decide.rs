@@ -18,8 +18,16 @@
 //!   working ([`crate::links`]) the partner's path counts as unusable.
 //! - Traffic returns once our path has been good for `heal_hold` ms (hysteresis against a
 //!   flapping link) and is not suppressed by flap damping, or at once if the partner's path
-//!   fails while ours works, or if the partner becomes unreachable (steering through it is
-//!   then impossible).
+//!   fails or falls silent while ours works. While ours is bad, a partner that falls silent
+//!   keeps the traffic as long as an AL works: its pinned programs carry it on while its
+//!   daemon restarts, and our own path is known bad; no working AL stops steering.
+//! - A local guest is **cut off** while our path is bad and the partner cannot carry it
+//!   (no working AL, its path bad, or silent — when we still steer through a silent partner
+//!   the reason says so): one state and one event when it starts ([`GuestEvent::CutOff`])
+//!   and ends.
+//! - A new daemon that adopted steering from its predecessor's pinned data path
+//!   ([`Judge::adopt_steering`]) undoes none of it until the partner speaks or
+//!   `peer_timeout` has passed.
 //! - Flap damping ([`crate::damping`]): every failure of our path after it had worked for
 //!   `heal_hold` ms (it was trusted, traffic would have come back: one full flap) adds a
 //!   penalty; a path that flaps is suppressed — not trusted, traffic stays on the partner —
@@ -27,7 +35,7 @@
 //!   while suppressed (then every failure adds penalty). Damping never delays moving away
 //!   from a failing path, nor returning when the partner's path fails or goes silent.
 //! - We lend our NIC to a partner's guest exactly while the partner's fresh observation asks
-//!   for it.
+//!   for it (after a start, adopted lending waits for the partner's first word as above).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -79,6 +87,25 @@ pub struct GuestDecision {
     pub steering: bool,
     pub since_ms: u64,
     pub why: String,
+    /// A local guest that no path carries: ours is bad and the partner cannot carry it.
+    pub cut_off: Option<CutOff>,
+}
+
+/// Since when, and why, a local guest is cut off.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CutOff {
+    pub since_ms: u64,
+    pub why: String,
+}
+
+/// A guest's cut-off state changed; the daemon reports each as an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestEvent {
+    /// Our application path is bad and the partner cannot carry the guest (no working
+    /// availability link, the partner silent, or its path bad too): nothing carries it.
+    CutOff { mac: Mac, why: String },
+    /// Carried again, after `after_ms` cut off: `how` says by which path.
+    Restored { mac: Mac, after_ms: u64, how: String },
 }
 
 #[derive(Debug)]
@@ -94,6 +121,8 @@ pub struct Judge {
     /// Our own loop's recent stalls ([`crate::stall`]): no evidence against our path.
     stalls: std::collections::VecDeque<Stall>,
     guests: BTreeMap<Mac, GuestDecision>,
+    /// Cut-off changes not yet taken by the daemon.
+    guest_events: Vec<GuestEvent>,
 }
 
 impl Judge {
@@ -107,6 +136,7 @@ impl Judge {
             damp_events: Vec::new(),
             stalls: std::collections::VecDeque::new(),
             guests: BTreeMap::new(),
+            guest_events: Vec::new(),
         }
     }
 
@@ -127,8 +157,30 @@ impl Judge {
                 steering: false,
                 since_ms: now_ms,
                 why: "protected".into(),
+                cut_off: None,
             },
         );
+    }
+
+    /// The previous daemon left this guest steered (its pinned programs still act on it):
+    /// carry on from there instead of undoing it before anything is known.
+    pub fn adopt_steering(&mut self, mac: Mac, now_ms: u64) {
+        if let Some(g) = self.guests.get_mut(&mac) {
+            g.steering = true;
+            g.since_ms = now_ms;
+            g.why = "steered when the previous daemon stopped (pinned data path adopted)".into();
+        }
+    }
+
+    /// Forgets a guest (removed at runtime, or before it is added again with another
+    /// role). The caller turns its steering off in the data path.
+    pub fn remove_guest(&mut self, mac: Mac) -> Option<GuestDecision> {
+        self.guests.remove(&mac)
+    }
+
+    /// The cut-off changes since the last call, in order, to report.
+    pub fn take_guest_events(&mut self) -> Vec<GuestEvent> {
+        std::mem::take(&mut self.guest_events)
     }
 
     pub fn guests(&self) -> &BTreeMap<Mac, GuestDecision> {
@@ -234,6 +286,11 @@ impl Judge {
             .as_ref()
             .is_some_and(|p| ev.now_ms.saturating_sub(p.received_ms) <= self.timing.peer_timeout);
         let own_good_for = self.own_good_since.map(|s| ev.now_ms.saturating_sub(s));
+        // Just started, the partner not heard yet: steering adopted from the previous daemon
+        // ([`Judge::adopt_steering`]) is not undone for want of news (for `peer_timeout`).
+        let starting = ev.partner.is_none() && ev.now_ms.saturating_sub(self.started_ms) <= self.timing.peer_timeout;
+        // The partner is only silent (an AL works): steering through it may still carry.
+        let partner_silent_only = ev.al_usable && !partner_fresh;
         let mut changes = Vec::new();
         for (mac, g) in self.guests.iter_mut() {
             let verdict: Option<(bool, String)> = match g.role {
@@ -246,19 +303,23 @@ impl Judge {
                     _ => None,
                 },
                 Role::Local => match (&problem, &partner, own_good_for) {
+                    _ if starting => None,
                     (_, _, Some(good)) if good >= self.timing.heal_hold && !suppressed => {
                         Some((false, format!("our path has worked for {good} ms")))
                     }
                     (None, Err(why), _) => Some((false, format!("{why}; our path works"))),
-                    (_, Err(why), _) if !partner_fresh || !ev.al_usable => {
-                        Some((false, format!("{why}: cannot steer through it")))
-                    }
+                    // A silent partner with a working AL keeps our traffic: our path is bad,
+                    // and the partner's pinned programs carry it on while its daemon is
+                    // restarted (issue 12, item 6). Links that do not work carry nothing.
+                    (_, Err(why), _) if !ev.al_usable => Some((false, format!("{why}: cannot steer through it"))),
                     _ => None,
                 },
                 Role::Partner => {
                     let asked = partner_fresh && ev.partner.as_ref().is_some_and(|p| p.requests.contains(mac));
                     match (asked, g.steering) {
                         (true, false) => Some((true, "the partner asks to use our NIC".into())),
+                        // A new daemon keeps lending what it adopted until the partner speaks.
+                        (false, true) if starting => None,
                         (false, true) if !partner_fresh => {
                             Some((false, "the partner went silent over the availability links".into()))
                         }
@@ -280,8 +341,62 @@ impl Judge {
                     why,
                 });
             }
+            // Cut off: our path is bad and the partner cannot carry the guest. One state,
+            // one event when it starts and one when it ends.
+            let cut = match (g.role, &problem, &partner) {
+                // Just started: the partner is not known to be unable yet.
+                (Role::Local, Some(_), Err(_)) if g.steering && starting => None,
+                // Steered through a partner that fell silent: its pinned programs may still
+                // carry the guest (a daemon restart) or not (the host died) — not known to be
+                // carried, so reported, saying that steering goes on.
+                (Role::Local, Some(own), Err(p)) if g.steering && partner_silent_only => Some(format!(
+                    "our path: {own}; the partner cannot confirm it carries it: {p} (still steered through it: its data path may outlive its daemon)"
+                )),
+                (Role::Local, Some(own), Err(p)) => Some(format!("our path: {own}; the partner cannot carry it: {p}")),
+                _ => None,
+            };
+            match (&g.cut_off, cut) {
+                (None, Some(why)) => {
+                    self.guest_events.push(GuestEvent::CutOff {
+                        mac: *mac,
+                        why: why.clone(),
+                    });
+                    g.cut_off = Some(CutOff {
+                        since_ms: ev.now_ms,
+                        why,
+                    });
+                }
+                (Some(c), None) => {
+                    let how = if problem.is_none() {
+                        "our path works again"
+                    } else {
+                        "through the partner's NIC"
+                    };
+                    self.guest_events.push(GuestEvent::Restored {
+                        mac: *mac,
+                        after_ms: ev.now_ms.saturating_sub(c.since_ms),
+                        how: how.into(),
+                    });
+                    g.cut_off = None;
+                }
+                (Some(c), Some(why)) if c.why != why => {
+                    // Still cut off, for another reason now: the state shows the latest.
+                    g.cut_off = Some(CutOff {
+                        since_ms: c.since_ms,
+                        why,
+                    });
+                }
+                _ => {}
+            }
         }
         changes
+    }
+
+    /// Local guests that nothing carries right now.
+    pub fn cut_off(&self) -> impl Iterator<Item = (Mac, &CutOff)> {
+        self.guests
+            .iter()
+            .filter_map(|(m, g)| g.cut_off.as_ref().map(|c| (*m, c)))
     }
 
     /// Local guests we currently ask the partner to carry.
@@ -329,6 +444,62 @@ mod tests {
 
     fn steers(c: &[Change], mac: Mac) -> Option<bool> {
         c.iter().find(|c| c.mac == mac).map(|c| c.steer)
+    }
+
+    #[test]
+    fn a_guest_nothing_can_carry_is_cut_off_once_and_restored_once() {
+        let mut j = judge();
+        assert!(j.evaluate(&ev(0, true, 0, partner(0, true, &[]))).is_empty());
+        // Our NIC goes down while no availability link works: nothing is steered (never
+        // into nothing), and the guest is cut off — one event.
+        let mut e = ev(10, false, 0, partner(5, true, &[]));
+        e.al_usable = false;
+        assert_eq!(steers(&j.evaluate(&e), G), None, "never steer through nothing");
+        let evs = j.take_guest_events();
+        assert!(
+            matches!(&evs[..], [GuestEvent::CutOff { mac, why }] if *mac == G && why.contains("no availability link works")),
+            "{evs:?}"
+        );
+        assert_eq!(j.cut_off().count(), 1);
+        // Still cut off later, the partner now silent as well: no second event.
+        let mut e = ev(300, false, 0, partner(5, true, &[]));
+        e.al_usable = false;
+        j.evaluate(&e);
+        assert!(j.take_guest_events().is_empty());
+        assert!(j.cut_off().next().unwrap().1.why.contains("no availability link works"));
+        // A link works again and the partner's path is fine: steered, and no longer cut off.
+        let c = j.evaluate(&ev(320, false, 0, partner(318, true, &[])));
+        assert_eq!(steers(&c, G), Some(true));
+        let evs = j.take_guest_events();
+        assert!(
+            matches!(&evs[..], [GuestEvent::Restored { mac, after_ms: 310, how }] if *mac == G && how.contains("partner")),
+            "{evs:?}"
+        );
+        // The partner's path fails while ours is still bad: cut off again (steering kept
+        // is no help either way); ours heals: restored by our own path.
+        j.evaluate(&ev(330, false, 0, partner(329, false, &[])));
+        assert!(
+            matches!(&j.take_guest_events()[..], [GuestEvent::CutOff { why, .. }] if why.contains("partner's probes"))
+        );
+        j.evaluate(&ev(340, true, 340, partner(339, false, &[])));
+        assert!(matches!(&j.take_guest_events()[..], [GuestEvent::Restored { how, .. }] if how.contains("our path")));
+        assert_eq!(j.cut_off().count(), 0);
+        // A partner guest is never "cut off" here: its host judges that.
+        assert!(j.guests()[&P].cut_off.is_none());
+    }
+
+    #[test]
+    fn a_removed_guest_is_forgotten_and_can_come_back_with_another_role() {
+        let mut j = judge();
+        j.evaluate(&ev(0, true, 0, partner(0, true, &[])));
+        let c = j.evaluate(&ev(10, false, 0, partner(9, true, &[])));
+        assert_eq!(steers(&c, G), Some(true));
+        assert!(j.remove_guest(G).is_some_and(|g| g.steering));
+        assert!(!j.requests().contains(&G), "no longer asks the partner to carry it");
+        j.add_guest(G, Role::Partner, 20);
+        // As a partner guest it is lent our NIC only when the partner asks.
+        let c = j.evaluate(&ev(20, false, 0, partner(19, true, &[G])));
+        assert_eq!(steers(&c, G), Some(true));
     }
 
     #[test]
@@ -411,12 +582,60 @@ mod tests {
     }
 
     #[test]
-    fn steering_stops_when_the_partner_goes_silent() {
+    fn a_silent_partner_keeps_our_traffic_while_our_path_is_bad_and_an_al_works() {
+        // Its pinned programs carry on while its daemon restarts (issue 12, item 6);
+        // our own path is known bad, so going home would certainly lose the traffic.
+        let mut j = judge();
+        let c = j.evaluate(&ev(100, false, 100, partner(100, true, &[])));
+        assert_eq!(steers(&c, G), Some(true));
+        let c = j.evaluate(&ev(300, false, 100, partner(100, true, &[])));
+        assert!(c.is_empty(), "{c:?}");
+        let cut: Vec<String> = j.cut_off().map(|(_, c)| c.why.clone()).collect();
+        assert!(
+            matches!(&cut[..], [why] if why.contains("still steered through it")),
+            "steered through a silent partner: not known to be carried, and said so: {cut:?}"
+        );
+        // Our path works again: home at once (the partner cannot be trusted to carry it).
+        let c = j.evaluate(&ev(310, true, 310, partner(100, true, &[])));
+        assert_eq!(steers(&c, G), Some(false), "{c:?}");
+        assert!(c[0].why.contains("our path works"), "{}", c[0].why);
+        // Steering, and the links stop working: steering stops (nothing through nothing).
         let mut j = judge();
         j.evaluate(&ev(100, false, 100, partner(100, true, &[])));
-        let c = j.evaluate(&ev(300, false, 100, partner(100, true, &[])));
+        let c = j.evaluate(&Evidence {
+            al_usable: false,
+            ..ev(300, false, 100, partner(100, true, &[]))
+        });
         assert_eq!(steers(&c, G), Some(false), "{c:?}");
         assert!(c[0].why.contains("cannot steer"), "{}", c[0].why);
+    }
+
+    #[test]
+    fn adopted_steering_is_kept_until_the_partner_speaks_or_peer_timeout() {
+        let mut j = Judge::new(Timing::default(), DampingConfig::default(), true, 1000);
+        j.add_guest(G, Role::Local, 1000);
+        j.add_guest(P, Role::Partner, 1000);
+        j.adopt_steering(G, 1000);
+        j.adopt_steering(P, 1000);
+        // Not heard yet, no link judged yet: nothing undone.
+        let starting = |now| Evidence {
+            al_usable: false,
+            ..ev(now, true, now, None)
+        };
+        assert!(j.evaluate(&starting(1010)).is_empty());
+        assert!(j.evaluate(&starting(1100)).is_empty());
+        // The partner speaks and still asks: we keep lending. Our path works: G comes home
+        // after the heal hold as usual.
+        assert!(j.evaluate(&ev(1110, true, 1110, partner(1110, true, &[P]))).is_empty());
+        let c = j.evaluate(&ev(2000, true, 2000, partner(2000, true, &[P])));
+        assert_eq!(steers(&c, G), Some(false), "{c:?}");
+        // Never heard within peer_timeout of the start: lending stops.
+        let mut j = Judge::new(Timing::default(), DampingConfig::default(), true, 0);
+        j.add_guest(P, Role::Partner, 0);
+        j.adopt_steering(P, 0);
+        assert!(j.evaluate(&ev(50, true, 50, None)).is_empty());
+        let c = j.evaluate(&ev(150, true, 150, None));
+        assert_eq!(steers(&c, P), Some(false), "{c:?}");
     }
 
     #[test]

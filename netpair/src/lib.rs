@@ -8,6 +8,7 @@
 //! - [`xdp`]: loading the eBPF object; the plain frame counter used by the lab smoke test.
 
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod damping;
 pub mod datapath;

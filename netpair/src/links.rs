@@ -173,6 +173,8 @@ impl Links {
             })
             .collect();
         let any_talking = talking.iter().any(|t| *t);
+        // Indexes: the body reads other links (`talking`) and then updates link `i`.
+        #[allow(clippy::needless_range_loop)]
         for i in 0..self.links.len() {
             let l = &self.links[i];
             let silent_for = now_ms.saturating_sub(l.last_rx_ms.unwrap_or(0).max(l.carrier_since_ms));

@@ -31,6 +31,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Change the protected guests of the running daemon, without a restart and without
+    /// touching other guests' traffic. Not written to the configuration file: its guests
+    /// are the boot-time set. Exits 64 when the daemon refuses (nothing was changed).
+    Guest {
+        #[command(subcommand)]
+        cmd: GuestCmd,
+        #[arg(long, default_value = "/run/eac/netpair.sock", global = true)]
+        socket: std::path::PathBuf,
+    },
     /// Attach the frame counter (XDP) to IFACE and print what it counts, once a second.
     /// Detaches on exit (after --seconds, or on Ctrl-C / SIGTERM).
     Count {
@@ -40,6 +49,46 @@ enum Cmd {
         /// How long to stay attached.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum GuestCmd {
+    /// Protect a guest: `--role local --port TAP` for a guest running here, `--role partner`
+    /// for one running on the partner host.
+    Add {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        mac: String,
+        /// Announced with gratuitous ARP when its traffic moves.
+        #[arg(long)]
+        ip: Option<std::net::Ipv4Addr>,
+        /// Announced with unsolicited NA when its traffic moves.
+        #[arg(long)]
+        ipv6: Option<std::net::Ipv6Addr>,
+        /// local or partner.
+        #[arg(long)]
+        role: String,
+        /// The guest's port on our bridge (local guests only).
+        #[arg(long)]
+        port: Option<String>,
+    },
+    /// Stop protecting a guest (by name or MAC); its steering stops.
+    Remove { guest: String },
+    /// Change where a guest runs, as seen from this host: local (with --port) or partner.
+    Role {
+        guest: String,
+        /// local or partner.
+        role: String,
+        #[arg(long)]
+        port: Option<String>,
+    },
+    /// Show one guest (by name or MAC) as `status` shows it.
+    Show {
+        guest: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -70,6 +119,42 @@ fn run(cli: Cli) -> Result<(), netpair::Error> {
                 println!("{v}");
             } else {
                 print_status(&v);
+            }
+            Ok(())
+        }
+        Cmd::Guest { cmd, socket } => {
+            let (op, args, json_out) = match cmd {
+                GuestCmd::Add {
+                    name,
+                    mac,
+                    ip,
+                    ipv6,
+                    role,
+                    port,
+                } => (
+                    "guest.add",
+                    serde_json::json!({"guest": {"name": name, "mac": mac, "ip": ip, "ipv6": ipv6, "role": role, "port": port}}),
+                    false,
+                ),
+                GuestCmd::Remove { guest } => ("guest.remove", serde_json::json!({ "guest": guest }), false),
+                GuestCmd::Role { guest, role, port } => (
+                    "guest.set_role",
+                    serde_json::json!({"guest": guest, "role": role, "port": port}),
+                    false,
+                ),
+                GuestCmd::Show { guest, json } => ("guest.show", serde_json::json!({ "guest": guest }), json),
+            };
+            match runtime()?.block_on(netpair::control::call(&socket, op, args)) {
+                Ok(v) if json_out => println!("{v}"),
+                Ok(v) if op == "guest.remove" => {
+                    println!("removed guest {}", v["removed"]["name"].as_str().unwrap_or("?"))
+                }
+                Ok(v) => print_guest(&v),
+                Err(e @ netpair::Error::Refused { .. }) => {
+                    eprintln!("netpair: {e}");
+                    std::process::exit(eac_common::EXIT_USAGE);
+                }
+                Err(e) => return Err(e),
             }
             Ok(())
         }
@@ -153,18 +238,58 @@ fn print_status(v: &serde_json::Value) {
         None => println!("  partner: never heard"),
     }
     for g in v["guests"].as_array().into_iter().flatten() {
-        println!(
-            "guest {} {} role={} path: {}",
-            s(&g["name"]),
-            s(&g["mac"]),
-            s(&g["role"]),
-            s(&g["active_path"])
-        );
-        println!("    here: {}", g["counters"]["here"]);
-        println!("    partner: {}", g["counters"]["partner"]);
-        if let Some(d) = g["last_decision"].as_object() {
-            println!("    last decision {} ms ago: {}", d["ms_ago"], s(&d["why"]));
+        print_guest(g);
+    }
+    let events: Vec<&serde_json::Value> = v["events"].as_array().into_iter().flatten().collect();
+    if !events.is_empty() {
+        let now = v["uptime_ms"].as_u64().unwrap_or(0);
+        println!("recent events (newest first; {} kept, all with --json):", events.len());
+        for e in events.iter().take(RECENT_EVENTS) {
+            println!(
+                "  {:>8} ms ago  {:<5}  {}",
+                now.saturating_sub(e["at_ms"].as_u64().unwrap_or(0)),
+                s(&e["level"]),
+                s(&e["what"])
+            );
         }
+    }
+}
+
+/// How many events the human `status` prints.
+const RECENT_EVENTS: usize = 15;
+
+fn print_guest(g: &serde_json::Value) {
+    let s = |v: &serde_json::Value| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+    let port = g["port"].as_str().map(|p| format!(" port={p}")).unwrap_or_default();
+    println!(
+        "guest {} {} role={}{port} path: {}",
+        s(&g["name"]),
+        s(&g["mac"]),
+        s(&g["role"]),
+        s(&g["active_path"])
+    );
+    if let Some(c) = g["cut_off"].as_object() {
+        println!("    CUT OFF for {} ms: {}", c["ms_ago"], s(&c["why"]));
+    }
+    let h = &g["counters"]["here"];
+    println!(
+        "    here: rx {} tx {} to AL {} from AL {} packets",
+        h["rx_packets"], h["tx_packets"], h["to_al_packets"], h["from_al_packets"]
+    );
+    match g["counters"]["partner"].as_object() {
+        Some(p) => println!(
+            "    partner: rx {} tx {} packets, last frame for it {}",
+            p["rx_packets"],
+            p["tx_packets"],
+            match p["last_rx_age_ms"].as_u64() {
+                Some(ms) => format!("{ms} ms ago"),
+                None => "never".into(),
+            }
+        ),
+        None => println!("    partner: not heard"),
+    }
+    if let Some(d) = g["last_decision"].as_object() {
+        println!("    last decision {} ms ago: {}", d["ms_ago"], s(&d["why"]));
     }
 }
 

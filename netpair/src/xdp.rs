@@ -41,6 +41,9 @@ pub enum Error {
     },
     #[error("bad configuration: {0}")]
     Config(String),
+    /// The daemon refused a control request (nothing was changed).
+    #[error("refused ({code}): {message}")]
+    Refused { code: String, message: String },
 }
 
 /// `xdp_count` attached to one interface: counts every frame it receives.
