@@ -154,8 +154,6 @@ impl Links {
     }
 
     /// Re-judges every link and the active one; returns what changed, health first.
-    // `i` indexes `fresh`, `talking` and `self.links` (mutated below) alike.
-    #[allow(clippy::needless_range_loop)]
     pub fn evaluate(&mut self, now_ms: u64) -> Vec<LinkEvent> {
         let mut events = Vec::new();
         let fresh: Vec<bool> = self.links.iter().map(|l| l.carrier && self.fresh(l, now_ms)).collect();
