@@ -11,13 +11,13 @@
 //! watchdog = "/dev/watchdog"                  # optional; armed when this host fences itself
 //!
 //! [timeouts]                                  # optional; milliseconds; these are the defaults
-//! heartbeat_interval_ms = 200
-//! statefile_interval_ms = 500
-//! channel_timeout_ms = 1000
-//! dead_after_ms = 3000
-//! isolation_after_ms = 2000
-//! fence_deadline_ms = 4000
-//! fence_grace_ms = 2000
+//! heartbeat_interval_ms = 100
+//! statefile_interval_ms = 200
+//! channel_timeout_ms = 400
+//! dead_after_ms = 2000
+//! isolation_after_ms = 800
+//! fence_deadline_ms = 2800
+//! fence_grace_ms = 1100
 //!
 //! [[network]]                                 # one per heartbeat network (management, AL1, AL2)
 //! name = "mgmt"
@@ -568,7 +568,7 @@ vcpus = 4
         let c = parse(&text).unwrap();
         assert_eq!(c.timeouts.heartbeat_interval, Duration::from_millis(100));
         assert_eq!(c.timeouts.fence_grace, Duration::from_millis(2500));
-        assert_eq!(c.timeouts.dead_after, Duration::from_secs(3));
+        assert_eq!(c.timeouts.dead_after, Duration::from_secs(2));
     }
 
     #[test]
@@ -646,7 +646,7 @@ vcpus = 4
             ),
             (
                 format!("{g}\n[timeouts]\nfence_grace_ms = 1000\n"),
-                "timeouts.dead_after_ms + timeouts.fence_grace_ms (4000 ms, when survivors restart a dead host's guests) must be at least 4600 ms",
+                "timeouts.dead_after_ms + timeouts.fence_grace_ms (3000 ms, when survivors restart a dead host's guests) must be at least 3100 ms",
             ),
         ];
         for (text, want) in cases {
@@ -674,8 +674,8 @@ vcpus = 4
                  timeouts.heartbeat_interval_ms (200 ms)",
             ),
             (
-                "fence_grace_ms = 1300\n",
-                "controller.toml: unsafe timeouts: timeouts.dead_after_ms + timeouts.fence_grace_ms (4300 ms",
+                "fence_grace_ms = 1000\n",
+                "controller.toml: unsafe timeouts: timeouts.dead_after_ms + timeouts.fence_grace_ms (3000 ms",
             ),
             ("dead_after_ms = 0\n", "controller.toml: timeouts.dead_after_ms is 0"),
         ];
@@ -685,9 +685,9 @@ vcpus = 4
             assert!(e.starts_with(want), "expected {want:?} in {e:?}");
             assert!(!e.contains("timeouts.heartbeat "), "{e}");
         }
-        // Both boundaries of the safety inequality through the file: 5000 = 4400 + 3 × 200.
-        let c = parse(&format!("{g}\n[timeouts]\nfence_deadline_ms = 4400\n")).unwrap();
-        assert_eq!(c.timeouts.fence_deadline, Duration::from_millis(4400));
-        assert!(parse(&format!("{g}\n[timeouts]\nfence_deadline_ms = 4401\n")).is_err());
+        // Both boundaries of the safety inequality through the file: 3100 = 2800 + 3 × 100.
+        let c = parse(&format!("{g}\n[timeouts]\nfence_deadline_ms = 2800\n")).unwrap();
+        assert_eq!(c.timeouts.fence_deadline, Duration::from_millis(2800));
+        assert!(parse(&format!("{g}\n[timeouts]\nfence_deadline_ms = 2801\n")).is_err());
     }
 }

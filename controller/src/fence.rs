@@ -385,7 +385,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn isolation_orders_a_fence_with_the_deadline() {
-        let t = Timeouts::default();
+        let t = Timeouts::reference();
         let mut f = Fencer::new(t);
         let t0 = Instant::now();
         assert!(f.may_start_guests());
@@ -408,7 +408,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn late_isolation_is_marked_late() {
-        let mut f = Fencer::new(Timeouts::default());
+        let mut f = Fencer::new(Timeouts::reference());
         let t0 = Instant::now();
         let d = f.update(t0 + ms(4500), &[MembershipEvent::Isolated { last_contact: t0 }]);
         assert!(matches!(d[0], FenceDecision::FenceSelf { late: true, .. }), "{d:?}");
@@ -453,7 +453,7 @@ mod tests {
         // Armed with whole seconds (1.7 s → 1 s), never disarmed.
         assert_eq!(wd.calls, vec![(t0, Some(ms(1000)))]);
 
-        let mut f = Fencer::new(Timeouts::default());
+        let mut f = Fencer::new(Timeouts::reference());
         f.update(t0, &[MembershipEvent::Isolated { last_contact: t0 }]);
         let d = f.fence_finished(t0 + ms(1700), &out);
         assert_eq!(
@@ -483,7 +483,7 @@ mod tests {
     async fn fenced_host_stays_down_until_contact_then_rejoins_without_restarting() {
         let vmm = FakeVmm::new();
         vmm.add("g1", DomainState::Running);
-        let mut f = Fencer::new(Timeouts::default());
+        let mut f = Fencer::new(Timeouts::reference());
         let t0 = Instant::now();
         f.update(t0 + ms(2000), &[MembershipEvent::Isolated { last_contact: t0 }]);
         let out = fence_guests(&vmm, &mut NoWatchdog, &names(&["g1"]), t0 + ms(4000)).await;
@@ -500,7 +500,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn contact_back_during_fence_rejoins_when_it_finishes() {
-        let mut f = Fencer::new(Timeouts::default());
+        let mut f = Fencer::new(Timeouts::reference());
         let t0 = Instant::now();
         f.update(t0 + ms(2000), &[MembershipEvent::Isolated { last_contact: t0 }]);
         assert!(
@@ -519,7 +519,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn restart_never_before_last_seen_plus_dead_after_plus_grace() {
-        let t = Timeouts::default();
+        let t = Timeouts::reference();
         let mut f = Fencer::new(t);
         let t0 = Instant::now();
         let last_seen = t0 + ms(123);
@@ -554,7 +554,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn no_restart_while_fencing_and_none_after_the_peer_rejoined() {
-        let mut f = Fencer::new(Timeouts::default());
+        let mut f = Fencer::new(Timeouts::reference());
         let t0 = Instant::now();
         f.update(
             t0 + ms(3000),
