@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # scripts/bench-failover.sh — the controller's failover benchmark (Level 1).
 #
-#   scripts/bench-failover.sh [--trials N] [--soak M] [--ready]
+#   scripts/bench-failover.sh [--trials N] [--soak M] [--ready] [--hogs H]
 #
 # 1. Host death, N trials (default 5), each in a fresh two-host lab (a libvirtd and an
 #    eac-controller per host, shared storage, a protected TCG guest on host a): every process
@@ -10,6 +10,9 @@
 #      restart    — detection → b has started the guest (guest_restarted event)
 #      total      — kill → guest started on b (target ≤ 10 s)
 #    --ready also waits for GUEST-READY on b's serial console (adds the TCG boot, ~5-10 s).
+#    The summary also gives when b's libvirtd first reported the guest running (median
+#    target ≤ 4 s, issue 13 §6).
+# --hogs H runs H busy-loop processes beside everything for the whole run (a loaded host).
 # 2. Flapping-link soak, M short outages (default 200) on one channel at a time (mgmt, al1,
 #    al2 link down; host a's state-file failing with EIO), 0.2-1.5 s each: zero false
 #    failovers required (no peer_dead, no restart, no fencing; the guest stays on a).
