@@ -582,13 +582,13 @@ async fn three_hosts_partial_cut_keeps_everyone_alive_then_one_survivor_restarts
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn flapping_channels_soak_never_declares_anyone_dead() {
-    // 30 simulated minutes. One channel at a time goes out for 0.1–2.9 s (nets: one direction or
-    // both; the state-file: one host's storage), then comes back; now and then every network at
-    // once for < channel_timeout. Deterministic pseudo-random schedule.
-    let mut w = World::new(&["a", "b"], vec![protected("g", "a")], ms(1500), ms(500));
-    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+/// The flapping soak: 30 simulated minutes; one channel at a time goes out for 0.1–2.9 s
+/// (nets: one direction or both; the state-file: one host's storage), then comes back; now
+/// and then every network at once for 0.1–0.9 s. Deterministic schedule from `seed`.
+/// Returns the world (checked safe) and the number of outages.
+async fn flapping_soak(t: Timeouts, seed: u64) -> (World, usize) {
+    let mut w = World::with_timeouts(&["a", "b"], vec![protected("g", "a")], ms(1500), ms(500), t);
+    let mut seed = seed;
     let mut rand = move |n: u64| {
         seed ^= seed << 13;
         seed ^= seed >> 7;
@@ -627,6 +627,15 @@ async fn flapping_channels_soak_never_declares_anyone_dead() {
     }
     w.run_until(end).await;
     w.assert_safe();
+    (w, outages)
+}
+
+#[tokio::test(start_paused = true)]
+async fn flapping_channels_soak_never_declares_anyone_dead() {
+    // 30 simulated minutes. One channel at a time goes out for 0.1–2.9 s (nets: one direction or
+    // both; the state-file: one host's storage), then comes back; now and then every network at
+    // once for < channel_timeout. Deterministic pseudo-random schedule.
+    let (w, outages) = flapping_soak(Timeouts::reference(), 0x2545_f491_4f6c_dd1d).await;
     eprintln!(
         "soak: 30 simulated minutes, {outages} outages, {} redundancy-lost events on a, {} on b",
         w.count("a", MembershipEvent::is_redundancy_loss),
@@ -788,52 +797,7 @@ async fn default_timeouts_fail_over_within_4_s_and_fence_first() {
 /// up to 0.9 s, for 30 simulated minutes: nobody dead, nobody isolated, no decision.
 #[tokio::test(start_paused = true)]
 async fn default_timeouts_flapping_soak_never_declares_anyone_dead() {
-    let mut w = World::with_timeouts(
-        &["a", "b"],
-        vec![protected("g", "a")],
-        ms(1500),
-        ms(500),
-        Timeouts::default(),
-    );
-    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut rand = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
-    let mut at = 2_000u64;
-    let end = 30 * 60 * 1000;
-    let mut outages = 0;
-    while at < end {
-        w.run_until(at).await;
-        let len = 100 + rand(2800);
-        let kind = rand(10);
-        let (a, b) = if rand(2) == 0 { ("a", "b") } else { ("b", "a") };
-        if kind < 6 {
-            let net = NETS[rand(3) as usize];
-            w.cut_net(a, b, net);
-            if kind < 3 {
-                w.cut_net(b, a, net);
-            }
-            w.run_until(at + len).await;
-            w.heal_net(a, b, net);
-            w.heal_net(b, a, net);
-        } else if kind < 9 {
-            w.set_storage(a, false);
-            w.run_until(at + len).await;
-            w.set_storage(a, true);
-        } else {
-            let short = 100 + rand(800);
-            w.cut_all_nets(a);
-            w.run_until(at + short).await;
-            w.cut.clear();
-        }
-        outages += 1;
-        at += len + 500 + rand(3000);
-    }
-    w.run_until(end).await;
-    w.assert_safe();
+    let (w, outages) = flapping_soak(Timeouts::default(), 0x9e37_79b9_7f4a_7c15).await;
     assert!(outages > 500, "{outages}");
     for h in ["a", "b"] {
         assert_eq!(w.count(h, is_dead), 0, "{h}");
