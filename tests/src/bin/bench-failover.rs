@@ -114,6 +114,19 @@ fn host_death_trial(n: usize, ready: bool) -> Result<Trial, String> {
     });
     let detect = first(&evs, "peer_dead", t_kill).ok_or("no peer_dead event on b")?;
     let restart = first(&evs, "guest_restarted", t_kill).ok_or("no guest_restarted event on b")?;
+    if restart.saturating_sub(detect) > 3_000 {
+        // Slower than the timeouts explain: show why (b's events since the kill).
+        println!("trial {n}: restart {} ms after detection; b's events:", restart - detect);
+        for e in evs.iter().filter(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= t_kill)) {
+            println!(
+                "  +{:>6} ms {:<22} {}{}",
+                e["ts_ms"].as_u64().unwrap_or(0).saturating_sub(t_kill),
+                e["kind"].as_str().unwrap_or("?"),
+                e["guest"].as_str().map(|g| format!("[{g}] ")).unwrap_or_default(),
+                e["detail"].as_str().unwrap_or("")
+            );
+        }
+    }
     Ok(Trial {
         detect_ms: detect - t_kill,
         restart_ms: restart - t_kill,
