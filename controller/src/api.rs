@@ -398,7 +398,7 @@ fn proof_mac(secret: &[u8], label: &[u8], server: &[u8; 32], client: &[u8; 32]) 
 
 /// How a line read ended.
 #[derive(Debug, PartialEq, Eq)]
-enum LineRead {
+pub enum LineRead {
     /// A line (without its `\n`) is in the buffer.
     Complete,
     /// End of stream (a partial last line is dropped).
@@ -407,8 +407,9 @@ enum LineRead {
     TooLong,
 }
 
-/// Reads one line of at most `limit` bytes into `buf` without ever buffering more.
-async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, limit: usize) -> std::io::Result<LineRead> {
+/// Reads one line of at most `limit` bytes into `buf` without ever buffering more (the framing
+/// of every API connection; public for the fuzz targets).
+pub async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, limit: usize) -> std::io::Result<LineRead> {
     buf.clear();
     loop {
         let avail = r.fill_buf().await?;
@@ -448,8 +449,9 @@ async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, v: &T) -> st
     w.flush().await
 }
 
-/// Parses one request line. `Err` is the response to send instead.
-fn parse_request(line: &[u8]) -> Result<Request, Response> {
+/// Parses one request line (without its `\n`). `Err` is the response to send instead. Never
+/// panics, whatever the bytes.
+pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
     let bad = |id, msg: String| {
         Response::error(
             id,
@@ -1033,6 +1035,32 @@ pub async fn serve_tcp_with(
     }
 }
 
+/// Checks the client's handshake answer `line` (without its `\n`) to the challenge
+/// `server_nonce`: version, both hex fields, no reflected nonce, the proof of the pool secret
+/// (in constant time). Returns the server's proof to send back; `Err` is the reason to log.
+/// Never panics, whatever the bytes.
+pub fn check_client_proof(secret: &[u8], server_nonce: &[u8; 32], line: &[u8]) -> Result<[u8; 32], String> {
+    let answer: ClientProof = serde_json::from_slice(line).map_err(|e| format!("not a handshake answer ({e})"))?;
+    if answer.v != VERSION {
+        return Err(format!(
+            "client speaks API version {} (this server: {VERSION})",
+            answer.v
+        ));
+    }
+    let client_nonce = unhex32(&answer.client_nonce).ok_or("client_nonce is not 64 hex digits")?;
+    let proof = unhex32(&answer.proof).ok_or("proof is not 64 hex digits")?;
+    if client_nonce == *server_nonce {
+        return Err("client_nonce repeats the challenge (reflection)".into());
+    }
+    proof_mac(secret, CLIENT_LABEL, server_nonce, &client_nonce)
+        .verify_slice(&proof)
+        .map_err(|_| "wrong proof: the client does not have this pool's secret".to_string())?;
+    Ok(proof_mac(secret, SERVER_LABEL, server_nonce, &client_nonce)
+        .finalize()
+        .into_bytes()
+        .into())
+}
+
 /// The server's side of the handshake; `Err` is the reason to log.
 async fn server_handshake<S>(s: &mut BufReader<S>, secret: &[u8]) -> Result<(), String>
 where
@@ -1055,24 +1083,7 @@ where
         Ok(LineRead::TooLong) => return Err("oversized handshake line".into()),
         Err(e) => return Err(format!("read failed: {e}")),
     }
-    let answer: ClientProof = serde_json::from_slice(&buf).map_err(|e| format!("not a handshake answer ({e})"))?;
-    if answer.v != VERSION {
-        return Err(format!(
-            "client speaks API version {} (this server: {VERSION})",
-            answer.v
-        ));
-    }
-    let client_nonce = unhex32(&answer.client_nonce).ok_or("client_nonce is not 64 hex digits")?;
-    let proof = unhex32(&answer.proof).ok_or("proof is not 64 hex digits")?;
-    if client_nonce == server_nonce {
-        return Err("client_nonce repeats the challenge (reflection)".into());
-    }
-    proof_mac(secret, CLIENT_LABEL, &server_nonce, &client_nonce)
-        .verify_slice(&proof)
-        .map_err(|_| "wrong proof: the client does not have this pool's secret".to_string())?;
-    let mine = proof_mac(secret, SERVER_LABEL, &server_nonce, &client_nonce)
-        .finalize()
-        .into_bytes();
+    let mine = check_client_proof(secret, &server_nonce, &buf)?;
     write_json(
         s,
         &ServerProof {

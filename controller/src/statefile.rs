@@ -421,41 +421,17 @@ impl StateFile {
         self.buffered.sync_data().map_err(write_err)
     }
 
-    /// Encodes `record` into `slot` (zeroed, SLOT_SIZE bytes); returns the body length.
+    /// Encodes `record` into `slot` (SLOT_SIZE bytes); returns the body length. Warns once per
+    /// handle when guests had to be left out.
     fn encode(&self, record: &SlotRecord, slot: &mut [u8]) -> Result<usize, StateFileError> {
-        let mut r = record.clone();
-        let body = loop {
-            let b = bincode::serde::encode_to_vec(&r, BINCODE)
-                .map_err(|e| StateFileError::Invalid(format!("slot record does not encode: {e}")));
-            match b {
-                Ok(b) if b.len() <= MAX_BODY => break b,
-                _ if !r.guests.is_empty() => {
-                    let keep = r.guests.len().saturating_sub(r.guests.len() / 8 + 1);
-                    r.guests.truncate(keep);
-                    r.guests_truncated = true;
-                }
-                Ok(b) => {
-                    return Err(StateFileError::Invalid(format!(
-                        "slot record of {} bytes without guests exceeds {MAX_BODY}",
-                        b.len()
-                    )));
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        if r.guests_truncated && !record.guests_truncated && !self.warned_truncation.swap(true, Ordering::Relaxed) {
+        let (n, kept) = encode_slot(record, slot)?;
+        if kept < record.guests.len() && !self.warned_truncation.swap(true, Ordering::Relaxed) {
             tracing::warn!(
-                host = %record.host, guests = record.guests.len(), kept = r.guests.len(),
+                host = %record.host, guests = record.guests.len(), kept,
                 "state-file: the guest list does not fit in a 4 KiB slot; only the first guests are recorded"
             );
         }
-        slot[..4].copy_from_slice(&MAGIC);
-        slot[4..6].copy_from_slice(&VERSION.to_be_bytes());
-        slot[6..8].copy_from_slice(&(body.len() as u16).to_be_bytes());
-        slot[HEADER_LEN..HEADER_LEN + body.len()].copy_from_slice(&body);
-        let sum = Sha256::digest(&slot[..SLOT_SIZE - SUM_LEN]);
-        slot[SLOT_SIZE - SUM_LEN..].copy_from_slice(&sum);
-        Ok(body.len())
+        Ok(n)
     }
 
     /// Reads every slot in one read: per host (slot order), its record or why it has none.
@@ -500,6 +476,47 @@ impl StateFile {
         }
         self.buffered.read_exact_at(buf, offset).map_err(read_err)
     }
+}
+
+/// Encodes `record` into `slot` (exactly [`SLOT_SIZE`] bytes, overwritten entirely): header,
+/// body, zero padding, checksum — what [`decode_slot`] reads. If the guest list does not fit,
+/// the first guests that fit are kept and `guests_truncated` is set. Returns the body length
+/// and how many guests were kept. Never panics.
+pub fn encode_slot(record: &SlotRecord, slot: &mut [u8]) -> Result<(usize, usize), StateFileError> {
+    if slot.len() != SLOT_SIZE {
+        return Err(StateFileError::Invalid(format!(
+            "a slot buffer of {} bytes (a slot is {SLOT_SIZE})",
+            slot.len()
+        )));
+    }
+    let mut r = record.clone();
+    let body = loop {
+        let b = bincode::serde::encode_to_vec(&r, BINCODE)
+            .map_err(|e| StateFileError::Invalid(format!("slot record does not encode: {e}")));
+        match b {
+            Ok(b) if b.len() <= MAX_BODY => break b,
+            _ if !r.guests.is_empty() => {
+                let keep = r.guests.len().saturating_sub(r.guests.len() / 8 + 1);
+                r.guests.truncate(keep);
+                r.guests_truncated = true;
+            }
+            Ok(b) => {
+                return Err(StateFileError::Invalid(format!(
+                    "slot record of {} bytes without guests exceeds {MAX_BODY}",
+                    b.len()
+                )));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    slot.fill(0);
+    slot[..4].copy_from_slice(&MAGIC);
+    slot[4..6].copy_from_slice(&VERSION.to_be_bytes());
+    slot[6..8].copy_from_slice(&(body.len() as u16).to_be_bytes());
+    slot[HEADER_LEN..HEADER_LEN + body.len()].copy_from_slice(&body);
+    let sum = Sha256::digest(&slot[..SLOT_SIZE - SUM_LEN]);
+    slot[SLOT_SIZE - SUM_LEN..].copy_from_slice(&sum);
+    Ok((body.len(), r.guests.len()))
 }
 
 /// Checks and decodes one slot's bytes. Never panics.
