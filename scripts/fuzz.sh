@@ -47,7 +47,7 @@ max_len() {
 
 echo "== build (cargo +$NIGHTLY fuzz build -s $san -a)"
 t0=$(date +%s)
-cargo +"$NIGHTLY" fuzz build -s "$san" -a "${targets[@]/#/}" 2>&1 | grep -vE '^warning: netpair@' | tail -n 5
+cargo +"$NIGHTLY" fuzz build -s "$san" -a 2>&1 | grep -vE '^warning: netpair@' | tail -n 5
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "fuzz.sh: build failed" >&2; exit 1; }
 echo "built in $(( $(date +%s) - t0 ))s"
 bindir=fuzz/target/x86_64-unknown-linux-gnu/release
@@ -65,7 +65,7 @@ for t in "${targets[@]}"; do
     -max_len="$(max_len "$t")" -artifact_prefix="fuzz/artifacts/$t/" \
     "fuzz/corpus/$t" >"$log" 2>&1
   rc=$?
-  tail -n 3 "$log" | sed 's/^/   /'
+  grep -E '^#[0-9]+' "$log" | tail -n 1 | sed 's/^/   /'
   execs=$(awk '/^stat::number_of_executed_units:/ {print $2}' "$log")
   eps=$(awk '/^stat::average_exec_per_sec:/ {print $2}' "$log")
   last=$(grep -E '^#[0-9]+' "$log" | tail -n 1)
