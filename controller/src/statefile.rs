@@ -16,7 +16,7 @@
 //!      8     N  body       bincode 2 (serde; big-endian, fixed-width integers) of SlotRecord:
 //!                            host: u64 length + UTF-8 (1..=64)
 //!                            incarnation: u64   tick: u64   wall_ms: u64   fencing: u8 (0|1)
-//!                            guests: u64 count (≤ 1024), count × (u64 length + UTF-8 ≤ 64)
+//!                            guests: u64 count (≤ 1024), count × (u64 length + UTF-8 1..=64)
 //!                            guests_truncated: u8 (0|1)   config_epoch: u64
 //!  8 + N    …  zeros up to offset 4064
 //!   4064    32  checksum   SHA-256 of bytes 0 .. 4064 of the slot
@@ -564,8 +564,10 @@ pub fn decode_slot(slot: usize, host: &str, b: &[u8]) -> Result<SlotRecord, Slot
     if data[HEADER_LEN + n..].iter().any(|&x| x != 0) {
         return Err(corrupt("non-zero padding".into()));
     }
-    if r.host.is_empty() || r.host.len() > MAX_NAME_LEN || r.guests.iter().any(|g| g.len() > MAX_NAME_LEN) {
-        return Err(corrupt("a name is longer than 64 bytes".into()));
+    // The writer's rule (`write_slot`): every name 1 to 64 bytes.
+    let bad_name = |n: &String| n.is_empty() || n.len() > MAX_NAME_LEN;
+    if bad_name(&r.host) || r.guests.iter().any(bad_name) {
+        return Err(corrupt(format!("a name is empty or longer than {MAX_NAME_LEN} bytes")));
     }
     if r.host != host {
         return Err(SlotError::WrongHost {
@@ -807,5 +809,27 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * 4096);
         assert_eq!(three.read_slot("a").unwrap(), Ok(rec("a", 1)));
         assert!(matches!(three.read_slot("c").unwrap(), Err(SlotError::Empty { .. })));
+    }
+
+    #[test]
+    fn a_slot_with_a_name_no_writer_writes_is_corrupt() {
+        // encode_slot does not check names (write_slot does), so it makes the slots a
+        // foreign or broken writer could leave: each must read as corrupt, not as a record.
+        for (host, guest) in [("b", ""), ("b", &"g".repeat(65)[..]), ("", "web")] {
+            let mut r = rec("b", 1);
+            r.host = host.into();
+            r.guests = vec!["ok".into(), guest.into()];
+            let mut slot = vec![0u8; SLOT_SIZE];
+            encode_slot(&r, &mut slot).unwrap();
+            let got = decode_slot(1, "b", &slot);
+            assert!(
+                matches!(&got, Err(SlotError::Corrupt { reason, .. }) if reason.contains("empty or longer")),
+                "{host:?} {guest:?}: {got:?}"
+            );
+        }
+        let mut slot = vec![0u8; SLOT_SIZE];
+        encode_slot(&rec("b", 1), &mut slot).unwrap();
+        assert_eq!(decode_slot(1, "b", &slot), Ok(rec("b", 1)));
+        assert!(encode_slot(&rec("b", 1), &mut [0u8; 100]).is_err());
     }
 }
