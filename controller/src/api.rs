@@ -409,7 +409,11 @@ pub enum LineRead {
 
 /// Reads one line of at most `limit` bytes into `buf` without ever buffering more (the framing
 /// of every API connection; public for the fuzz targets).
-pub async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>, limit: usize) -> std::io::Result<LineRead> {
+pub async fn read_line<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> std::io::Result<LineRead> {
     buf.clear();
     loop {
         let avail = r.fill_buf().await?;

@@ -24,6 +24,8 @@ fuzz_target!(|data: &[u8]| {
     let (again, seq1) = sealer.seal(&hb).expect("an accepted heartbeat seals");
     assert_eq!(seq1, 1);
     assert_eq!(sealed_body(&again), body, "the body encoding is not canonical");
-    let back = heartbeat_opener().open(peer_addr(), &again).expect("a re-sealed heartbeat opens");
+    let back = heartbeat_opener()
+        .open(peer_addr(), &again)
+        .expect("a re-sealed heartbeat opens");
     assert_eq!(back, eac_controller::heartbeat::Heartbeat { seq: 1, ..hb });
 });

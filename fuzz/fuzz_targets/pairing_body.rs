@@ -21,6 +21,8 @@ fuzz_target!(|data: &[u8]| {
     let mut sealer = Sealer::with_session(SECRET, &m.host, session).expect("an accepted host name seals");
     let again = sealer.seal_at(m.sent_mono_ns, m.body.clone());
     assert_eq!(sealed_body(&again), body, "the body encoding is not canonical");
-    let back = pairing_opener().open(peer_addr(), &again).expect("a re-sealed message opens");
+    let back = pairing_opener()
+        .open(peer_addr(), &again)
+        .expect("a re-sealed message opens");
     assert_eq!(back, m);
 });

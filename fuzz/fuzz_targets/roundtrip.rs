@@ -56,7 +56,11 @@ enum Case {
 }
 
 fn role(u: &mut Unstructured) -> arbitrary::Result<Role> {
-    Ok(if bool::arbitrary(u)? { Role::Primary } else { Role::Secondary })
+    Ok(if bool::arbitrary(u)? {
+        Role::Primary
+    } else {
+        Role::Secondary
+    })
 }
 
 fn gen_ids(u: &mut Unstructured) -> arbitrary::Result<GenIds> {
@@ -227,7 +231,10 @@ fuzz_target!(|case: Case| match case {
         };
         let valid = hb.sees.len() <= heartbeat::MAX_SEES
             && hb.sees.iter().all(|s| name_ok(s, 64))
-            && hb.api_addr.as_deref().is_none_or(|a| name_ok(a, heartbeat::MAX_API_ADDR_LEN));
+            && hb
+                .api_addr
+                .as_deref()
+                .is_none_or(|a| name_ok(a, heartbeat::MAX_API_ADDR_LEN));
         let mut sealer = heartbeat::Sealer::with_session(SECRET, PEER, NETWORK, session).unwrap();
         match sealer.seal(&hb) {
             Ok((d, _)) => {

@@ -97,7 +97,12 @@ fn main() {
     ];
     for (i, line) in ops.iter().enumerate() {
         api::parse_request(line.as_bytes()).unwrap();
-        write(dir, "api_request", &i.to_string(), format!("\x02\x07\x20{line}\n").as_bytes());
+        write(
+            dir,
+            "api_request",
+            &i.to_string(),
+            format!("\x02\x07\x20{line}\n").as_bytes(),
+        );
     }
     let stream: String = ops.iter().map(|l| format!("{l}\n")).collect();
     write(dir, "api_request", "all", format!("\0{stream}").as_bytes());
@@ -222,9 +227,13 @@ fn main() {
     write(dir, "mirror_frame", "connection-chunked", &chunked);
 
     // Round trips: any bytes make a case; a few to start from.
-    for (i, b) in [&b"\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0"[..], b"\x01abcdefgh\x02web\x02db", b"\x04\x05\x06\x07"]
-        .iter()
-        .enumerate()
+    for (i, b) in [
+        &b"\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0"[..],
+        b"\x01abcdefgh\x02web\x02db",
+        b"\x04\x05\x06\x07",
+    ]
+    .iter()
+    .enumerate()
     {
         write(dir, "roundtrip", &i.to_string(), b);
     }
