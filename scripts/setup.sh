@@ -5,11 +5,13 @@
 #
 # Installs: system packages (LLVM 22 for bpf-linker, libvirt daemon/clients/dev, QEMU,
 # Debian's 6.12 kernel image for the ublk guest, busybox-static, fio, iperf3, nftables,
-# bpftool, ...), the nightly toolchain's rust-src (eBPF build-std), bpf-linker, and the
-# `libvirt-qemu` account libvirtd insists on when libvirt-daemon-system (systemd) is absent.
+# bpftool, ...), the nightly toolchain's rust-src (eBPF build-std), bpf-linker, cargo-fuzz
+# (scripts/fuzz.sh), and the `libvirt-qemu` account libvirtd insists on when
+# libvirt-daemon-system (systemd) is absent.
 set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
+CARGO_FUZZ_VERSION=0.13.2           # scripts/fuzz.sh (libFuzzer targets in fuzz/, nightly)
 LLVM_MAJOR=22                       # must equal the LLVM major of the nightly rustc
 GUEST_KVER=6.12.107+deb12-amd64     # Debian's 6.12: ublk_drv, drbd, nbd, bonding as modules
 NIGHTLY=nightly                     # aya-build runs `rustup run nightly cargo build ...`
@@ -102,6 +104,14 @@ if ! have_linker; then
     --version "${BPF_LINKER_VERSION}" --locked --force \
     --no-default-features --features "llvm-${LLVM_MAJOR}"
 fi
+have_cargo_fuzz() {
+  command -v cargo-fuzz >/dev/null 2>&1 \
+    && cargo-fuzz --version 2>/dev/null | grep -q " ${CARGO_FUZZ_VERSION}$"
+}
+if ! have_cargo_fuzz; then
+  log "cargo install cargo-fuzz ${CARGO_FUZZ_VERSION} (scripts/fuzz.sh); about two minutes"
+  cargo install cargo-fuzz --version "${CARGO_FUZZ_VERSION}" --locked --force
+fi
 # Every external program the tests, the lab and the scripts call, with the package that
 # provides it: a missing one fails here, loudly, not as a confusing test failure later.
 need=(
@@ -127,4 +137,4 @@ fi
 [ -e "/boot/vmlinuz-${GUEST_KVER}" ] \
   || { echo "[setup] missing /boot/vmlinuz-${GUEST_KVER} (package linux-image-${GUEST_KVER}-unsigned)" >&2; exit 1; }
 
-log "ready: $(bpf-linker --version), $(rustc +"${NIGHTLY}" --version), libvirtd $(libvirtd --version | awk '{print $NF}'), guest kernel ${GUEST_KVER}"
+log "ready: $(bpf-linker --version), $(cargo-fuzz --version), $(rustc +"${NIGHTLY}" --version), libvirtd $(libvirtd --version | awk '{print $NF}'), guest kernel ${GUEST_KVER}"

@@ -16,6 +16,8 @@ use tokio::{
 };
 
 use eac_api::controller::wire::*;
+/// The framing of every API connection (public for the fuzz targets).
+pub use eac_api::controller::wire::{LineRead, read_line};
 pub use eac_api::controller::{
     ApiError, Client, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_LINE, MAX_PER_SOURCE, MAX_RESPONSE_LINE,
     Op, Origin, Outcome, ROOT_RESERVE, Request, Response, VERSION, codes,
@@ -36,8 +38,9 @@ pub trait Handler: Send + Sync + 'static {
     fn events(&self) -> broadcast::Receiver<Event>;
 }
 
-/// Parses one request line. `Err` is the response to send instead.
-fn parse_request(line: &[u8]) -> Result<Request, Response> {
+/// Parses one request line (without its `\n`). `Err` is the response to send instead. Never
+/// panics, whatever the bytes.
+pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
     let bad = |id, msg: String| {
         Response::error(
             id,
@@ -621,6 +624,32 @@ pub async fn serve_tcp_with(
     }
 }
 
+/// Checks the client's handshake answer `line` (without its `\n`) to the challenge
+/// `server_nonce`: version, both hex fields, no reflected nonce, the proof of the pool secret
+/// (in constant time). Returns the server's proof to send back; `Err` is the reason to log.
+/// Never panics, whatever the bytes.
+pub fn check_client_proof(secret: &[u8], server_nonce: &[u8; 32], line: &[u8]) -> Result<[u8; 32], String> {
+    let answer: ClientProof = serde_json::from_slice(line).map_err(|e| format!("not a handshake answer ({e})"))?;
+    if answer.v != VERSION {
+        return Err(format!(
+            "client speaks API version {} (this server: {VERSION})",
+            answer.v
+        ));
+    }
+    let client_nonce = unhex32(&answer.client_nonce).ok_or("client_nonce is not 64 hex digits")?;
+    let proof = unhex32(&answer.proof).ok_or("proof is not 64 hex digits")?;
+    if client_nonce == *server_nonce {
+        return Err("client_nonce repeats the challenge (reflection)".into());
+    }
+    proof_mac(secret, CLIENT_LABEL, server_nonce, &client_nonce)
+        .verify_slice(&proof)
+        .map_err(|_| "wrong proof: the client does not have this pool's secret".to_string())?;
+    Ok(proof_mac(secret, SERVER_LABEL, server_nonce, &client_nonce)
+        .finalize()
+        .into_bytes()
+        .into())
+}
+
 /// The server's side of the handshake; `Err` is the reason to log.
 async fn server_handshake<S>(s: &mut BufReader<S>, secret: &[u8]) -> Result<(), String>
 where
@@ -643,24 +672,7 @@ where
         Ok(LineRead::TooLong) => return Err("oversized handshake line".into()),
         Err(e) => return Err(format!("read failed: {e}")),
     }
-    let answer: ClientProof = serde_json::from_slice(&buf).map_err(|e| format!("not a handshake answer ({e})"))?;
-    if answer.v != VERSION {
-        return Err(format!(
-            "client speaks API version {} (this server: {VERSION})",
-            answer.v
-        ));
-    }
-    let client_nonce = unhex32(&answer.client_nonce).ok_or("client_nonce is not 64 hex digits")?;
-    let proof = unhex32(&answer.proof).ok_or("proof is not 64 hex digits")?;
-    if client_nonce == server_nonce {
-        return Err("client_nonce repeats the challenge (reflection)".into());
-    }
-    proof_mac(secret, CLIENT_LABEL, &server_nonce, &client_nonce)
-        .verify_slice(&proof)
-        .map_err(|_| "wrong proof: the client does not have this pool's secret".to_string())?;
-    let mine = proof_mac(secret, SERVER_LABEL, &server_nonce, &client_nonce)
-        .finalize()
-        .into_bytes();
+    let mine = check_client_proof(secret, &server_nonce, &buf)?;
     write_json(
         s,
         &ServerProof {

@@ -16,7 +16,7 @@
 //!      8     N  body       bincode 2 (serde; big-endian, fixed-width integers) of SlotRecord:
 //!                            host: u64 length + UTF-8 (1..=64)
 //!                            incarnation: u64   tick: u64   wall_ms: u64   fencing: u8 (0|1)
-//!                            guests: u64 count (≤ 1024), count × (u64 length + UTF-8 ≤ 64)
+//!                            guests: u64 count (≤ 1024), count × (u64 length + UTF-8 1..=64)
 //!                            guests_truncated: u8 (0|1)   config_epoch: u64
 //!                            sees: u64 count (≤ 1024), count × (u64 length + UTF-8 ≤ 64)
 //!                              (version 2 only: the hosts the writer has direct evidence of
@@ -461,46 +461,17 @@ impl StateFile {
         self.buffered.sync_data().map_err(write_err)
     }
 
-    /// Encodes `record` into `slot` (zeroed, SLOT_SIZE bytes); returns the body length.
+    /// Encodes `record` into `slot` (SLOT_SIZE bytes); returns the body length. Warns once per
+    /// handle when guests had to be left out.
     fn encode(&self, record: &SlotRecord, slot: &mut [u8]) -> Result<usize, StateFileError> {
-        let mut r = record.clone();
-        let body = loop {
-            let b = bincode::serde::encode_to_vec(&r, BINCODE)
-                .map_err(|e| StateFileError::Invalid(format!("slot record does not encode: {e}")));
-            match b {
-                Ok(b) if b.len() <= MAX_BODY => break b,
-                _ if !r.guests.is_empty() => {
-                    let keep = r.guests.len().saturating_sub(r.guests.len() / 8 + 1);
-                    r.guests.truncate(keep);
-                    r.guests_truncated = true;
-                }
-                // Only in pools of dozens of hosts with long names: relay what fits.
-                _ if !r.sees.is_empty() => {
-                    let keep = r.sees.len().saturating_sub(r.sees.len() / 8 + 1);
-                    r.sees.truncate(keep);
-                }
-                Ok(b) => {
-                    return Err(StateFileError::Invalid(format!(
-                        "slot record of {} bytes without guests exceeds {MAX_BODY}",
-                        b.len()
-                    )));
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        if r.guests_truncated && !record.guests_truncated && !self.warned_truncation.swap(true, Ordering::Relaxed) {
+        let (n, kept) = encode_slot(record, slot)?;
+        if kept < record.guests.len() && !self.warned_truncation.swap(true, Ordering::Relaxed) {
             tracing::warn!(
-                host = %record.host, guests = record.guests.len(), kept = r.guests.len(),
+                host = %record.host, guests = record.guests.len(), kept,
                 "state-file: the guest list does not fit in a 4 KiB slot; only the first guests are recorded"
             );
         }
-        slot[..4].copy_from_slice(&MAGIC);
-        slot[4..6].copy_from_slice(&VERSION.to_be_bytes());
-        slot[6..8].copy_from_slice(&(body.len() as u16).to_be_bytes());
-        slot[HEADER_LEN..HEADER_LEN + body.len()].copy_from_slice(&body);
-        let sum = Sha256::digest(&slot[..SLOT_SIZE - SUM_LEN]);
-        slot[SLOT_SIZE - SUM_LEN..].copy_from_slice(&sum);
-        Ok(body.len())
+        Ok(n)
     }
 
     /// Reads every slot in one read: per host (slot order), its record or why it has none.
@@ -545,6 +516,52 @@ impl StateFile {
         }
         self.buffered.read_exact_at(buf, offset).map_err(read_err)
     }
+}
+
+/// Encodes `record` into `slot` (exactly [`SLOT_SIZE`] bytes, overwritten entirely): header,
+/// body, zero padding, checksum — what [`decode_slot`] reads. If the guest list does not fit,
+/// the first guests that fit are kept and `guests_truncated` is set. Returns the body length
+/// and how many guests were kept. Never panics.
+pub fn encode_slot(record: &SlotRecord, slot: &mut [u8]) -> Result<(usize, usize), StateFileError> {
+    if slot.len() != SLOT_SIZE {
+        return Err(StateFileError::Invalid(format!(
+            "a slot buffer of {} bytes (a slot is {SLOT_SIZE})",
+            slot.len()
+        )));
+    }
+    let mut r = record.clone();
+    let body = loop {
+        let b = bincode::serde::encode_to_vec(&r, BINCODE)
+            .map_err(|e| StateFileError::Invalid(format!("slot record does not encode: {e}")));
+        match b {
+            Ok(b) if b.len() <= MAX_BODY => break b,
+            _ if !r.guests.is_empty() => {
+                let keep = r.guests.len().saturating_sub(r.guests.len() / 8 + 1);
+                r.guests.truncate(keep);
+                r.guests_truncated = true;
+            }
+            // Only in pools of dozens of hosts with long names: relay what fits.
+            _ if !r.sees.is_empty() => {
+                let keep = r.sees.len().saturating_sub(r.sees.len() / 8 + 1);
+                r.sees.truncate(keep);
+            }
+            Ok(b) => {
+                return Err(StateFileError::Invalid(format!(
+                    "slot record of {} bytes without guests exceeds {MAX_BODY}",
+                    b.len()
+                )));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    slot.fill(0);
+    slot[..4].copy_from_slice(&MAGIC);
+    slot[4..6].copy_from_slice(&VERSION.to_be_bytes());
+    slot[6..8].copy_from_slice(&(body.len() as u16).to_be_bytes());
+    slot[HEADER_LEN..HEADER_LEN + body.len()].copy_from_slice(&body);
+    let sum = Sha256::digest(&slot[..SLOT_SIZE - SUM_LEN]);
+    slot[SLOT_SIZE - SUM_LEN..].copy_from_slice(&sum);
+    Ok((body.len(), r.guests.len()))
 }
 
 /// Checks and decodes one slot's bytes. Never panics.
@@ -596,11 +613,10 @@ pub fn decode_slot(slot: usize, host: &str, b: &[u8]) -> Result<SlotRecord, Slot
     if data[HEADER_LEN + n..].iter().any(|&x| x != 0) {
         return Err(corrupt("non-zero padding".into()));
     }
-    if r.host.is_empty()
-        || r.host.len() > MAX_NAME_LEN
-        || r.guests.iter().chain(&r.sees).any(|g| g.len() > MAX_NAME_LEN)
-    {
-        return Err(corrupt("a name is longer than 64 bytes".into()));
+    // The writer's rule (`write_slot`): every name 1 to 64 bytes.
+    let bad_name = |n: &String| n.is_empty() || n.len() > MAX_NAME_LEN;
+    if bad_name(&r.host) || r.guests.iter().chain(&r.sees).any(bad_name) {
+        return Err(corrupt(format!("a name is empty or longer than {MAX_NAME_LEN} bytes")));
     }
     if r.host != host {
         return Err(SlotError::WrongHost {
@@ -856,5 +872,27 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 3 * 4096);
         assert_eq!(three.read_slot("a").unwrap(), Ok(rec("a", 1)));
         assert!(matches!(three.read_slot("c").unwrap(), Err(SlotError::Empty { .. })));
+    }
+
+    #[test]
+    fn a_slot_with_a_name_no_writer_writes_is_corrupt() {
+        // encode_slot does not check names (write_slot does), so it makes the slots a
+        // foreign or broken writer could leave: each must read as corrupt, not as a record.
+        for (host, guest) in [("b", ""), ("b", &"g".repeat(65)[..]), ("", "web")] {
+            let mut r = rec("b", 1);
+            r.host = host.into();
+            r.guests = vec!["ok".into(), guest.into()];
+            let mut slot = vec![0u8; SLOT_SIZE];
+            encode_slot(&r, &mut slot).unwrap();
+            let got = decode_slot(1, "b", &slot);
+            assert!(
+                matches!(&got, Err(SlotError::Corrupt { reason, .. }) if reason.contains("empty or longer")),
+                "{host:?} {guest:?}: {got:?}"
+            );
+        }
+        let mut slot = vec![0u8; SLOT_SIZE];
+        encode_slot(&rec("b", 1), &mut slot).unwrap();
+        assert_eq!(decode_slot(1, "b", &slot), Ok(rec("b", 1)));
+        assert!(encode_slot(&rec("b", 1), &mut [0u8; 100]).is_err());
     }
 }
