@@ -3,4 +3,6 @@
 //! other's internals (`eac` depends on this crate alone, not on the controller and libvirt).
 //!
 //! - [`controller`]: the controller's JSON-lines API (unix socket and authenticated TCP).
+//! - [`mirror`]: a ublk-mirror daemon's control socket.
 pub mod controller;
+pub mod mirror;

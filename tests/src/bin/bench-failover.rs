@@ -116,7 +116,10 @@ fn host_death_trial(n: usize, ready: bool) -> Result<Trial, String> {
     let restart = first(&evs, "guest_restarted", t_kill).ok_or("no guest_restarted event on b")?;
     if restart.saturating_sub(detect) > 3_000 {
         // Slower than the timeouts explain: show why (b's events since the kill).
-        println!("trial {n}: restart {} ms after detection; b's events:", restart - detect);
+        println!(
+            "trial {n}: restart {} ms after detection; b's events:",
+            restart - detect
+        );
         for e in evs.iter().filter(|e| e["ts_ms"].as_u64().is_some_and(|t| t >= t_kill)) {
             println!(
                 "  +{:>6} ms {:<22} {}{}",
