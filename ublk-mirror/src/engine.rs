@@ -377,17 +377,21 @@ pub(crate) async fn exchange_bitmaps(
 type Out = (Message, Bytes);
 
 /// Spawns the task that writes queued frames to a link; when it fails it calls `on_err`.
+/// Every wakeup takes all frames queued by then (up to [`proto::MAX_BATCH`]) and sends them
+/// with one vectored write: under load, many requests (or answers) share one system call.
 pub(crate) fn spawn_writer(
     mut wr: LinkWriter,
     mut rx: mpsc::UnboundedReceiver<Out>,
     on_err: impl FnOnce(String) + Send + 'static,
 ) {
     tokio::spawn(async move {
-        while let Some((m, p)) = rx.recv().await {
-            if let Err(e) = wr.send(&m, &p).await {
+        let mut batch = Vec::with_capacity(proto::MAX_BATCH);
+        while rx.recv_many(&mut batch, proto::MAX_BATCH).await > 0 {
+            if let Err(e) = wr.send_batch(&batch).await {
                 on_err(format!("send: {e}"));
                 return;
             }
+            batch.clear();
         }
     });
 }
