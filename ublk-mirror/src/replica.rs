@@ -650,7 +650,8 @@ impl Shared {
             .map(|h| h(op.offset()));
         let sh = self.clone();
         let run = move || {
-            let errno = sh.apply_op(op);
+            // A panic is answered as EIO, as `LocalDisk`'s async calls answer one.
+            let errno = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sh.apply_op(op))).unwrap_or(libc::EIO);
             drop(in_flight);
             sh.applied(epoch, id, errno);
         };
