@@ -105,7 +105,7 @@ function cell(key, unit) {
 function med(key) { stats(key); return MED }
 function ratio(x, y) { return (x == "" || y == "" || y + 0 == 0) ? "-" : sprintf("%.3f", x / y) }
 function row(env, job, metric, label, unit, devs, nd,   d, i, out) {
-    out = sprintf("  %-9s %-10s", label, metric == "iops" ? "IOPS" : metric == "mibs" ? "MiB/s" : metric == "cpu" ? "host busy%" : metric == "srvcpu" ? "CPU us/IO" : "lat " (metric == "p999" ? "p99.9" : metric))
+    out = sprintf("  %-9s %-10s", label, metric == "iops" ? "IOPS" : metric == "mibs" ? "MiB/s" : metric == "cpu" ? "host busy%" : metric == "srvcpu" ? "CPU us/IO" : metric == "pcpu" ? " primary" : metric == "rcpu" ? " replica" : "lat " (metric == "p999" ? "p99.9" : metric))
     for (i = 1; i <= nd; i++) out = out sprintf(" %-" W "s", cell(env SUBSEP devs[i] SUBSEP job SUBSEP metric, unit))
     return out
 }
@@ -169,14 +169,15 @@ END {
         printf "  link (veth): iperf3 1 TCP stream %s Mbit/s\n", cell("host" SUBSEP "net" SUBSEP "iperf")
         printf "%s%s", status("host", "local", "local"), status("host", "mirror", "mirrored")
         split("local mirror", hd, " ")
-        printf "  CPU us/IO: CPU time of the servers per request (nbd-local; primary + replica daemon);\n"
+        printf "  CPU us/IO: CPU time of the servers per request (nbd-local; primary + replica daemon, then each);\n"
         printf "  host busy%%: the whole machine during the job (other users included)\n"
         printf "\n  %-9s %-10s %-" W "s %-" W "s %-8s\n", "job", "metric", "local (NBD)", "mirrored (NBD)", "m/l"
         for (j = 1; j <= 3; j++) {
-            nm = (jobs[j] == "seq") ? "mibs p50 p99 srvcpu cpu" : "iops p50 p99 srvcpu cpu"
+            nm = (jobs[j] == "seq") ? "mibs p50 p99 srvcpu pcpu rcpu cpu" : "iops p50 p99 srvcpu pcpu rcpu cpu"
             nmet = split(nm, ms, " ")
             for (k = 1; k <= nmet; k++) {
-                m = ms[k]; u = (m ~ /^p/) ? "lat" : ""
+                m = ms[k]; u = (m ~ /^p[0-9]/) ? "lat" : ""
+                if ((m == "pcpu" || m == "rcpu") && !cnt["host" SUBSEP "mirror" SUBSEP jobs[j] SUBSEP m]) continue
                 printf "%s %-8s\n", row("host", jobs[j], m, k == 1 ? jl[j] : "", u, hd, 2), ratio(med("host" SUBSEP "mirror" SUBSEP jobs[j] SUBSEP m), med("host" SUBSEP "local" SUBSEP jobs[j] SUBSEP m))
             }
         }
@@ -387,10 +388,17 @@ wait_socket() {  # wait_socket PATH PID SECS
 
 SRV_PIDS=()
 HOST_JOBS=("qd1 randwrite 4k 1" "qd32 randwrite 4k 32" "seq write 1M 8")
+# per_io TICKS SECONDS RESULT-LINE: µs of CPU per I/O (ticks over the job's wall time, at its IOPS)
+per_io() {
+    awk -v t="$1" -v tck="$TCK" -v w="$2" -v l="$3" 'BEGIN {
+        n = split(l, f, " "); for (i = 1; i <= n; i++) if (f[i] ~ /^iops=/) iops = substr(f[i], 6)
+        printf "%.1f", (iops > 0 && w > 0) ? (t / tck) / (iops * w) * 1e6 : 0 }'
+}
 host_fio() {  # host_fio RUN DEV URI DIR
-    local j name rw bs qd c0 p0 t0 line
+    local j name rw bs qd c0 p0 t0 line w pp0 rp0 split
     for j in "${HOST_JOBS[@]}"; do
         read -r name rw bs qd <<<"$j"
+        pp0=$(proc_ticks "${SRV_PIDS[0]}") rp0=$(proc_ticks "${SRV_PIDS[@]:1}")
         c0=$(cpu_snap) p0=$(proc_ticks "${SRV_PIDS[@]}") t0=$(date +%s.%N)
         fio --name="$name" --ioengine=nbd --uri="$3" --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
             --size="${HOST_MB}M" --time_based --runtime="$RT" --ramp_time="$RAMP" --randrepeat=0 --norandommap \
@@ -399,10 +407,10 @@ host_fio() {  # host_fio RUN DEV URI DIR
         # the servers' CPU (nbd-local, or both mirror daemons) per I/O: contention changes
         # latency and throughput, much less the CPU work each request costs
         line=$(fio_result "$1" host "$2" "$name" "$4/$2-$name.json")
-        echo "$line cpu=$(cpu_busy "$c0" "$(cpu_snap)") $(awk -v t="$(($(proc_ticks "${SRV_PIDS[@]}") - p0))" -v tck="$TCK" \
-            -v w="$(echo "$(date +%s.%N) $t0" | awk '{print $1 - $2}')" -v l="$line" 'BEGIN {
-                n = split(l, f, " "); for (i = 1; i <= n; i++) if (f[i] ~ /^iops=/) iops = substr(f[i], 6)
-                printf "srvcpu=%.1f", (iops > 0 && w > 0) ? (t / tck) / (iops * w) * 1e6 : 0 }')" >> "$RESULTS"
+        w=$(echo "$(date +%s.%N) $t0" | awk '{print $1 - $2}')
+        split=""   # two daemons: the primary's and the replica's part apart
+        [[ ${#SRV_PIDS[@]} -gt 1 ]] && split="pcpu=$(per_io "$(($(proc_ticks "${SRV_PIDS[0]}") - pp0))" "$w" "$line") rcpu=$(per_io "$(($(proc_ticks "${SRV_PIDS[@]:1}") - rp0))" "$w" "$line")"
+        echo "$line cpu=$(cpu_busy "$c0" "$(cpu_snap)") srvcpu=$(per_io "$(($(proc_ticks "${SRV_PIDS[@]}") - p0))" "$w" "$line") $split" >> "$RESULTS"
     done
 }
 

@@ -152,6 +152,25 @@ impl LocalDisk {
         &self.inner.path
     }
 
+    /// [`BlockDev::write`] on the calling thread (which may block): for code already on the
+    /// blocking pool, saving the hop.
+    pub fn write_blocking(&self, offset: u64, data: &[u8], fua: bool) -> IoResult<()> {
+        check_range(self.size(), offset, data.len() as u64)?;
+        self.inner.write(offset, data, fua).map_err(IoError::from)
+    }
+
+    /// [`BlockDev::discard`] on the calling thread (which may block).
+    pub fn discard_blocking(&self, offset: u64, len: u64) -> IoResult<()> {
+        check_range(self.size(), offset, len)?;
+        self.inner.discard(offset, len).map_err(IoError::from)
+    }
+
+    /// [`BlockDev::write_zeroes`] on the calling thread (which may block).
+    pub fn write_zeroes_blocking(&self, offset: u64, len: u64) -> IoResult<()> {
+        check_range(self.size(), offset, len)?;
+        self.inner.write_zeroes(offset, len).map_err(IoError::from)
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Inner) -> io::Result<T> + Send + 'static,
@@ -181,14 +200,7 @@ impl BlockDev for LocalDisk {
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> IoResult<()> {
         check_range(self.size(), offset, data.len() as u64)?;
-        self.blocking(move |d| {
-            d.file.write_all_at(&data, offset)?;
-            if fua {
-                d.file.sync_data()?;
-            }
-            Ok(())
-        })
-        .await
+        self.blocking(move |d| d.write(offset, &data, fua)).await
     }
 
     async fn flush(&self) -> IoResult<()> {
@@ -197,33 +209,45 @@ impl BlockDev for LocalDisk {
 
     async fn discard(&self, offset: u64, len: u64) -> IoResult<()> {
         check_range(self.size(), offset, len)?;
-        self.blocking(move |d| {
-            if d.is_block {
-                // A block device discard is advisory; data may stay. Zeroing would cost a
-                // full write, so it is left to the device's own discard (not issued here).
-                return Ok(());
-            }
-            punch_hole(&d.file, offset, len)
-        })
-        .await
+        self.blocking(move |d| d.discard(offset, len)).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> IoResult<()> {
         check_range(self.size(), offset, len)?;
-        self.blocking(move |d| {
-            if !d.is_block && punch_hole(&d.file, offset, len).is_ok() {
-                return Ok(());
-            }
-            let zeroes = vec![0u8; len.min(1 << 20) as usize];
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(zeroes.len() as u64) as usize;
-                d.file.write_all_at(&zeroes[..n], offset + done)?;
-                done += n as u64;
-            }
-            Ok(())
-        })
-        .await
+        self.blocking(move |d| d.write_zeroes(offset, len)).await
+    }
+}
+
+impl Inner {
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        self.file.write_all_at(data, offset)?;
+        if fua {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.is_block {
+            // A block device discard is advisory; data may stay. Zeroing would cost a
+            // full write, so it is left to the device's own discard (not issued here).
+            return Ok(());
+        }
+        punch_hole(&self.file, offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.is_block && punch_hole(&self.file, offset, len).is_ok() {
+            return Ok(());
+        }
+        let zeroes = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
     }
 }
 

@@ -377,17 +377,21 @@ pub(crate) async fn exchange_bitmaps(
 type Out = (Message, Bytes);
 
 /// Spawns the task that writes queued frames to a link; when it fails it calls `on_err`.
+/// Every wakeup takes all frames queued by then (up to [`proto::MAX_BATCH`]) and sends them
+/// with one vectored write: under load, many requests (or answers) share one system call.
 pub(crate) fn spawn_writer(
     mut wr: LinkWriter,
     mut rx: mpsc::UnboundedReceiver<Out>,
     on_err: impl FnOnce(String) + Send + 'static,
 ) {
     tokio::spawn(async move {
-        while let Some((m, p)) = rx.recv().await {
-            if let Err(e) = wr.send(&m, &p).await {
+        let mut batch = Vec::with_capacity(proto::MAX_BATCH);
+        while rx.recv_many(&mut batch, proto::MAX_BATCH).await > 0 {
+            if let Err(e) = wr.send_batch(&batch).await {
                 on_err(format!("send: {e}"));
                 return;
             }
+            batch.clear();
         }
     });
 }
@@ -718,6 +722,10 @@ struct Stats {
     remote_reads: AtomicU64,
     resends: AtomicU64,
     local_errors: AtomicU64,
+    /// Writes whose activity-log extents were already active (opened inline, no I/O).
+    al_hot: AtomicU64,
+    /// Writes that opened the activity log on the blocking pool (it was written, or busy).
+    al_blocking: AtomicU64,
 }
 
 #[derive(Clone, Default)]
@@ -784,7 +792,15 @@ struct Shared {
     frozen_waiting: AtomicU64,
     /// Wakes held writes (resume, the peer back, stop).
     io_gate: Notify,
+    /// Test-only: called with a modification's range after its activity log was opened,
+    /// right before its local write and replication are issued.
+    #[cfg(test)]
+    before_io_hook: Mutex<Option<BeforeIoHook>>,
 }
+
+/// See `Shared::before_io_hook`.
+#[cfg(test)]
+type BeforeIoHook = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 /// The primary side of a mirrored device; cheap to clone (one shared engine).
 #[derive(Clone)]
@@ -877,6 +893,8 @@ impl Mirror {
             resumed_for: AtomicU64::new(u64::MAX),
             frozen_waiting: AtomicU64::new(0),
             io_gate: Notify::new(),
+            #[cfg(test)]
+            before_io_hook: Mutex::new(None),
             cfg,
         });
         sh.events.emit(
@@ -1917,16 +1935,45 @@ impl Shared {
         }
     }
 
+    /// Opens the activity log for a write (before its local write and its replication are
+    /// issued). An extent already active and persisted — the common case — is taken inline
+    /// under the metadata lock: no I/O, no hop to the blocking pool. Only when the log must
+    /// be written (a new extent, an eviction) or the lock is held right now (by a metadata
+    /// write that may `fdatasync`: an async thread never waits for it) does it go to the
+    /// blocking pool.
+    async fn al_begin(&self, offset: u64, len: u64) -> IoResult<()> {
+        let hot = match self.meta.try_lock() {
+            Ok(mut m) => m.al_begin_hot(offset, len),
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().al_begin_hot(offset, len),
+            Err(std::sync::TryLockError::WouldBlock) => false,
+        };
+        if hot {
+            self.stats.al_hot.fetch_add(1, Relaxed);
+            return Ok(());
+        }
+        self.stats.al_blocking.fetch_add(1, Relaxed);
+        match meta_blocking(&self.meta, move |m| m.al_begin(offset, len)).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::error!(error = %eac_common::error_chain(&e), "activity log");
+                Err(IoError::EIO)
+            }
+        }
+    }
+
     async fn modify(&self, offset: u64, len: u64, op: Op) -> IoResult<()> {
         let _locks = self.locks.shared(offset, len).await;
         // An earlier overlapping modification completes on both copies first.
         let _range = self.in_flight.acquire(offset, len).await;
         let disk = self.disk();
         if disk.is_some() {
-            let r = meta_blocking(&self.meta, move |m| m.al_begin(offset, len)).await;
-            if let Err(e) = r {
-                tracing::error!(error = %eac_common::error_chain(&e), "activity log");
-                return Err(IoError::EIO);
+            self.al_begin(offset, len).await?;
+        }
+        #[cfg(test)]
+        {
+            let hook = self.before_io_hook.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(h) = hook {
+                h(offset, len);
             }
         }
         let local = async {
@@ -2410,6 +2457,8 @@ impl Shared {
                 "remote_reads": s.remote_reads.load(Relaxed),
                 "resends": s.resends.load(Relaxed),
                 "local_errors": s.local_errors.load(Relaxed),
+                "al_hot": s.al_hot.load(Relaxed),
+                "al_blocking": s.al_blocking.load(Relaxed),
             },
             "uptime_ms": (now - self.started).as_millis() as u64,
             "events": self.events.recent(),
@@ -2542,14 +2591,19 @@ mod tests {
     /// A backing file and metadata that are in sync with the other side's (same device id
     /// and generation: "created from identical data").
     fn side(d: &Path, name: &str) -> (LocalDisk, SharedMeta) {
+        side_with_al(d, name, 4 << 20, 64)
+    }
+
+    /// [`side`] with another activity-log geometry.
+    fn side_with_al(d: &Path, name: &str, al_extent: u64, al_slots: u32) -> (LocalDisk, SharedMeta) {
         let disk = LocalDisk::create(&d.join(format!("{name}.img")), SIZE).unwrap();
         let mut m = Meta::create(
             d.join(format!("{name}.meta")),
             meta::MetaParams {
                 size: SIZE,
                 region_size: 4096,
-                al_extent: 4 << 20,
-                al_slots: 64,
+                al_extent,
+                al_slots,
             },
             0xfeed,
         )
@@ -3237,6 +3291,103 @@ mod tests {
             "an overlapping write completed while an earlier one was in flight"
         );
         assert_eq!(m.status()["sync"], "in-sync");
+        m.shutdown().await;
+    }
+
+    /// A connected pair whose primary has 1 MiB activity-log extents and `al_slots` slots.
+    async fn al_pair(d: &Path, al_slots: u32) -> (Mirror, Replica) {
+        let (pd, pm) = side_with_al(d, "a", 1 << 20, al_slots);
+        let (rd, rm) = side(d, "b");
+        let addrs = [free_port()];
+        let (r, _t) = replica(&addrs, rd, rm).await;
+        let links = vec![LinkAddr {
+            local: None,
+            peer: addrs[0],
+        }];
+        let m = Mirror::start(cfg("a", links), Some(pd), pm).await.unwrap();
+        until("connected", 20, || m.status()["connection"] == "connected").await;
+        (m, r)
+    }
+
+    /// Writes to an extent already in the activity log open it inline: no metadata write,
+    /// no hop to the blocking pool.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_to_a_hot_extent_write_no_activity_log() {
+        let d = dir("al-hot");
+        let (m, _r) = al_pair(&d.0, 8).await;
+        m.write(0, pattern(0, 1), false).await.unwrap();
+        let persists = lock_meta(&m.sh.meta).al_persists();
+        let sb_writes = lock_meta(&m.sh.meta).stats().superblock_writes;
+        for i in 0..200u64 {
+            m.write((i % 256) * 4096, pattern(i, 2), i % 50 == 0).await.unwrap();
+        }
+        assert_eq!(
+            lock_meta(&m.sh.meta).al_persists(),
+            persists,
+            "no AL write for a hot extent"
+        );
+        assert_eq!(lock_meta(&m.sh.meta).stats().superblock_writes, sb_writes);
+        let io = &m.status()["io"];
+        let (hot, blocking) = (io["al_hot"].as_u64().unwrap(), io["al_blocking"].as_u64().unwrap());
+        assert_eq!(hot + blocking, 201, "{io}");
+        // The blocking path is taken only for the cold first write, or when a metadata write
+        // (the periodic bitmap flush) held the lock at that instant.
+        assert!(hot >= 150, "{io}");
+        assert!(same(&d.0.join("a.img"), &d.0.join("b.img")), "copies differ");
+        m.shutdown().await;
+    }
+
+    /// A write to a cold extent is issued (locally and to the peer) only after the activity
+    /// log holding its extents is on disk — also with writes racing for the same new extents
+    /// and evictions (2 slots of 1 MiB over an 8 MiB disk).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_to_a_cold_extent_is_issued_after_its_activity_log_is_persisted() {
+        let d = dir("al-cold");
+        let (m, _r) = al_pair(&d.0, 2).await;
+        let meta_path = d.0.join("a.meta");
+        let violations = Arc::new(Mutex::new(Vec::new()));
+        let checked = Arc::new(AtomicU64::new(0));
+        let (v, c) = (violations.clone(), checked.clone());
+        *m.sh.before_io_hook.lock().unwrap() = Some(Arc::new(move |off, len| {
+            let on_disk = meta::persisted_activity_log(&meta_path, 0xfeed);
+            for e in off >> 20..=(off + len - 1) >> 20 {
+                if !on_disk.contains(&e) {
+                    v.lock().unwrap().push((off, len, e, on_disk.clone()));
+                }
+            }
+            c.fetch_add(1, Relaxed);
+        }));
+        let mut tasks = Vec::new();
+        for i in 0..256u64 {
+            let m = m.clone();
+            // Every 4th write straddles an extent boundary.
+            let off = if i % 4 == 0 {
+                ((i * 5) % 7 + 1) * (1 << 20) - 4096
+            } else {
+                (i * 7919 % (SIZE / 4096)) * 4096
+            };
+            let len = if i % 4 == 0 { 8192 } else { 4096 };
+            tasks.push(tokio::spawn(async move {
+                let mut data = pattern(i, 3).to_vec();
+                data.resize(len, i as u8);
+                m.write(off, Bytes::from(data), false).await
+            }));
+            // Small batches: extents go idle between them and are evicted.
+            if i % 4 == 3 {
+                for t in tasks.drain(..) {
+                    t.await.unwrap().unwrap();
+                }
+            }
+        }
+        assert_eq!(checked.load(Relaxed), 256);
+        let v = violations.lock().unwrap().clone();
+        assert!(v.is_empty(), "writes issued before their extent was persisted: {v:?}");
+        let st = lock_meta(&m.sh.meta).stats();
+        assert!(st.al_evictions > 0 && st.al_persists > 8, "{st:?}");
+        let io = &m.status()["io"];
+        assert!(io["al_blocking"].as_u64().unwrap() > 0, "{io}");
+        m.flush().await.unwrap();
+        assert!(same(&d.0.join("a.img"), &d.0.join("b.img")), "copies differ");
         m.shutdown().await;
     }
 

@@ -804,6 +804,36 @@ impl Meta {
         }
     }
 
+    /// The fast path of [`al_begin`](Meta::al_begin), for callers that must not block on
+    /// metadata I/O: when every extent covering `[offset, offset + len)` is already active
+    /// *and* in the activity log last persisted (and the file is marked in use), takes a
+    /// reference on each and returns `true` — no I/O, nothing written. Otherwise changes
+    /// nothing and returns `false`: the caller then runs `al_begin` where it may block.
+    /// Either way the range is released with [`al_end`](Meta::al_end). The check against
+    /// the persisted log makes the crash guarantee hold by construction: a write this lets
+    /// through lands in an extent a crash recovery marks dirty.
+    pub fn al_begin_hot(&mut self, offset: u64, len: u64) -> bool {
+        let Some((first, last)) = self.extents_of(offset, len) else {
+            return true;
+        };
+        if self.clean_on_disk {
+            return false;
+        }
+        for e in first..=last {
+            let active = self.al.iter().any(|a| a.extent == e);
+            if !active || self.al_on_disk.binary_search(&e).is_err() {
+                return false;
+            }
+        }
+        self.tick += 1;
+        let tick = self.tick;
+        for a in self.al.iter_mut().filter(|a| (first..=last).contains(&a.extent)) {
+            a.refs += 1;
+            a.last_used = tick;
+        }
+        true
+    }
+
     /// After the write to `[offset, offset + len)` completed (or failed): releases the
     /// extents. They stay in the log, idle, until evicted or [`close_clean`](Meta::close_clean).
     /// If the write must be resynced (the peer did not get it), call
@@ -1399,6 +1429,23 @@ fn decode_al(b: &[u8], device_id: u64) -> Result<(u64, Vec<u64>), &'static str> 
     Ok((get_u64(b, 8), extents))
 }
 
+/// Test helper: the extents of the activity log as persisted in the file at `path` right
+/// now (the valid slot with the higher sequence; empty if none), read without the lock.
+#[cfg(test)]
+pub(crate) fn persisted_activity_log(path: &Path, device_id: u64) -> Vec<u64> {
+    let Ok(b) = std::fs::read(path) else {
+        return Vec::new();
+    };
+    let slot = |i: u64| b.get(((2 + i) * BLOCK) as usize..((3 + i) * BLOCK) as usize);
+    [slot(0), slot(1)]
+        .into_iter()
+        .flatten()
+        .filter_map(|x| decode_al(x, device_id).ok())
+        .max_by_key(|(seq, _)| *seq)
+        .map(|(_, e)| e)
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1875,6 +1922,64 @@ mod tests {
         assert_eq!(m.next_dirty(8192), Some((1 << 20, 1 << 20)));
         assert_eq!(m.next_dirty(2 << 20), Some((3 << 20, 1 << 20)));
         assert_eq!(m.next_dirty(4 << 20), None);
+    }
+
+    #[test]
+    fn hot_extent_takes_the_fast_path_without_any_write() {
+        let t = Tmp::new("hot");
+        let mut m = Meta::create(&t.0, small(8 << 20, 4096, 1 << 20, 2), DEV).unwrap();
+        // Cold: the fast path refuses and changes nothing.
+        assert!(!m.al_begin_hot(0, 4096));
+        assert_eq!((m.al_len(), m.al_busy()), (0, 0));
+        assert!(m.al_begin(0, 4096).unwrap(), "cold extent: persisted");
+        assert_eq!(persisted_activity_log(&t.0, DEV), vec![0]);
+        let (persists, sb_writes) = (m.al_persists(), m.stats().superblock_writes);
+        // Hot (busy or idle): a reference, no write at all.
+        assert!(m.al_begin_hot(8192, 4096));
+        assert_eq!(m.al_busy(), 1);
+        m.al_end(0, 4096);
+        m.al_end(8192, 4096);
+        assert_eq!(m.al_busy(), 0);
+        assert!(m.al_begin_hot(4096, 4096), "an idle extent still in the log is hot");
+        assert_eq!(m.al_busy(), 1);
+        m.al_end(4096, 4096);
+        // A range reaching into a cold extent is not hot, and takes no reference.
+        assert!(!m.al_begin_hot((1 << 20) - 4096, 8192));
+        assert_eq!(m.al_busy(), 0);
+        // Empty or outside the disk: nothing to activate.
+        assert!(m.al_begin_hot(8 << 20, 4096));
+        assert!(m.al_begin_hot(0, 0));
+        assert_eq!((m.al_persists(), m.stats().superblock_writes), (persists, sb_writes));
+        // Evicted, or after a clean close: cold again.
+        assert!(m.al_begin(1 << 20, 1).unwrap());
+        m.al_end(1 << 20, 1);
+        assert!(m.al_begin(2 << 20, 1).unwrap(), "evicts extent 0");
+        m.al_end(2 << 20, 1);
+        assert!(!m.al_begin_hot(0, 4096));
+        assert!(m.al_begin_hot(2 << 20, 1));
+        m.al_end(2 << 20, 1);
+        m.close_clean().unwrap();
+        assert!(!m.al_begin_hot(2 << 20, 1));
+        assert_eq!(m.al_busy(), 0);
+    }
+
+    #[test]
+    fn an_extent_is_hot_only_once_its_log_was_persisted() {
+        let t = Tmp::new("hotfail");
+        let mut m = Meta::create(&t.0, small(8 << 20, 4096, 1 << 20, 2), DEV).unwrap();
+        // In memory but not persisted (as inside al_add before persist_al): never hot.
+        m.al.push(AlEntry {
+            extent: 3,
+            refs: 0,
+            last_used: 0,
+        });
+        m.clean_on_disk = false;
+        assert!(!m.al_begin_hot(3 << 20, 4096));
+        m.al.clear();
+        assert!(m.al_begin(3 << 20, 4096).unwrap());
+        m.al_end(3 << 20, 4096);
+        assert!(m.al_begin_hot(3 << 20, 4096));
+        m.al_end(3 << 20, 4096);
     }
 
     #[test]

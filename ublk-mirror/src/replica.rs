@@ -638,56 +638,77 @@ impl Shared {
             }
             guard
         };
+        // Straight to the blocking pool: the thread that writes also answers (no task per
+        // write in between). The pool bounds nothing by itself; the primary's queue depth
+        // does. `in_flight` (the drain guard) lives until the write returned.
+        #[cfg(test)]
+        let hook = self
+            .apply_hook
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .map(|h| h(op.offset()));
         let sh = self.clone();
-        tokio::spawn(async move {
-            #[cfg(test)]
-            {
-                let hook = sh.apply_hook.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                if let Some(h) = hook {
-                    h(op.offset()).await;
-                }
-            }
-            let errno = sh.apply_op(op).await;
+        let run = move || {
+            // A panic is answered as EIO, as `LocalDisk`'s async calls answer one.
+            let errno = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sh.apply_op(op))).unwrap_or(libc::EIO);
             drop(in_flight);
-            if errno != 0 {
-                sh.stats.errors.fetch_add(1, Relaxed);
-            }
-            let waiters = {
-                let mut s = sh.lock();
-                if s.epoch != epoch {
-                    return;
-                }
-                let w = match s.dedup.insert(id, Dedup::Done(errno)) {
-                    Some(Dedup::Running(w)) => w,
-                    _ => Vec::new(),
-                };
-                s.done_order.push_back(id);
-                while s.done_order.len() > DEDUP_WINDOW {
-                    if let Some(old) = s.done_order.pop_front() {
-                        s.dedup.remove(&old);
-                    }
-                }
-                w
-            };
-            for (li, c) in waiters {
-                sh.reply(li, c, Message::Ack { id, errno }, Bytes::new());
-            }
-        });
+            sh.applied(epoch, id, errno);
+        };
+        #[cfg(test)]
+        if let Some(wait) = hook {
+            // Tests only: the hook's future (a delay or gate at the racing point) first.
+            tokio::spawn(async move {
+                wait.await;
+                let _ = tokio::task::spawn_blocking(run).await;
+            });
+            return;
+        }
+        tokio::task::spawn_blocking(run);
     }
 
-    async fn apply_op(&self, op: Apply) -> i32 {
+    /// Applies one modification to the disk, on the calling (blocking-pool) thread.
+    fn apply_op(&self, op: Apply) -> i32 {
         match op {
-            Apply::Write { offset, data, fua } => errno_of(self.disk.write(offset, data, fua).await),
+            Apply::Write { offset, data, fua } => errno_of(self.disk.write_blocking(offset, &data, fua)),
             Apply::Resync { offset, data } => {
                 let len = data.len() as u64;
-                let r = self.disk.write(offset, data, false).await;
+                let r = self.disk.write_blocking(offset, &data, false);
                 if r.is_ok() {
                     self.meta.lock().unwrap_or_else(|p| p.into_inner()).clear(offset, len);
                 }
                 errno_of(r)
             }
-            Apply::Discard { offset, len } => errno_of(self.disk.discard(offset, len).await),
-            Apply::Zeroes { offset, len } => errno_of(self.disk.write_zeroes(offset, len).await),
+            Apply::Discard { offset, len } => errno_of(self.disk.discard_blocking(offset, len)),
+            Apply::Zeroes { offset, len } => errno_of(self.disk.write_zeroes_blocking(offset, len)),
+        }
+    }
+
+    /// Request `id` of session `epoch` was applied with `errno`: remember it (duplicates of
+    /// it are answered from the window) and answer every link it arrived on.
+    fn applied(&self, epoch: u64, id: u64, errno: i32) {
+        if errno != 0 {
+            self.stats.errors.fetch_add(1, Relaxed);
+        }
+        let waiters = {
+            let mut s = self.lock();
+            if s.epoch != epoch {
+                return;
+            }
+            let w = match s.dedup.insert(id, Dedup::Done(errno)) {
+                Some(Dedup::Running(w)) => w,
+                _ => Vec::new(),
+            };
+            s.done_order.push_back(id);
+            while s.done_order.len() > DEDUP_WINDOW {
+                if let Some(old) = s.done_order.pop_front() {
+                    s.dedup.remove(&old);
+                }
+            }
+            w
+        };
+        for (li, c) in waiters {
+            self.reply(li, c, Message::Ack { id, errno }, Bytes::new());
         }
     }
 
