@@ -52,6 +52,8 @@ struct Args {
     trials: usize,
     bond: bool,
     iperf_secs: u32,
+    /// `--cost-rounds N`: only the interleaved throughput-cost measurement, N rounds.
+    cost_rounds: usize,
 }
 
 fn parse_args() -> Args {
@@ -59,15 +61,17 @@ fn parse_args() -> Args {
         trials: 5,
         bond: false,
         iperf_secs: 5,
+        cost_rounds: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--trials" => a.trials = it.next().and_then(|v| v.parse().ok()).expect("--trials N"),
             "--bond" => a.bond = true,
+            "--cost-rounds" => a.cost_rounds = it.next().and_then(|v| v.parse().ok()).expect("--cost-rounds N"),
             "--iperf-seconds" => a.iperf_secs = it.next().and_then(|v| v.parse().ok()).expect("--iperf-seconds S"),
             "-h" | "--help" => {
-                println!("usage: bench-netpair [--trials N] [--bond] [--iperf-seconds S]");
+                println!("usage: bench-netpair [--trials N] [--bond] [--iperf-seconds S] [--cost-rounds N]");
                 std::process::exit(0);
             }
             other => {
@@ -435,6 +439,110 @@ fn iperf(server_ns: &Netns, ip: &str, client_ns: &Netns, port: u16, secs: u32) -
         .ok_or("iperf3 JSON: no end.sum_received")?;
     let retr = j["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
     Ok((bps / 1e9, retr))
+}
+
+/// The data path's throughput cost, interleaved: per round iperf3 client → guest without
+/// netpair, then with both daemons running (attach mode chosen automatically), then (for
+/// reference) with `app_xdp = true`. Ratios are taken per round against that round's
+/// baseline, so slow drift of a shared machine cancels out.
+fn bench_cost(env: &str, args: &Args) {
+    println!("\n=== netpair data-path cost, {} interleaved rounds ({env})", args.cost_rounds);
+    let mut lab = Lab::two_hosts("bnc", 1).expect("lab");
+    lab.add_guest_ns("a", GUEST_MAC, GUEST_IP).expect("guest");
+    let secs = args.iperf_secs;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut port = 5300u16;
+    let mut tp = |what: &str| -> Option<f64> {
+        port += 1;
+        match iperf(&lab.guests[0].ns, GUEST_IP, &lab.clients[0].ns, port, secs) {
+            Ok((gbps, retr)) => {
+                println!("    {what:<34} {gbps:>7.3} Gbit/s ({retr} retransmits)");
+                Some(gbps)
+            }
+            Err(e) => {
+                println!("    {what:<34} failed: {e}");
+                None
+            }
+        }
+    };
+    let with = |extra: &str, tp: &mut dyn FnMut(&str) -> Option<f64>, what: &str| -> (Option<f64>, String) {
+        let a = NetpairDaemon::start_with(&lab, "a", "local", extra);
+        let b = NetpairDaemon::start_with(&lab, "b", "partner", extra);
+        let ok = wait_until(Duration::from_secs(30), "paired and healthy", || {
+            [&a, &b].iter().all(|d| {
+                d.partner_reachable() && d.status().is_some_and(|s| s["app"]["path_ok"] == true)
+            })
+        });
+        let mode = a
+            .status()
+            .map(|s| format!("{} ({})", s["app"]["attach"]["mode"], s["app"]["attach"]["why"]))
+            .unwrap_or_default();
+        let v = match ok {
+            Ok(_) => {
+                std::thread::sleep(Duration::from_millis(300));
+                tp(what)
+            }
+            Err(e) => {
+                println!("    {what}: {e}");
+                None
+            }
+        };
+        drop((a, b));
+        std::thread::sleep(Duration::from_millis(300));
+        (v, mode)
+    };
+    let (mut base, mut auto, mut xdp) = (Vec::new(), Vec::new(), Vec::new());
+    let mut modes = (String::new(), String::new());
+    for r in 1..=args.cost_rounds {
+        println!("  round {r}");
+        let b = tp("baseline (no netpair)");
+        let (a, m) = with("", &mut tp, "netpair, attach mode auto");
+        modes.0 = m;
+        let (x, m) = with("app_xdp = true", &mut tp, "netpair, app_xdp = true");
+        modes.1 = m;
+        if let Some(b) = b {
+            base.push(b);
+            if let Some(a) = a {
+                auto.push(a / b);
+            }
+            if let Some(x) = x {
+                xdp.push(x / b);
+            }
+        }
+    }
+    let b2 = tp("baseline (no netpair), closing");
+    if let Some(b) = b2 {
+        base.push(b);
+    }
+    let med = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        (v.first().copied(), v.get(v.len() / 2).copied(), v.last().copied())
+    };
+    println!("\n--- data-path cost, iperf3 client → guest, 1 TCP stream, {secs} s per run ({env})");
+    if let (Some(lo), Some(m), Some(hi)) = med(&base) {
+        println!("    baseline Gbit/s min / median / max: {lo:.3} / {m:.3} / {hi:.3} ({} runs)", base.len());
+    }
+    for (name, key, v, mode) in [
+        ("auto", "cost_auto", &auto, &modes.0),
+        ("app_xdp = true", "cost_xdp", &xdp, &modes.1),
+    ] {
+        if let (Some(lo), Some(m), Some(hi)) = med(v) {
+            println!(
+                "    {name:<16} loss vs the same round's baseline, min / median / max: {:.1} / {:.1} / {:.1} %  (mode {mode})",
+                100.0 * (1.0 - hi),
+                100.0 * (1.0 - m),
+                100.0 * (1.0 - lo)
+            );
+            println!(
+                "RESULT env={env} impl=netpair metric={key} n={} median_loss_pct={:.1} min_loss_pct={:.1} max_loss_pct={:.1}",
+                v.len(),
+                100.0 * (1.0 - m),
+                100.0 * (1.0 - hi),
+                100.0 * (1.0 - lo)
+            );
+        }
+    }
 }
 
 fn bench_netpair(env: &str, args: &Args) {
@@ -994,7 +1102,13 @@ fn main() {
         }
     };
 
-    let r = std::panic::catch_unwind(AssertUnwindSafe(|| bench_netpair(env, &args)));
+    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        if args.cost_rounds > 0 {
+            bench_cost(env, &args)
+        } else {
+            bench_netpair(env, &args)
+        }
+    }));
     if let Err(p) = r {
         let msg = p
             .downcast_ref::<String>()
