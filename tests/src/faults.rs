@@ -37,10 +37,17 @@ pub struct SilentLoss {
     ns: String,
     iface: String,
     table: String,
+    sent: bool,
+    received: bool,
 }
 
 impl SilentLoss {
     pub fn on(ns: &Netns, iface: &str) -> Result<Self, Error> {
+        Self::only(ns, iface, true, true)
+    }
+
+    /// Loss in one direction: what `iface` sends (`sent`) and/or what it receives.
+    pub fn only(ns: &Netns, iface: &str, sent: bool, received: bool) -> Result<Self, Error> {
         let table = format!("eacloss_{}", iface.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
         let rules = format!(
             "table netdev {table} {{\n\
@@ -54,13 +61,16 @@ impl SilentLoss {
         tc.args(["qdisc", "add", "dev", iface, "root", "blackhole"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let tc = tc.spawn().map_err(spawn_err("tc qdisc add … blackhole"))?;
         let mut nft = ns.command("nft");
         nft.args(["-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut nft = nft.spawn().map_err(spawn_err("nft -f -"))?;
+        // A part not asked for is `true` (exits 0 at once).
+        let mut skip = ns.command("true");
+        skip.stdout(Stdio::null()).stderr(Stdio::piped());
+        let tc = if sent { tc.spawn() } else { skip.spawn() }.map_err(spawn_err("tc qdisc add … blackhole"))?;
+        let mut nft = if received { nft.spawn() } else { skip.spawn() }.map_err(spawn_err("nft -f -"))?;
         if let Some(mut stdin) = nft.stdin.take() {
             stdin.write_all(rules.as_bytes()).map_err(spawn_err("nft -f -"))?;
         }
@@ -71,6 +81,8 @@ impl SilentLoss {
             ns: ns.name().to_owned(),
             iface: iface.to_owned(),
             table,
+            sent,
+            received,
         };
         for (what, out) in [("tc qdisc add … root blackhole", &tc_out), ("nft -f - (ingress drop)", &nft_out)] {
             if !out.status.success() {
@@ -88,9 +100,13 @@ impl SilentLoss {
 impl Drop for SilentLoss {
     fn drop(&mut self) {
         let ns = self.ns.as_str();
-        let table = run(Command::new("ip").args(["netns", "exec", ns, "nft", "delete", "table", "netdev", &self.table]));
-        let qdisc = run(Command::new("ip").args(["netns", "exec", ns, "tc", "qdisc", "del", "dev", &self.iface, "root"]));
-        for r in [table, qdisc] {
+        let table = self
+            .received
+            .then(|| run(Command::new("ip").args(["netns", "exec", ns, "nft", "delete", "table", "netdev", &self.table])));
+        let qdisc = self
+            .sent
+            .then(|| run(Command::new("ip").args(["netns", "exec", ns, "tc", "qdisc", "del", "dev", &self.iface, "root"])));
+        for r in [table, qdisc].into_iter().flatten() {
             // Both parts are removed even when one was never added (a failed `on`); only
             // a part that is still there is worth a word.
             if let Err(e) = r {
