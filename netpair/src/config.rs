@@ -347,6 +347,9 @@ port = "vg0"
         assert_eq!(c.guests[0].role, Role::Local);
         assert_eq!(c.timing.probe_loss, 40);
         assert_eq!(c.damping, DampingConfig::default());
+        assert_eq!(c.app_xdp, None, "unset: the attach mode is chosen at start");
+        let c = parse(&format!("app_xdp = false\n{GOOD}")).unwrap();
+        assert_eq!(c.app_xdp, Some(false));
         let c = parse(&format!("{GOOD}\n[damping]\nhalf_life = 5000\nmax_suppress = 30000\n")).unwrap();
         assert_eq!((c.damping.half_life, c.damping.penalty), (5000, 1000));
     }
