@@ -70,6 +70,8 @@ struct Args {
     hogs: usize,
     /// `--faults-only`: no throughput runs.
     faults_only: bool,
+    /// `--flap-only`: only the flapping series.
+    flap_only: bool,
     /// `--flap-trials N` (default: --trials) and `--flap-seconds S` (default 60).
     flap_trials: Option<usize>,
     flap_secs: u64,
@@ -92,6 +94,7 @@ fn parse_args() -> Args {
         cost_rounds: 0,
         hogs: 0,
         faults_only: false,
+        flap_only: false,
         flap_trials: None,
         flap_secs: 60,
     };
@@ -102,12 +105,13 @@ fn parse_args() -> Args {
             "--bond" => a.bond = true,
             "--hogs" => a.hogs = it.next().and_then(|v| v.parse().ok()).expect("--hogs N"),
             "--faults-only" => a.faults_only = true,
+            "--flap-only" => a.flap_only = true,
             "--flap-trials" => a.flap_trials = Some(it.next().and_then(|v| v.parse().ok()).expect("--flap-trials N")),
             "--flap-seconds" => a.flap_secs = it.next().and_then(|v| v.parse().ok()).expect("--flap-seconds S"),
             "--cost-rounds" => a.cost_rounds = it.next().and_then(|v| v.parse().ok()).expect("--cost-rounds N"),
             "--iperf-seconds" => a.iperf_secs = it.next().and_then(|v| v.parse().ok()).expect("--iperf-seconds S"),
             "-h" | "--help" => {
-                println!("usage: bench-netpair [--trials N] [--bond] [--iperf-seconds S] [--cost-rounds N] [--hogs N] [--faults-only] [--flap-trials N] [--flap-seconds S]");
+                println!("usage: bench-netpair [--trials N] [--bond] [--iperf-seconds S] [--cost-rounds N] [--hogs N] [--faults-only] [--flap-only] [--flap-trials N] [--flap-seconds S]");
                 std::process::exit(0);
             }
             other => {
@@ -326,8 +330,24 @@ fn flap_trials(lab: &Lab, n: usize, secs: u64) {
         }
         let port = 6900 + 2 * i as u16;
         let (g, c) = (&lab.guests[0].ns, &lab.clients[0].ns);
-        let udp = UdpStreamProbe::start(g, GUEST_IP, port, c, Duration::from_millis(1)).expect("udp");
-        let tcp = TcpStreamProbe::start(g, GUEST_IP, port + 1, c).expect("tcp");
+        // The switch may still place the guest's MAC on b's port (a previous phase ended
+        // while steering): a frame from the guest puts it back on a's.
+        let _ = g
+            .command("ping")
+            .args(["-c", "1", "-W", "1", "-q", &lab.clients[0].ip])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let (udp, tcp) = match (
+            UdpStreamProbe::start(g, GUEST_IP, port, c, Duration::from_millis(1)),
+            TcpStreamProbe::start(g, GUEST_IP, port + 1, c),
+        ) {
+            (Ok(u), Ok(t)) => (u, t),
+            (u, t) => {
+                println!("{:>5} failed: probes did not start: {:?} {:?}", i + 1, u.err(), t.err());
+                continue;
+            }
+        };
         // The path must have worked for the heal hold before the first failure.
         std::thread::sleep(Duration::from_millis(1500));
         let (a0, b0) = (changes(&a), changes(&b));
@@ -895,6 +915,9 @@ fn bench_netpair(env: &str, args: &Args) {
             }
         };
         faults::link_up(&lab.host("a").ns, topology::APP_IF).expect("app0 up");
+        let _ = wait_until(Duration::from_secs(10), "home (app_xdp = false)", || {
+            [&a, &b].iter().all(|d| d.steering() == Some(false))
+        });
         (ii, iii)
     } else {
         println!("throughput (ii-tc): daemons did not pair");
@@ -1320,6 +1343,10 @@ fn main() {
     let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
         if args.cost_rounds > 0 {
             bench_cost(env, &args)
+        } else if args.flap_only {
+            let mut lab = Lab::two_hosts("bnf", 1).expect("lab");
+            lab.add_guest_ns("a", GUEST_MAC, GUEST_IP).expect("guest");
+            flap_trials(&lab, args.flap_trials.unwrap_or(args.trials), args.flap_secs)
         } else {
             bench_netpair(env, &args)
         }
