@@ -84,7 +84,10 @@ impl SilentLoss {
             sent,
             received,
         };
-        for (what, out) in [("tc qdisc add … root blackhole", &tc_out), ("nft -f - (ingress drop)", &nft_out)] {
+        for (what, out) in [
+            ("tc qdisc add … root blackhole", &tc_out),
+            ("nft -f - (ingress drop)", &nft_out),
+        ] {
             if !out.status.success() {
                 return Err(Error::Command {
                     cmd: format!("{what} on {iface}"),
@@ -100,12 +103,12 @@ impl SilentLoss {
 impl Drop for SilentLoss {
     fn drop(&mut self) {
         let ns = self.ns.as_str();
-        let table = self
-            .received
-            .then(|| run(Command::new("ip").args(["netns", "exec", ns, "nft", "delete", "table", "netdev", &self.table])));
-        let qdisc = self
-            .sent
-            .then(|| run(Command::new("ip").args(["netns", "exec", ns, "tc", "qdisc", "del", "dev", &self.iface, "root"])));
+        let table = self.received.then(|| {
+            run(Command::new("ip").args(["netns", "exec", ns, "nft", "delete", "table", "netdev", &self.table]))
+        });
+        let qdisc = self.sent.then(|| {
+            run(Command::new("ip").args(["netns", "exec", ns, "tc", "qdisc", "del", "dev", &self.iface, "root"]))
+        });
         for r in [table, qdisc].into_iter().flatten() {
             // Both parts are removed even when one was never added (a failed `on`); only
             // a part that is still there is worth a word.

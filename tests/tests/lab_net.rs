@@ -229,9 +229,30 @@ fn silent_loss_drops_frames_netpair_redirects() {
     }
     src.ip(&["addr", "add", "10.77.0.1/24", "dev", "s0"]).unwrap();
     dst.ip(&["addr", "add", "10.77.0.2/24", "dev", "d0"]).unwrap();
-    src.ip(&["neigh", "replace", "10.77.0.2", "lladdr", DST_MAC, "dev", "s0", "nud", "permanent"]).unwrap();
-    dst.ip(&["neigh", "replace", "10.77.0.1", "lladdr", &GUEST.to_string(), "dev", "d0", "nud", "permanent"])
-        .unwrap();
+    src.ip(&[
+        "neigh",
+        "replace",
+        "10.77.0.2",
+        "lladdr",
+        DST_MAC,
+        "dev",
+        "s0",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+    dst.ip(&[
+        "neigh",
+        "replace",
+        "10.77.0.1",
+        "lladdr",
+        &GUEST.to_string(),
+        "dev",
+        "d0",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
     let pin = eac_lab::BpfPinDir::new(mid.name());
     let pin = pin.path();
     const SENT: u64 = 40;

@@ -156,7 +156,11 @@ fn silent_loss_on_the_switch_port_steers_through_the_partner() {
     let b = s.b.status().unwrap();
     // The lab's NICs are veths: the automatic attach mode is TC.
     let attach = &b["app"]["attach"];
-    assert_eq!((attach["mode"].as_str(), attach["chosen"].as_str()), (Some("tc"), Some("auto")), "{b}");
+    assert_eq!(
+        (attach["mode"].as_str(), attach["chosen"].as_str()),
+        (Some("tc"), Some("auto")),
+        "{b}"
+    );
     let here = &b["guests"][0]["counters"]["here"];
     assert!(here["to_al_packets"].as_u64().unwrap() > 0, "{b}");
     assert!(here["from_al_packets"].as_u64().unwrap() > 0, "{b}");

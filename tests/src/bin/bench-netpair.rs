@@ -111,7 +111,9 @@ fn parse_args() -> Args {
             "--cost-rounds" => a.cost_rounds = it.next().and_then(|v| v.parse().ok()).expect("--cost-rounds N"),
             "--iperf-seconds" => a.iperf_secs = it.next().and_then(|v| v.parse().ok()).expect("--iperf-seconds S"),
             "-h" | "--help" => {
-                println!("usage: bench-netpair [--trials N] [--bond] [--iperf-seconds S] [--cost-rounds N] [--hogs N] [--faults-only] [--flap-only] [--flap-trials N] [--flap-seconds S]");
+                println!(
+                    "usage: bench-netpair [--trials N] [--bond] [--iperf-seconds S] [--cost-rounds N] [--hogs N] [--faults-only] [--flap-only] [--flap-trials N] [--flap-seconds S]"
+                );
                 std::process::exit(0);
             }
             other => {
@@ -308,14 +310,20 @@ fn mmm(vals: &[f64]) -> String {
 fn table_line(imp: &str, fault: &str, metrics: &[(&str, Vec<f64>)], rest: String) {
     let hogs = HOGS.load(std::sync::atomic::Ordering::Relaxed);
     let m: Vec<String> = metrics.iter().map(|(k, v)| format!("{k}={}", mmm(v))).collect();
-    println!("TABLE hogs={hogs} impl={imp} fault={fault} n={} {} {rest}", metrics[0].1.len(), m.join(" "));
+    println!(
+        "TABLE hogs={hogs} impl={imp} fault={fault} n={} {} {rest}",
+        metrics[0].1.len(),
+        m.join(" ")
+    );
 }
 
 /// Silent loss on a's switch port `flap_secs` long, 1 s on / 1 s off, daemons with the
 /// default flap damping, started afresh per trial (damping remembers earlier trials).
 /// Path changes per minute (per host, the larger), the longest UDP/TCP gaps, TCP survival.
 fn flap_trials(lab: &Lab, n: usize, secs: u64) {
-    println!("\n--- netpair: flapping, silent loss on a's switch port 1 s on / 1 s off for {secs} s ({n} trials, default damping)");
+    println!(
+        "\n--- netpair: flapping, silent loss on a's switch port 1 s on / 1 s off for {secs} s ({n} trials, default damping)"
+    );
     let (mut rate, mut ugap, mut tgap) = (Vec::new(), Vec::new(), Vec::new());
     let (mut survived, mut resets) = (0, 0);
     let changes = |d: &NetpairDaemon| d.log().matches("path change:").count();
@@ -323,7 +331,9 @@ fn flap_trials(lab: &Lab, n: usize, secs: u64) {
         let a = NetpairDaemon::start(lab, "a", "local");
         let b = NetpairDaemon::start(lab, "b", "partner");
         if let Err(e) = wait_until(Duration::from_secs(30), "paired and healthy", || {
-            [&a, &b].iter().all(|d| d.partner_reachable() && d.status().is_some_and(|s| s["app"]["path_ok"] == true))
+            [&a, &b]
+                .iter()
+                .all(|d| d.partner_reachable() && d.status().is_some_and(|s| s["app"]["path_ok"] == true))
         }) {
             println!("{:>5} failed: {e}", i + 1);
             continue;
@@ -373,7 +383,11 @@ fn flap_trials(lab: &Lab, n: usize, secs: u64) {
             ms(ug.len),
             ms(tg.len),
             if ok { "survived" } else { "BROKE" },
-            if tr.errors.is_empty() { String::new() } else { format!(" {:?}", tr.errors) }
+            if tr.errors.is_empty() {
+                String::new()
+            } else {
+                format!(" {:?}", tr.errors)
+            }
         );
         rate.push(per_min);
         ugap.push(ms(ug.len));
@@ -441,7 +455,10 @@ fn summarize(env: &str, imp: &str, fault: Fault, label: &str, v: &[Trial]) {
             ("tcp_gap_ms", v.iter().map(|t| t.tcp_gap_ms).collect()),
             ("decide_ms", v.iter().filter_map(|t| t.decided_ms).collect()),
         ],
-        format!("tcp_survived={survived}/{} resets={resets} failovers={failovers}", v.len()),
+        format!(
+            "tcp_survived={survived}/{} resets={resets} failovers={failovers}",
+            v.len()
+        ),
     );
     println!("    {:<14} {:>28}", "metric", "mean / min / max");
     for (name, vals, open) in &metrics {
@@ -641,7 +658,10 @@ fn iperf(server_ns: &Netns, ip: &str, client_ns: &Netns, port: u16, secs: u32) -
 /// reference) with `app_xdp = true`. Ratios are taken per round against that round's
 /// baseline, so slow drift of a shared machine cancels out.
 fn bench_cost(env: &str, args: &Args) {
-    println!("\n=== netpair data-path cost, {} interleaved rounds ({env})", args.cost_rounds);
+    println!(
+        "\n=== netpair data-path cost, {} interleaved rounds ({env})",
+        args.cost_rounds
+    );
     let mut lab = Lab::two_hosts("bnc", 1).expect("lab");
     lab.add_guest_ns("a", GUEST_MAC, GUEST_IP).expect("guest");
     let secs = args.iperf_secs;
@@ -664,9 +684,9 @@ fn bench_cost(env: &str, args: &Args) {
         let a = NetpairDaemon::start_with(&lab, "a", "local", extra);
         let b = NetpairDaemon::start_with(&lab, "b", "partner", extra);
         let ok = wait_until(Duration::from_secs(30), "paired and healthy", || {
-            [&a, &b].iter().all(|d| {
-                d.partner_reachable() && d.status().is_some_and(|s| s["app"]["path_ok"] == true)
-            })
+            [&a, &b]
+                .iter()
+                .all(|d| d.partner_reachable() && d.status().is_some_and(|s| s["app"]["path_ok"] == true))
         });
         let mode = a
             .status()
@@ -716,7 +736,10 @@ fn bench_cost(env: &str, args: &Args) {
     };
     println!("\n--- data-path cost, iperf3 client → guest, 1 TCP stream, {secs} s per run ({env})");
     if let (Some(lo), Some(m), Some(hi)) = med(&base) {
-        println!("    baseline Gbit/s min / median / max: {lo:.3} / {m:.3} / {hi:.3} ({} runs)", base.len());
+        println!(
+            "    baseline Gbit/s min / median / max: {lo:.3} / {m:.3} / {hi:.3} ({} runs)",
+            base.len()
+        );
     }
     for (name, key, v, mode) in [
         ("auto", "cost_auto", &auto, &modes.0),
@@ -840,8 +863,14 @@ fn bench_netpair(env: &str, args: &Args) {
     let mut more = Vec::new();
     for (i, (fault, label)) in [
         (Fault::OneWayIn, "one-way loss: nothing reaches a from its switch port"),
-        (Fault::OneWayOut, "one-way loss: nothing a sends reaches its switch port"),
-        (Fault::AlDeadSilent, "AL1 silently dead on both hosts, then silent loss on a's port"),
+        (
+            Fault::OneWayOut,
+            "one-way loss: nothing a sends reaches its switch port",
+        ),
+        (
+            Fault::AlDeadSilent,
+            "AL1 silently dead on both hosts, then silent loss on a's port",
+        ),
         (Fault::AlNicDown, "AL1 and a's app0 down in the same instant"),
     ]
     .into_iter()
