@@ -75,7 +75,7 @@ pub struct Config {
     /// Where the per-guest counter runs on the application NIC. Unset (default): chosen
     /// at start — native (driver-mode) XDP on a NIC on a bus whose driver takes it, TC
     /// otherwise (veth, tap, a driver without XDP: XDP on a veth forces segmentation of
-    /// every GSO packet, −84 % single-stream TCP in scripts/bench-netpair.sh). `true`
+    /// every GSO packet, −79 % single-stream TCP in scripts/bench-netpair-cost.sh). `true`
     /// forces XDP (driver mode, else generic), `false` forces TC. `netpair status` shows
     /// the mode in effect and why.
     #[serde(default)]

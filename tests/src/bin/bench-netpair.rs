@@ -72,6 +72,9 @@ struct Args {
     faults_only: bool,
     /// `--flap-only`: only the flapping series.
     flap_only: bool,
+    /// `--daemon-config LINE`: a top-level configuration line for every daemon of the fault
+    /// and flapping series (e.g. `realtime_priority = 10`).
+    daemon_config: String,
     /// `--flap-trials N` (default: --trials) and `--flap-seconds S` (default 60).
     flap_trials: Option<usize>,
     flap_secs: u64,
@@ -95,6 +98,7 @@ fn parse_args() -> Args {
         hogs: 0,
         faults_only: false,
         flap_only: false,
+        daemon_config: String::new(),
         flap_trials: None,
         flap_secs: 60,
     };
@@ -106,6 +110,7 @@ fn parse_args() -> Args {
             "--hogs" => a.hogs = it.next().and_then(|v| v.parse().ok()).expect("--hogs N"),
             "--faults-only" => a.faults_only = true,
             "--flap-only" => a.flap_only = true,
+            "--daemon-config" => a.daemon_config = it.next().expect("--daemon-config LINE"),
             "--flap-trials" => a.flap_trials = Some(it.next().and_then(|v| v.parse().ok()).expect("--flap-trials N")),
             "--flap-seconds" => a.flap_secs = it.next().and_then(|v| v.parse().ok()).expect("--flap-seconds S"),
             "--cost-rounds" => a.cost_rounds = it.next().and_then(|v| v.parse().ok()).expect("--cost-rounds N"),
@@ -320,7 +325,7 @@ fn table_line(imp: &str, fault: &str, metrics: &[(&str, Vec<f64>)], rest: String
 /// Silent loss on a's switch port `flap_secs` long, 1 s on / 1 s off, daemons with the
 /// default flap damping, started afresh per trial (damping remembers earlier trials).
 /// Path changes per minute (per host, the larger), the longest UDP/TCP gaps, TCP survival.
-fn flap_trials(lab: &Lab, n: usize, secs: u64) {
+fn flap_trials(lab: &Lab, n: usize, secs: u64, extra: &str) {
     println!(
         "\n--- netpair: flapping, silent loss on a's switch port 1 s on / 1 s off for {secs} s ({n} trials, default damping)"
     );
@@ -328,8 +333,8 @@ fn flap_trials(lab: &Lab, n: usize, secs: u64) {
     let (mut survived, mut resets) = (0, 0);
     let changes = |d: &NetpairDaemon| d.log().matches("path change:").count();
     for i in 0..n {
-        let a = NetpairDaemon::start(lab, "a", "local");
-        let b = NetpairDaemon::start(lab, "b", "partner");
+        let a = NetpairDaemon::start_with(lab, "a", "local", extra);
+        let b = NetpairDaemon::start_with(lab, "b", "partner", extra);
         if let Err(e) = wait_until(Duration::from_secs(30), "paired and healthy", || {
             [&a, &b]
                 .iter()
@@ -810,8 +815,9 @@ fn bench_netpair(env: &str, args: &Args) {
     };
 
     let t = Instant::now();
-    let a = NetpairDaemon::start_with(&lab, "a", "local", NO_DAMPING);
-    let b = NetpairDaemon::start_with(&lab, "b", "partner", NO_DAMPING);
+    let extra = format!("{NO_DAMPING}\n{}", args.daemon_config);
+    let a = NetpairDaemon::start_with(&lab, "a", "local", &extra);
+    let b = NetpairDaemon::start_with(&lab, "b", "partner", &extra);
     wait_until(Duration::from_secs(30), "both daemons hear their partner", || {
         a.partner_reachable() && b.partner_reachable()
     })
@@ -953,7 +959,12 @@ fn bench_netpair(env: &str, args: &Args) {
         (None, None)
     };
     drop((a, b));
-    flap_trials(&lab, args.flap_trials.unwrap_or(args.trials), args.flap_secs);
+    flap_trials(
+        &lab,
+        args.flap_trials.unwrap_or(args.trials),
+        args.flap_secs,
+        &args.daemon_config,
+    );
     let errors: Vec<&str> = log_a.lines().filter(|l| l.contains("ERROR")).collect();
     if !errors.is_empty() {
         let mut kinds: Vec<String> = errors
@@ -1375,7 +1386,12 @@ fn main() {
         } else if args.flap_only {
             let mut lab = Lab::two_hosts("bnf", 1).expect("lab");
             lab.add_guest_ns("a", GUEST_MAC, GUEST_IP).expect("guest");
-            flap_trials(&lab, args.flap_trials.unwrap_or(args.trials), args.flap_secs)
+            flap_trials(
+                &lab,
+                args.flap_trials.unwrap_or(args.trials),
+                args.flap_secs,
+                &args.daemon_config,
+            )
         } else {
             bench_netpair(env, &args)
         }
