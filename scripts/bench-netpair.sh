@@ -3,6 +3,7 @@
 #
 #   scripts/bench-netpair.sh [--trials N] [--iperf-seconds S] [--host-only | --in-guest]
 #                            [--hogs N] [--flap-trials N] [--flap-seconds S]
+#                            [--daemon-config LINE]   (e.g. "realtime_priority = 10")
 #   scripts/bench-netpair.sh --summarize SAVED-OUTPUT     (the summary of an earlier run)
 #
 # 1. host kernel: target/release/bench-netpair (netpair only: this kernel has no bonding):
@@ -27,7 +28,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)
 cd "$REPO"
 
-trials=5 secs=5 host=1 guest=1 summary_only="" hogs=2 flap_trials="" flap_secs=60
+trials=5 secs=5 host=1 guest=1 summary_only="" hogs=2 flap_trials="" flap_secs=60 daemon_config=""
 while [[ $# -gt 0 ]]; do
     case $1 in
         --trials) trials=$2; shift 2 ;;
@@ -36,6 +37,7 @@ while [[ $# -gt 0 ]]; do
         --hogs) hogs=$2; shift 2 ;;
         --flap-trials) flap_trials=$2; shift 2 ;;
         --flap-seconds) flap_secs=$2; shift 2 ;;
+        --daemon-config) daemon_config=$2; shift 2 ;;
         --in-guest) host=0; shift ;;
         --summarize) summary_only=$2; shift 2 ;;   # re-summarize a saved output (RESULT lines)
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
@@ -173,6 +175,7 @@ out=$(mktemp -d /tmp/bench-netpair.XXXXXX)
 trap 'rm -rf "$out"' EXIT
 BIN_ARGS=(--trials "$trials" --iperf-seconds "$secs" --flap-seconds "$flap_secs")
 [[ -z $flap_trials ]] || BIN_ARGS+=(--flap-trials "$flap_trials")
+[[ -z $daemon_config ]] || BIN_ARGS+=(--daemon-config "$daemon_config")
 
 host_rc=0 guest_rc=0
 if [[ $host = 1 ]]; then
