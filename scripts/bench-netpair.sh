@@ -2,11 +2,17 @@
 # scripts/bench-netpair.sh — the netpair benchmark, with Linux bonding measured as the peer.
 #
 #   scripts/bench-netpair.sh [--trials N] [--iperf-seconds S] [--host-only | --in-guest]
+#                            [--hogs N] [--flap-trials N] [--flap-seconds S]
+#                            [--daemon-config LINE]   (e.g. "realtime_priority = 10")
 #   scripts/bench-netpair.sh --summarize SAVED-OUTPUT     (the summary of an earlier run)
 #
-# 1. host kernel: target/debug/bench-netpair (netpair only: this kernel has no bonding):
-#    carrier loss and silent loss on host a's path, N trials each (UDP gap, TCP gap, TCP
-#    survival, time to the steering decision), iperf3 throughput with/without the programs.
+# 1. host kernel: target/release/bench-netpair (netpair only: this kernel has no bonding):
+#    N trials each of carrier loss and silent loss on host a's path, one-way loss each way,
+#    AL1 silently dead then silent loss, AL1 + a's app0 down at once (UDP gap, TCP gap, TCP
+#    survival, resets, time to the steering decision), flapping (silent loss 1 s on / 1 s
+#    off, path changes per minute), iperf3 throughput with/without the programs; then the
+#    same fault series again with --hogs N busy-loop processes beside the daemons (default
+#    2; 0 skips that pass). A table of min/median/max per fault closes the host part.
 # 2. Debian's 6.12 kernel in a QEMU/TCG guest (scripts/lab/run-vm.sh): the same binary with
 #    --bond, so netpair and bonding run side by side in one environment.
 # Then a summary: netpair vs bonding per fault (same environment), ratio, throughput, and
@@ -22,12 +28,16 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)
 cd "$REPO"
 
-trials=5 secs=5 host=1 guest=1 summary_only=""
+trials=5 secs=5 host=1 guest=1 summary_only="" hogs=2 flap_trials="" flap_secs=60 daemon_config=""
 while [[ $# -gt 0 ]]; do
     case $1 in
         --trials) trials=$2; shift 2 ;;
         --iperf-seconds) secs=$2; shift 2 ;;
         --host-only) guest=0; shift ;;
+        --hogs) hogs=$2; shift 2 ;;
+        --flap-trials) flap_trials=$2; shift 2 ;;
+        --flap-seconds) flap_secs=$2; shift 2 ;;
+        --daemon-config) daemon_config=$2; shift 2 ;;
         --in-guest) host=0; shift ;;
         --summarize) summary_only=$2; shift 2 ;;   # re-summarize a saved output (RESULT lines)
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
@@ -158,19 +168,26 @@ if [[ $need_setup = 1 ]]; then
 fi
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 
-log "cargo build"
-cargo build 2>&1 | tail -n 3
+log "cargo build --release"
+cargo build --release -p netpair -p eac-lab --bin netpair --bin bench-netpair 2>&1 | tail -n 3
 
 out=$(mktemp -d /tmp/bench-netpair.XXXXXX)
 trap 'rm -rf "$out"' EXIT
-BIN_ARGS=(--trials "$trials" --iperf-seconds "$secs")
+BIN_ARGS=(--trials "$trials" --iperf-seconds "$secs" --flap-seconds "$flap_secs")
+[[ -z $flap_trials ]] || BIN_ARGS+=(--flap-trials "$flap_trials")
+[[ -z $daemon_config ]] || BIN_ARGS+=(--daemon-config "$daemon_config")
 
 host_rc=0 guest_rc=0
 if [[ $host = 1 ]]; then
     log "(1) host kernel $(uname -r): netpair"
     set +e
-    target/debug/bench-netpair "${BIN_ARGS[@]}" 2>"$out/host.err" | tee "$out/host.txt"
+    target/release/bench-netpair "${BIN_ARGS[@]}" 2>"$out/host.err" | tee "$out/host.txt"
     host_rc=${PIPESTATUS[0]}
+    if [[ $hogs -gt 0 ]]; then
+        log "(1b) host kernel, the fault series again with $hogs CPU hogs beside the daemons"
+        target/release/bench-netpair "${BIN_ARGS[@]}" --faults-only --hogs "$hogs" 2>"$out/hogs.err" | tee "$out/hogs.txt"
+        [[ ${PIPESTATUS[0]} = 0 ]] || { host_rc=1; log "hogs run failed; its stderr:"; tail -n 40 "$out/hogs.err"; }
+    fi
     set -e
     [[ $host_rc = 0 ]] || { log "host run exited with $host_rc; its stderr:"; tail -n 40 "$out/host.err"; }
 fi
@@ -182,7 +199,7 @@ if [[ $guest = 1 ]]; then
     set +e
     scripts/lab/run-vm.sh --modules "bonding veth bridge nf_tables sch_ingress" --mem 2G \
         --timeout "$gtimeout" -- bash -c \
-        'mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; exec target/debug/bench-netpair --bond "$@"' \
+        'mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf; exec target/release/bench-netpair --bond "$@"' \
         bench "${BIN_ARGS[@]}" 2>"$out/guest.err" | tr -d '\r' | tee "$out/guest.txt"
     guest_rc=${PIPESTATUS[0]}
     set -e
@@ -195,6 +212,12 @@ fi
 # ------------------------------------------------------------------------------------------
 cat "$out"/host.txt "$out"/guest.txt 2>/dev/null | grep '^RESULT ' > "$out/results" || true
 summarize "$out/results"
+if cat "$out"/host.txt "$out"/hogs.txt 2>/dev/null | grep -q '^TABLE '; then
+    echo
+    echo "Host kernel, netpair, per fault: min/median/max over the trials (ms; flapping: path changes per minute)"
+    cat "$out"/host.txt "$out"/hogs.txt 2>/dev/null | grep '^TABLE ' | sed 's/^TABLE //' |
+        awk '{ printf "  "; for (i = 1; i <= NF; i++) if ($i !~ /^impl=/) printf "%s  ", $i; print "" }' | column -t
+fi
 echo
 [[ $host = 0 ]] || echo "host run exit status $host_rc; guest run exit status $guest_rc" | sed "s/; guest run exit status 0//"
 [[ $host_rc = 0 && $guest_rc = 0 ]]

@@ -6,7 +6,7 @@
 //! app_iface = "app0"                          # the application NIC (bridge port)
 //! app_ip = "10.250.1.1"                       # our address, source of path probes
 //! probe_targets = ["10.250.1.100"]            # e.g. the gateway; answered ARP = path works
-//! app_xdp = true                              # optional; false: count in TC (veth NICs)
+//! # app_xdp = false                           # optional override; unset: native XDP on a NIC that has it, else TC
 //! pin_dir = "/sys/fs/bpf/eac/netpair"         # optional
 //! control_socket = "/run/eac/netpair.sock"    # optional
 //! realtime_priority = 10                      # optional: SCHED_FIFO 1-99, best effort
@@ -72,13 +72,14 @@ pub struct Config {
     pub app_ip: Ipv4Addr,
     #[serde(default)]
     pub probe_targets: Vec<Ipv4Addr>,
-    /// Run the per-guest counter as XDP on the application NIC (default). XDP on a physical
-    /// NIC runs before GRO and costs little; on a veth (containers, the lab) it forces
-    /// segmentation of every GSO packet and cost 84 % of single-stream TCP throughput in
-    /// scripts/bench-netpair.sh — set `app_xdp = false` there: the TC ingress program then
-    /// counts instead, with the same results.
-    #[serde(default = "default_true")]
-    pub app_xdp: bool,
+    /// Where the per-guest counter runs on the application NIC. Unset (default): chosen
+    /// at start — native (driver-mode) XDP on a NIC on a bus whose driver takes it, TC
+    /// otherwise (veth, tap, a driver without XDP: XDP on a veth forces segmentation of
+    /// every GSO packet, −79 % single-stream TCP in scripts/bench-netpair-cost.sh). `true`
+    /// forces XDP (driver mode, else generic), `false` forces TC. `netpair status` shows
+    /// the mode in effect and why.
+    #[serde(default)]
+    pub app_xdp: Option<bool>,
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
     #[serde(default = "default_control_socket")]
@@ -172,10 +173,6 @@ pub fn check_ifname(name: &str) -> Result<(), String> {
         return Err("not a valid interface name (no '/', ':' or whitespace)".into());
     }
     Ok(())
-}
-
-fn default_true() -> bool {
-    true
 }
 
 fn default_pin_dir() -> PathBuf {
@@ -350,6 +347,9 @@ port = "vg0"
         assert_eq!(c.guests[0].role, Role::Local);
         assert_eq!(c.timing.probe_loss, 40);
         assert_eq!(c.damping, DampingConfig::default());
+        assert_eq!(c.app_xdp, None, "unset: the attach mode is chosen at start");
+        let c = parse(&format!("app_xdp = false\n{GOOD}")).unwrap();
+        assert_eq!(c.app_xdp, Some(false));
         let c = parse(&format!("{GOOD}\n[damping]\nhalf_life = 5000\nmax_suppress = 30000\n")).unwrap();
         assert_eq!((c.damping.half_life, c.damping.penalty), (5000, 1000));
     }

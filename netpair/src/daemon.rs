@@ -661,7 +661,8 @@ impl State {
             "app": {"iface": self.cfg.app_iface, "carrier": self.app_carrier, "path_ok": self.own_ok,
                     "probe_targets": self.cfg.probe_targets,
                     "last_probe_reply_ms_ago": self.last_probe_reply_ms.map(|t| now.saturating_sub(t)),
-                    "damping": self.judge.damping().status(now)},
+                    "damping": self.judge.damping().status(now),
+                    "attach": self.dp.app_attach()},
             "availability_links": self.als.iter().enumerate().map(|(i, a)| json!({
                 "iface": a.iface, "peer": a.peer.to_string(), "carrier": self.links.carrier(i),
                 "health": self.links.health(i), "active": self.links.active() == Some(i),
@@ -743,7 +744,12 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         .map_err(|e| Error::Config(eac_common::error_chain(&e)))?;
     let start = Instant::now();
     let al_names: Vec<&str> = cfg.availability_links.iter().map(|a| a.iface.as_str()).collect();
-    let mut dp = Datapath::attach(&cfg.pin_dir, &cfg.app_iface, &al_names, cfg.app_xdp)?;
+    let mode = match cfg.app_xdp {
+        None => crate::AppMode::Auto,
+        Some(true) => crate::AppMode::Xdp,
+        Some(false) => crate::AppMode::Tc,
+    };
+    let mut dp = Datapath::attach_mode(&cfg.pin_dir, &cfg.app_iface, &al_names, mode)?;
     let mut steered = Vec::new();
     for g in &cfg.guests {
         if dp.add_guest(g.mac, g.role, g.port.as_deref())? {

@@ -44,6 +44,30 @@ pub enum Role {
     Partner,
 }
 
+/// How the application NIC's frames are counted (and loops dropped).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppMode {
+    /// Native XDP on a NIC on a bus whose driver takes it; TC otherwise (veth, tap, a driver
+    /// without XDP). Generic XDP is never chosen automatically.
+    #[default]
+    Auto,
+    /// XDP: driver mode, else generic mode.
+    Xdp,
+    /// TC only.
+    Tc,
+}
+
+/// The attach mode in effect (`status`: `app.attach`).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct AppAttach {
+    /// "xdp-driver", "xdp-generic", "xdp-adopted" (the previous daemon's XDP link) or "tc".
+    pub mode: &'static str,
+    /// "auto" or "config" (`app_xdp` set).
+    pub chosen: &'static str,
+    pub why: String,
+}
+
 /// Maps pinned under the pin directory for bpftool, removed again on drop.
 const PINNED_MAPS: [&str; 4] = [MAP_GUESTS, MAP_GUEST_STATS, MAP_CONFIG, MAP_STEERED_PORTS];
 
@@ -60,6 +84,7 @@ pub struct Datapath {
     claimed: std::collections::HashSet<Mac>,
     /// Taken over from a daemon that did not stop cleanly (see the module doc).
     adopted: Option<Adopted>,
+    app_attach: AppAttach,
 }
 
 /// What a new daemon found left running by the previous one.
@@ -80,6 +105,14 @@ impl Datapath {
     /// on every availability link. The first AL carries steered frames until
     /// [`Datapath::use_al`] says otherwise.
     pub fn attach(pin_dir: &Path, app_iface: &str, al_ifaces: &[&str], xdp: bool) -> Result<Self, Error> {
+        let mode = if xdp { AppMode::Xdp } else { AppMode::Tc };
+        Self::attach_mode(pin_dir, app_iface, al_ifaces, mode)
+    }
+
+    /// [`Datapath::attach`] with the application NIC's attach mode chosen by `mode`
+    /// ([`AppMode::Auto`]: native XDP on a NIC on a bus whose driver takes it, TC otherwise);
+    /// [`Datapath::app_attach`] says what was chosen and why.
+    pub fn attach_mode(pin_dir: &Path, app_iface: &str, al_ifaces: &[&str], mode: AppMode) -> Result<Self, Error> {
         std::fs::create_dir_all(pin_dir).map_err(|source| Error::Io {
             what: format!("create {}", pin_dir.display()),
             source,
@@ -125,6 +158,7 @@ impl Datapath {
             guest_ports: HashMap::new(),
             claimed: std::collections::HashSet::new(),
             adopted: None,
+            app_attach: AppAttach::default(),
         };
         if adopting {
             let guests = dp
@@ -136,7 +170,30 @@ impl Datapath {
             dp.adopted = Some(Adopted { links: 0, guests });
         }
 
-        if xdp {
+        // What the application NIC gets: XDP (driver, else generic mode) or TC only.
+        let (try_xdp, generic_ok, why) = match mode {
+            AppMode::Xdp => (true, true, "app_xdp = true in the configuration".to_owned()),
+            AppMode::Tc => (false, false, "app_xdp = false in the configuration".to_owned()),
+            AppMode::Auto => match crate::xdp::driver_info(app_iface) {
+                Ok(d) if d.on_a_bus() => (true, false, format!("driver {} on bus {}", d.driver, d.bus_info)),
+                Ok(d) => (
+                    false,
+                    false,
+                    format!(
+                        "virtual device (driver {}): XDP there would cost segmentation of GSO packets",
+                        if d.driver.is_empty() { "?" } else { &d.driver }
+                    ),
+                ),
+                Err(e) => (false, false, format!("driver unknown ({e})")),
+            },
+        };
+        let mut xdp = false;
+        let mut active = AppAttach {
+            mode: "tc",
+            chosen: if mode == AppMode::Auto { "auto" } else { "config" },
+            why,
+        };
+        if try_xdp {
             let prog: &mut Xdp = program(&mut dp.ebpf, PROG_XDP_APP)?;
             prog.load().map_err(|source| Error::Program {
                 name: PROG_XDP_APP,
@@ -152,32 +209,52 @@ impl Datapath {
                 }
             });
             let was_adopted = adopted.is_some();
+            if was_adopted {
+                active.mode = "xdp-adopted";
+            }
             let id = match adopted {
-                Some(id) => id,
+                Some(id) => Some(id),
                 None => {
                     let _ = std::fs::remove_file(&path);
                     match prog.attach(app_iface, XdpMode::Driver) {
-                        Ok(id) => id,
-                        Err(e) => {
+                        Ok(id) => {
+                            active.mode = "xdp-driver";
+                            Some(id)
+                        }
+                        Err(e) if generic_ok => {
                             tracing::info!(app_iface, error = %e, "driver-mode XDP refused; using generic mode");
-                            prog.attach(app_iface, XdpMode::Skb).map_err(|source| Error::Program {
+                            active.mode = "xdp-generic";
+                            Some(prog.attach(app_iface, XdpMode::Skb).map_err(|source| Error::Program {
                                 name: PROG_XDP_APP,
                                 source,
-                            })?
+                            })?)
+                        }
+                        Err(e) => {
+                            tracing::info!(app_iface, error = %e, "driver-mode XDP refused; counting in TC");
+                            active.why = format!("{}; driver-mode XDP refused: {e}", active.why);
+                            None
                         }
                     }
                 }
             };
-            let link = prog.take_link(id).map_err(|source| Error::Program {
-                name: PROG_XDP_APP,
-                source,
-            })?;
-            let fd = FdLink::try_from(link).map_err(|e| Error::Io {
-                what: format!("XDP on {app_iface} is not a BPF link (kernel too old to keep it across restarts)"),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            dp.keep_link(pin, fd, was_adopted)?;
+            if let Some(id) = id {
+                let link = prog.take_link(id).map_err(|source| Error::Program {
+                    name: PROG_XDP_APP,
+                    source,
+                })?;
+                let fd = FdLink::try_from(link).map_err(|e| Error::Io {
+                    what: format!("XDP on {app_iface} is not a BPF link (kernel too old to keep it across restarts)"),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                dp.keep_link(pin, fd, was_adopted)?;
+                xdp = true;
+            }
         }
+        if !xdp {
+            // An XDP link pinned by a daemon that ran in XDP mode: unpinned, it detaches.
+            let _ = std::fs::remove_file(links_dir.join(format!("xdp-{app_iface}")));
+        }
+        dp.app_attach = active;
         for name in [
             PROG_TC_APP_INGRESS,
             PROG_TC_APP_EGRESS,
@@ -216,8 +293,13 @@ impl Datapath {
         for al in al_ifaces {
             dp.attach_tc(PROG_TC_AL_INGRESS, al, TcAttachType::Ingress, format!("tc-in-{al}"))?;
         }
-        tracing::info!(app_iface, ?al_ifaces, xdp, pin_dir = %pin_dir.display(), adopted = ?dp.adopted.as_ref().map(|a| a.links), "netpair data path attached");
+        tracing::info!(app_iface, ?al_ifaces, mode = dp.app_attach.mode, why = dp.app_attach.why, pin_dir = %pin_dir.display(), adopted = ?dp.adopted.as_ref().map(|a| a.links), "netpair data path attached");
         Ok(dp)
+    }
+
+    /// How the application NIC is attached, and why.
+    pub fn app_attach(&self) -> &AppAttach {
+        &self.app_attach
     }
 
     /// What was taken over from a previous daemon (None: a fresh start).

@@ -20,7 +20,7 @@ pub mod proto;
 pub mod stall;
 pub mod xdp;
 
-pub use datapath::{Datapath, Role};
+pub use datapath::{AppAttach, AppMode, Datapath, Role};
 pub use xdp::{CountProgram, Error};
 
 /// An Ethernet MAC address.

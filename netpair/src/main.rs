@@ -207,6 +207,8 @@ fn print_status(v: &serde_json::Value) {
         v["app"]["carrier"],
         v["app"]["path_ok"]
     );
+    let at = &v["app"]["attach"];
+    println!("  attach {} ({}: {})", s(&at["mode"]), s(&at["chosen"]), s(&at["why"]));
     for a in v["availability_links"].as_array().into_iter().flatten() {
         println!(
             "  link {} {} carrier={} active={} heard {} ms ago",

@@ -123,3 +123,78 @@ pub(crate) fn ifindex(name: &str) -> Result<u32, Error> {
     }
     Ok(idx)
 }
+
+/// The driver behind an interface, from the ethtool driver-info ioctl (SIOCETHTOOL,
+/// ETHTOOL_GDRVINFO) in the calling thread's network namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DriverInfo {
+    /// "veth", "virtio_net", "ixgbe", …
+    pub driver: String,
+    /// The bus address ("0000:03:00.0"); empty for a virtual device (veth, tap, bridge).
+    pub bus_info: String,
+}
+
+impl DriverInfo {
+    /// A device backed by hardware (or a paravirtual NIC) on a bus, not a kernel-made
+    /// virtual device.
+    pub fn on_a_bus(&self) -> bool {
+        !self.bus_info.is_empty() && !matches!(self.driver.as_str(), "veth" | "tun" | "bridge" | "bonding")
+    }
+}
+
+pub fn driver_info(iface: &str) -> Result<DriverInfo, Error> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DrvInfo,
+        _pad: [u8; 16],
+    }
+    if iface.len() >= libc::IFNAMSIZ {
+        return Err(Error::NoSuchInterface(iface.to_owned()));
+    }
+    let io = |what: &str, source| Error::Io {
+        what: format!("{what} ({iface})"),
+        source,
+    };
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| io("socket for the ethtool ioctl", e))?;
+    // SAFETY: DrvInfo is plain old data; all-zero is a valid value.
+    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut info,
+        _pad: [0; 16],
+    };
+    req.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: `req` is a live ifreq with a NUL-terminated name and `data` pointing at `info`,
+    // a live ethtool_drvinfo the kernel fills in; both outlive the call; the fd is open.
+    let r = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&sock), SIOCETHTOOL, &mut req) };
+    if r != 0 {
+        return Err(io("ethtool driver info", std::io::Error::last_os_error()));
+    }
+    let text = |b: &[u8]| {
+        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+        String::from_utf8_lossy(&b[..end]).into_owned()
+    };
+    Ok(DriverInfo {
+        driver: text(&info.driver),
+        bus_info: text(&info.bus_info),
+    })
+}

@@ -154,6 +154,13 @@ fn silent_loss_on_the_switch_port_steers_through_the_partner() {
     assert!(gap < Duration::from_secs(1), "gap {gap:?}");
     // While steering, b's counters saw the guest's frames cross the availability link.
     let b = s.b.status().unwrap();
+    // The lab's NICs are veths: the automatic attach mode is TC.
+    let attach = &b["app"]["attach"];
+    assert_eq!(
+        (attach["mode"].as_str(), attach["chosen"].as_str()),
+        (Some("tc"), Some("auto")),
+        "{b}"
+    );
     let here = &b["guests"][0]["counters"]["here"];
     assert!(here["to_al_packets"].as_u64().unwrap() > 0, "{b}");
     assert!(here["from_al_packets"].as_u64().unwrap() > 0, "{b}");
@@ -282,11 +289,18 @@ fn restarting_a_daemon_does_not_disturb_flowing_traffic() {
 
 #[test]
 #[ignore = "privileged: needs root, BPF, nftables and network namespaces; run by scripts/test.sh"]
-fn silent_loss_is_handled_the_same_without_xdp() {
-    let s = setup_with("np-tc", "app_xdp = false");
+fn silent_loss_is_handled_the_same_with_xdp_forced() {
+    // The lab's veths get TC automatically; `app_xdp = true` forces native XDP on them.
+    let s = setup_with("np-xdp", "app_xdp = true");
+    let attach = s.a.status().unwrap()["app"]["attach"].clone();
+    assert_eq!(
+        (attach["mode"].as_str(), attach["chosen"].as_str()),
+        (Some("xdp-driver"), Some("config")),
+        "{attach}"
+    );
     let (gap, _) = fault_and_heal(
         &s,
-        "silent loss, counting in TC (app_xdp = false)",
+        "silent loss, counting in XDP (app_xdp = true)",
         || Box::new(s.lab.silent_loss_on_switch_port("a").unwrap()),
         true,
     );

@@ -37,6 +37,14 @@ use eac_lab::{
 enum Fault {
     Carrier,
     Silent,
+    /// What a's switch port sends to a is lost (a hears nothing; a's frames get through).
+    OneWayIn,
+    /// What a sends to its switch port is lost (a hears everything).
+    OneWayOut,
+    /// AL1 silently dead on both hosts (blackhole, carrier up), then silent loss on a's port.
+    AlDeadSilent,
+    /// AL1 and a's app0 down in the same instant (`ip -batch` on a).
+    AlNicDown,
 }
 
 impl Fault {
@@ -44,6 +52,10 @@ impl Fault {
         match self {
             Fault::Carrier => "carrier",
             Fault::Silent => "silent",
+            Fault::OneWayIn => "oneway_to_a",
+            Fault::OneWayOut => "oneway_from_a",
+            Fault::AlDeadSilent => "al1_dead_then_silent",
+            Fault::AlNicDown => "al1_and_app0_down",
         }
     }
 }
@@ -52,22 +64,61 @@ struct Args {
     trials: usize,
     bond: bool,
     iperf_secs: u32,
+    /// `--cost-rounds N`: only the interleaved throughput-cost measurement, N rounds.
+    cost_rounds: usize,
+    /// `--hogs N`: N busy-loop processes beside the daemons for the whole run.
+    hogs: usize,
+    /// `--faults-only`: no throughput runs.
+    faults_only: bool,
+    /// `--flap-only`: only the flapping series.
+    flap_only: bool,
+    /// `--daemon-config LINE`: a top-level configuration line for every daemon of the fault
+    /// and flapping series (e.g. `realtime_priority = 10`).
+    daemon_config: String,
+    /// `--flap-trials N` (default: --trials) and `--flap-seconds S` (default 60).
+    flap_trials: Option<usize>,
+    flap_secs: u64,
 }
+
+/// `--hogs` of this run, for the TABLE lines.
+static HOGS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The fault series are isolated faults, a few seconds apart: with flap damping's defaults
+/// (half-life 15 s) the second one would already be a "flapping path" and keep traffic on
+/// the partner. A 1 s half-life (the least allowed) forgets a trial before the next one;
+/// the flapping series runs with the defaults.
+const NO_DAMPING: &str = "damping = { half_life = 1000 }";
 
 fn parse_args() -> Args {
     let mut a = Args {
         trials: 5,
         bond: false,
         iperf_secs: 5,
+        cost_rounds: 0,
+        hogs: 0,
+        faults_only: false,
+        flap_only: false,
+        daemon_config: String::new(),
+        flap_trials: None,
+        flap_secs: 60,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--trials" => a.trials = it.next().and_then(|v| v.parse().ok()).expect("--trials N"),
             "--bond" => a.bond = true,
+            "--hogs" => a.hogs = it.next().and_then(|v| v.parse().ok()).expect("--hogs N"),
+            "--faults-only" => a.faults_only = true,
+            "--flap-only" => a.flap_only = true,
+            "--daemon-config" => a.daemon_config = it.next().expect("--daemon-config LINE"),
+            "--flap-trials" => a.flap_trials = Some(it.next().and_then(|v| v.parse().ok()).expect("--flap-trials N")),
+            "--flap-seconds" => a.flap_secs = it.next().and_then(|v| v.parse().ok()).expect("--flap-seconds S"),
+            "--cost-rounds" => a.cost_rounds = it.next().and_then(|v| v.parse().ok()).expect("--cost-rounds N"),
             "--iperf-seconds" => a.iperf_secs = it.next().and_then(|v| v.parse().ok()).expect("--iperf-seconds S"),
             "-h" | "--help" => {
-                println!("usage: bench-netpair [--trials N] [--bond] [--iperf-seconds S]");
+                println!(
+                    "usage: bench-netpair [--trials N] [--bond] [--iperf-seconds S] [--cost-rounds N] [--hogs N] [--faults-only] [--flap-only] [--flap-trials N] [--flap-seconds S]"
+                );
                 std::process::exit(0);
             }
             other => {
@@ -250,6 +301,118 @@ fn run_trials(
     v
 }
 
+/// min/median/max of `vals` ("-" when empty).
+fn mmm(vals: &[f64]) -> String {
+    if vals.is_empty() {
+        return "-".into();
+    }
+    let mut v = vals.to_vec();
+    v.sort_by(f64::total_cmp);
+    format!("{:.0}/{:.0}/{:.0}", v[0], v[v.len() / 2], v[v.len() - 1])
+}
+
+/// One row of the run's table (`TABLE …`, gathered by scripts/bench-netpair.sh).
+fn table_line(imp: &str, fault: &str, metrics: &[(&str, Vec<f64>)], rest: String) {
+    let hogs = HOGS.load(std::sync::atomic::Ordering::Relaxed);
+    let m: Vec<String> = metrics.iter().map(|(k, v)| format!("{k}={}", mmm(v))).collect();
+    println!(
+        "TABLE hogs={hogs} impl={imp} fault={fault} n={} {} {rest}",
+        metrics[0].1.len(),
+        m.join(" ")
+    );
+}
+
+/// Silent loss on a's switch port `flap_secs` long, 1 s on / 1 s off, daemons with the
+/// default flap damping, started afresh per trial (damping remembers earlier trials).
+/// Path changes per minute (per host, the larger), the longest UDP/TCP gaps, TCP survival.
+fn flap_trials(lab: &Lab, n: usize, secs: u64, extra: &str) {
+    println!(
+        "\n--- netpair: flapping, silent loss on a's switch port 1 s on / 1 s off for {secs} s ({n} trials, default damping)"
+    );
+    let (mut rate, mut ugap, mut tgap) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut survived, mut resets) = (0, 0);
+    let changes = |d: &NetpairDaemon| d.log().matches("path change:").count();
+    for i in 0..n {
+        let a = NetpairDaemon::start_with(lab, "a", "local", extra);
+        let b = NetpairDaemon::start_with(lab, "b", "partner", extra);
+        if let Err(e) = wait_until(Duration::from_secs(30), "paired and healthy", || {
+            [&a, &b]
+                .iter()
+                .all(|d| d.partner_reachable() && d.status().is_some_and(|s| s["app"]["path_ok"] == true))
+        }) {
+            println!("{:>5} failed: {e}", i + 1);
+            continue;
+        }
+        let port = 6900 + 2 * i as u16;
+        let (g, c) = (&lab.guests[0].ns, &lab.clients[0].ns);
+        // The switch may still place the guest's MAC on b's port (a previous phase ended
+        // while steering): a frame from the guest puts it back on a's.
+        let _ = g
+            .command("ping")
+            .args(["-c", "1", "-W", "1", "-q", &lab.clients[0].ip])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let (udp, tcp) = match (
+            UdpStreamProbe::start(g, GUEST_IP, port, c, Duration::from_millis(1)),
+            TcpStreamProbe::start(g, GUEST_IP, port + 1, c),
+        ) {
+            (Ok(u), Ok(t)) => (u, t),
+            (u, t) => {
+                println!("{:>5} failed: probes did not start: {:?} {:?}", i + 1, u.err(), t.err());
+                continue;
+            }
+        };
+        // The path must have worked for the heal hold before the first failure.
+        std::thread::sleep(Duration::from_millis(1500));
+        let (a0, b0) = (changes(&a), changes(&b));
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(secs) {
+            let loss = lab.silent_loss_on_switch_port("a").expect("silent loss");
+            std::thread::sleep(Duration::from_secs(1));
+            drop(loss);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let took = t0.elapsed().as_secs_f64();
+        let (an, bn) = (changes(&a) - a0, changes(&b) - b0);
+        let per_min = an.max(bn) as f64 * 60.0 / took;
+        let ug = udp.longest_gap_since(t0);
+        let tg = tcp.longest_gap_since(t0);
+        let _ = udp.stop();
+        let tr = tcp.stop();
+        let ok = tr.errors.is_empty() && tr.bytes_received > 0;
+        let reset = tr.errors.iter().any(|e| e.to_lowercase().contains("reset"));
+        println!(
+            "{:>5} path changes a {an} b {bn} in {took:.0} s = {per_min:.1}/min; longest UDP gap {:.0} ms, TCP gap {:.0} ms, TCP {}{}",
+            i + 1,
+            ms(ug.len),
+            ms(tg.len),
+            if ok { "survived" } else { "BROKE" },
+            if tr.errors.is_empty() {
+                String::new()
+            } else {
+                format!(" {:?}", tr.errors)
+            }
+        );
+        rate.push(per_min);
+        ugap.push(ms(ug.len));
+        tgap.push(ms(tg.len));
+        survived += usize::from(ok);
+        resets += usize::from(reset);
+        drop((a, b));
+    }
+    table_line(
+        "netpair",
+        "flapping",
+        &[
+            ("udp_gap_ms", ugap),
+            ("tcp_gap_ms", tgap),
+            ("path_changes_per_min", rate),
+        ],
+        format!("tcp_survived={survived}/{n} resets={resets}"),
+    );
+}
+
 fn fmt_gap(v: f64, open: bool) -> String {
     if open { format!("≥{v:.1}") } else { format!("{v:.1}") }
 }
@@ -288,6 +451,20 @@ fn summarize(env: &str, imp: &str, fault: Fault, label: &str, v: &[Trial]) {
     ];
     let survived = v.iter().filter(|t| t.tcp_survived).count();
     let failovers = v.iter().filter(|t| t.decided_ms.is_some()).count();
+    let resets = v.iter().filter(|t| t.note.to_lowercase().contains("reset")).count();
+    table_line(
+        imp,
+        fault.key(),
+        &[
+            ("udp_gap_ms", v.iter().map(|t| t.udp_gap_ms).collect()),
+            ("tcp_gap_ms", v.iter().map(|t| t.tcp_gap_ms).collect()),
+            ("decide_ms", v.iter().filter_map(|t| t.decided_ms).collect()),
+        ],
+        format!(
+            "tcp_survived={survived}/{} resets={resets} failovers={failovers}",
+            v.len()
+        ),
+    );
     println!("    {:<14} {:>28}", "metric", "mean / min / max");
     for (name, vals, open) in &metrics {
         match stats(vals) {
@@ -328,6 +505,7 @@ struct Netpair<'l> {
     a: &'l NetpairDaemon,
     b: &'l NetpairDaemon,
     loss: Option<eac_lab::faults::SilentLoss>,
+    bh: Vec<eac_lab::faults::Blackhole>,
 }
 
 impl Netpair<'_> {
@@ -350,6 +528,40 @@ impl Subject for Netpair<'_> {
                         .expect("silent loss"),
                 )
             }
+            Fault::OneWayIn | Fault::OneWayOut => {
+                // The switch port sends what a receives, and receives what a sends.
+                let to_a = fault == Fault::OneWayIn;
+                self.loss = Some(
+                    eac_lab::faults::SilentLoss::only(&self.lab.switch, &self.lab.host("a").switch_port(), to_a, !to_a)
+                        .expect("one-way loss"),
+                )
+            }
+            Fault::AlDeadSilent => {
+                for h in ["a", "b"] {
+                    self.bh
+                        .push(eac_lab::faults::Blackhole::on(&self.lab.host(h).ns, "al1").expect("al1 blackhole"));
+                }
+                // Long enough for both daemons to judge al1 dead (link_timeout 30 ms).
+                std::thread::sleep(Duration::from_millis(300));
+                self.loss = Some(
+                    eac_lab::faults::SilentLoss::on(&self.lab.switch, &self.lab.host("a").switch_port())
+                        .expect("silent loss"),
+                )
+            }
+            Fault::AlNicDown => {
+                let ns = self.lab.host("a").ns.name().to_owned();
+                let mut c = std::process::Command::new("ip");
+                c.args(["-n", &ns, "-batch", "-"]).stdin(Stdio::piped());
+                let mut child = c.spawn().expect("ip -batch");
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(format!("link set al1 down\nlink set {} down\n", topology::APP_IF).as_bytes())
+                    .unwrap();
+                assert!(child.wait().unwrap().success(), "ip -batch: al1 and app0 down");
+            }
         }
     }
     fn decided(&mut self) -> Option<Instant> {
@@ -364,13 +576,22 @@ impl Subject for Netpair<'_> {
     fn heal(&mut self, fault: Fault) {
         match fault {
             Fault::Carrier => faults::link_up(&self.lab.host("a").ns, topology::APP_IF).expect("app0 up"),
-            Fault::Silent => self.loss = None,
+            Fault::Silent | Fault::OneWayIn | Fault::OneWayOut => self.loss = None,
+            Fault::AlDeadSilent => {
+                self.loss = None;
+                self.bh.clear();
+            }
+            Fault::AlNicDown => {
+                faults::link_up(&self.lab.host("a").ns, "al1").expect("al1 up");
+                faults::link_up(&self.lab.host("a").ns, topology::APP_IF).expect("app0 up");
+            }
         }
     }
     fn healthy(&mut self) -> bool {
         [self.a, self.b].iter().all(|d| {
-            d.status()
-                .is_some_and(|s| s["app"]["path_ok"] == true && s["guests"][0]["steering"] == false)
+            d.status().is_some_and(|s| {
+                s["app"]["path_ok"] == true && s["guests"][0]["steering"] == false && s["redundancy"]["ok"] == true
+            })
         })
     }
     fn endpoints(&self) -> (&Netns, &str, &Netns) {
@@ -437,6 +658,116 @@ fn iperf(server_ns: &Netns, ip: &str, client_ns: &Netns, port: u16, secs: u32) -
     Ok((bps / 1e9, retr))
 }
 
+/// The data path's throughput cost, interleaved: per round iperf3 client → guest without
+/// netpair, then with both daemons running (attach mode chosen automatically), then (for
+/// reference) with `app_xdp = true`. Ratios are taken per round against that round's
+/// baseline, so slow drift of a shared machine cancels out.
+fn bench_cost(env: &str, args: &Args) {
+    println!(
+        "\n=== netpair data-path cost, {} interleaved rounds ({env})",
+        args.cost_rounds
+    );
+    let mut lab = Lab::two_hosts("bnc", 1).expect("lab");
+    lab.add_guest_ns("a", GUEST_MAC, GUEST_IP).expect("guest");
+    let secs = args.iperf_secs;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut port = 5300u16;
+    let mut tp = |what: &str| -> Option<f64> {
+        port += 1;
+        match iperf(&lab.guests[0].ns, GUEST_IP, &lab.clients[0].ns, port, secs) {
+            Ok((gbps, retr)) => {
+                println!("    {what:<34} {gbps:>7.3} Gbit/s ({retr} retransmits)");
+                Some(gbps)
+            }
+            Err(e) => {
+                println!("    {what:<34} failed: {e}");
+                None
+            }
+        }
+    };
+    let with = |extra: &str, tp: &mut dyn FnMut(&str) -> Option<f64>, what: &str| -> (Option<f64>, String) {
+        let a = NetpairDaemon::start_with(&lab, "a", "local", extra);
+        let b = NetpairDaemon::start_with(&lab, "b", "partner", extra);
+        let ok = wait_until(Duration::from_secs(30), "paired and healthy", || {
+            [&a, &b]
+                .iter()
+                .all(|d| d.partner_reachable() && d.status().is_some_and(|s| s["app"]["path_ok"] == true))
+        });
+        let mode = a
+            .status()
+            .map(|s| format!("{} ({})", s["app"]["attach"]["mode"], s["app"]["attach"]["why"]))
+            .unwrap_or_default();
+        let v = match ok {
+            Ok(_) => {
+                std::thread::sleep(Duration::from_millis(300));
+                tp(what)
+            }
+            Err(e) => {
+                println!("    {what}: {e}");
+                None
+            }
+        };
+        drop((a, b));
+        std::thread::sleep(Duration::from_millis(300));
+        (v, mode)
+    };
+    let (mut base, mut auto, mut xdp) = (Vec::new(), Vec::new(), Vec::new());
+    let mut modes = (String::new(), String::new());
+    for r in 1..=args.cost_rounds {
+        println!("  round {r}");
+        let b = tp("baseline (no netpair)");
+        let (a, m) = with("", &mut tp, "netpair, attach mode auto");
+        modes.0 = m;
+        let (x, m) = with("app_xdp = true", &mut tp, "netpair, app_xdp = true");
+        modes.1 = m;
+        if let Some(b) = b {
+            base.push(b);
+            if let Some(a) = a {
+                auto.push(a / b);
+            }
+            if let Some(x) = x {
+                xdp.push(x / b);
+            }
+        }
+    }
+    let b2 = tp("baseline (no netpair), closing");
+    if let Some(b) = b2 {
+        base.push(b);
+    }
+    let med = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        (v.first().copied(), v.get(v.len() / 2).copied(), v.last().copied())
+    };
+    println!("\n--- data-path cost, iperf3 client → guest, 1 TCP stream, {secs} s per run ({env})");
+    if let (Some(lo), Some(m), Some(hi)) = med(&base) {
+        println!(
+            "    baseline Gbit/s min / median / max: {lo:.3} / {m:.3} / {hi:.3} ({} runs)",
+            base.len()
+        );
+    }
+    for (name, key, v, mode) in [
+        ("auto", "cost_auto", &auto, &modes.0),
+        ("app_xdp = true", "cost_xdp", &xdp, &modes.1),
+    ] {
+        if let (Some(lo), Some(m), Some(hi)) = med(v) {
+            println!(
+                "    {name:<16} loss vs the same round's baseline, min / median / max: {:.1} / {:.1} / {:.1} %  (mode {mode})",
+                100.0 * (1.0 - hi),
+                100.0 * (1.0 - m),
+                100.0 * (1.0 - lo)
+            );
+            println!(
+                "RESULT env={env} impl=netpair metric={key} n={} median_loss_pct={:.1} min_loss_pct={:.1} max_loss_pct={:.1}",
+                v.len(),
+                100.0 * (1.0 - m),
+                100.0 * (1.0 - hi),
+                100.0 * (1.0 - lo)
+            );
+        }
+    }
+}
+
 fn bench_netpair(env: &str, args: &Args) {
     println!("\n=== netpair ({env})");
     let mut lab = Lab::two_hosts("bnp", 1).expect("lab");
@@ -444,6 +775,9 @@ fn bench_netpair(env: &str, args: &Args) {
     let (g, c) = (&lab.guests[0].ns, &lab.clients[0].ns);
     let secs = args.iperf_secs;
     let tp = |what: &str, port: u16| -> Option<f64> {
+        if args.faults_only {
+            return None;
+        }
         match iperf(g, GUEST_IP, c, port, secs) {
             Ok((gbps, retr)) => {
                 println!("throughput {what}: {gbps:.3} Gbit/s ({retr} retransmits, {secs} s)");
@@ -481,8 +815,9 @@ fn bench_netpair(env: &str, args: &Args) {
     };
 
     let t = Instant::now();
-    let a = NetpairDaemon::start(&lab, "a", "local");
-    let b = NetpairDaemon::start(&lab, "b", "partner");
+    let extra = format!("{NO_DAMPING}\n{}", args.daemon_config);
+    let a = NetpairDaemon::start_with(&lab, "a", "local", &extra);
+    let b = NetpairDaemon::start_with(&lab, "b", "partner", &extra);
     wait_until(Duration::from_secs(30), "both daemons hear their partner", || {
         a.partner_reachable() && b.partner_reachable()
     })
@@ -508,6 +843,7 @@ fn bench_netpair(env: &str, args: &Args) {
         a: &a,
         b: &b,
         loss: None,
+        bh: Vec::new(),
     };
     let bound = Duration::from_secs(10);
     let carrier = run_trials(
@@ -530,7 +866,34 @@ fn bench_netpair(env: &str, args: &Args) {
         6200,
         bound,
     );
-    let _ = (carrier, silent);
+    let mut more = Vec::new();
+    for (i, (fault, label)) in [
+        (Fault::OneWayIn, "one-way loss: nothing reaches a from its switch port"),
+        (
+            Fault::OneWayOut,
+            "one-way loss: nothing a sends reaches its switch port",
+        ),
+        (
+            Fault::AlDeadSilent,
+            "AL1 silently dead on both hosts, then silent loss on a's port",
+        ),
+        (Fault::AlNicDown, "AL1 and a's app0 down in the same instant"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        more.push(run_trials(
+            env,
+            "netpair",
+            label,
+            &mut np,
+            fault,
+            args.trials,
+            6400 + 200 * i as u16,
+            bound,
+        ));
+    }
+    let _ = (carrier, silent, more);
 
     // (iii) steering through b for the whole run.
     println!();
@@ -587,12 +950,21 @@ fn bench_netpair(env: &str, args: &Args) {
             }
         };
         faults::link_up(&lab.host("a").ns, topology::APP_IF).expect("app0 up");
+        let _ = wait_until(Duration::from_secs(10), "home (app_xdp = false)", || {
+            [&a, &b].iter().all(|d| d.steering() == Some(false))
+        });
         (ii, iii)
     } else {
         println!("throughput (ii-tc): daemons did not pair");
         (None, None)
     };
     drop((a, b));
+    flap_trials(
+        &lab,
+        args.flap_trials.unwrap_or(args.trials),
+        args.flap_secs,
+        &args.daemon_config,
+    );
     let errors: Vec<&str> = log_a.lines().filter(|l| l.contains("ERROR")).collect();
     if !errors.is_empty() {
         let mut kinds: Vec<String> = errors
@@ -799,6 +1171,7 @@ impl Subject for BondLab {
         match fault {
             Fault::Carrier => faults::link_down(&self.sw, &port).expect("switch port down"),
             Fault::Silent => self.loss = Some(eac_lab::faults::SilentLoss::on(&self.sw, &port).expect("silent loss")),
+            other => unreachable!("bonding is measured on carrier and silent loss only, not {other:?}"),
         }
     }
     fn decided(&mut self) -> Option<Instant> {
@@ -810,6 +1183,7 @@ impl Subject for BondLab {
         match fault {
             Fault::Carrier => faults::link_up(&self.sw, &format!("sw-{}", self.active_before)).expect("switch port up"),
             Fault::Silent => self.loss = None,
+            other => unreachable!("bonding is measured on carrier and silent loss only, not {other:?}"),
         }
     }
     fn healthy(&mut self) -> bool {
@@ -994,7 +1368,34 @@ fn main() {
         }
     };
 
-    let r = std::panic::catch_unwind(AssertUnwindSafe(|| bench_netpair(env, &args)));
+    HOGS.store(args.hogs, std::sync::atomic::Ordering::Relaxed);
+    let mut hogs: Vec<Child> = (0..args.hogs)
+        .map(|_| {
+            std::process::Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .expect("CPU hog")
+        })
+        .collect();
+    if args.hogs > 0 {
+        println!("{} CPU hogs (busy-loop shells) running beside the daemons", args.hogs);
+    }
+    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        if args.cost_rounds > 0 {
+            bench_cost(env, &args)
+        } else if args.flap_only {
+            let mut lab = Lab::two_hosts("bnf", 1).expect("lab");
+            lab.add_guest_ns("a", GUEST_MAC, GUEST_IP).expect("guest");
+            flap_trials(
+                &lab,
+                args.flap_trials.unwrap_or(args.trials),
+                args.flap_secs,
+                &args.daemon_config,
+            )
+        } else {
+            bench_netpair(env, &args)
+        }
+    }));
     if let Err(p) = r {
         let msg = p
             .downcast_ref::<String>()
@@ -1016,6 +1417,10 @@ fn main() {
         if r.is_err() {
             println!("\nbonding: FAILED in this environment (see stderr)");
         }
+    }
+    for h in &mut hogs {
+        let _ = h.kill();
+        let _ = h.wait();
     }
     drop(pin);
     let left = leftovers();
