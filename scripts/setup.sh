@@ -122,7 +122,7 @@ need=(
   "virsh libvirt-clients" "libvirtd libvirt-daemon" "virtlockd libvirt-daemon"
   "virtlogd libvirt-daemon" "drbdadm drbd-utils" "busybox busybox-static" "cpio cpio"
   "xz xz-utils" "zstd zstd" "jq jq" "modprobe kmod" "insmod kmod" "nsenter util-linux"
-  "unshare util-linux" "setsid util-linux" "chrt util-linux" "flock util-linux" "blkdiscard util-linux"
+  "unshare util-linux" "setsid util-linux" "flock util-linux" "blkdiscard util-linux"
   "blockdev util-linux" "mkfs.ext4 e2fsprogs" "cmp diffutils" "pgrep procps" "killall psmisc"
 )
 absent=()

@@ -1,10 +1,13 @@
 //! Helpers every binary of the project shares, so they log and fail the same way.
-#![forbid(unsafe_code)]
+// One module (`sched`) wraps a libc call no well-kept crate offers for the whole process;
+// everything else is safe code.
+#![deny(unsafe_code)]
 
 use std::error::Error;
 
 pub mod bounded;
 pub mod ratelimit;
+pub mod sched;
 pub mod sealed;
 
 /// Process exit codes. A supervisor restarts on [`EXIT_TRANSIENT`], never on [`EXIT_USAGE`].

@@ -9,6 +9,7 @@
 //! api_listen = "10.250.0.1:7411"              # optional authenticated TCP endpoint
 //! libvirt_uri = "qemu:///system"              # optional (this default)
 //! watchdog = "/dev/watchdog"                  # optional; armed when this host fences itself
+//! realtime_priority = 10                      # optional: run under SCHED_FIFO 1-99 (recommended)
 //!
 //! [timeouts]                                  # optional; milliseconds; these are the defaults
 //! heartbeat_interval_ms = 100
@@ -118,6 +119,10 @@ pub struct Config {
     pub api_listen: Option<SocketAddr>,
     pub libvirt_uri: String,
     pub watchdog: Option<PathBuf>,
+    /// Run under SCHED_FIFO at this priority (1–99), as corosync runs, so a busy host cannot
+    /// delay heartbeats and judgements past the timeouts. Applied at start; refused (no
+    /// CAP_SYS_NICE, no real-time budget) it is logged and the controller runs on as before.
+    pub realtime_priority: Option<u8>,
     pub timeouts: Timeouts,
     /// The heartbeat networks this host binds, in file order.
     pub networks: Vec<Network>,
@@ -175,6 +180,7 @@ mod raw {
         pub api_listen: Option<String>,
         pub libvirt_uri: Option<String>,
         pub watchdog: Option<PathBuf>,
+        pub realtime_priority: Option<u8>,
         #[serde(default)]
         pub timeouts: Timeouts,
         #[serde(default, rename = "network")]
@@ -311,6 +317,11 @@ impl Config {
             fence_grace: pick(t.fence_grace_ms, d.fence_grace),
         };
         timeouts.validate().map_err(|e| e.to_string())?;
+        if let Some(p) = raw.realtime_priority
+            && !(1..=99).contains(&p)
+        {
+            return Err(format!("realtime_priority ({p}) must be between 1 and 99 (SCHED_FIFO)"));
+        }
 
         if raw.networks.is_empty() {
             return Err(
@@ -402,6 +413,7 @@ impl Config {
             api_listen,
             libvirt_uri: raw.libvirt_uri.unwrap_or_else(|| DEFAULT_LIBVIRT_URI.to_owned()),
             watchdog: raw.watchdog,
+            realtime_priority: raw.realtime_priority,
             timeouts,
             networks,
             peers,
@@ -640,6 +652,10 @@ vcpus = 4
                 "unknown field `networks`",
             ),
             (g.replace("vcpus = 4\n", ""), "missing field `vcpus`"),
+            (
+                g.replacen("[[network]]", "realtime_priority = 0\n\n[[network]]", 1),
+                "realtime_priority (0) must be between 1 and 99",
+            ),
             (
                 format!("{g}\n[timeouts]\nheartbeat_ms = 100\n"),
                 "unknown field `heartbeat_ms`",

@@ -1159,6 +1159,7 @@ mod tests {
             api_listen: None,
             libvirt_uri: "test:///default".into(),
             watchdog: None,
+            realtime_priority: None,
             timeouts: Default::default(),
             networks: vec![
                 crate::config::Network {

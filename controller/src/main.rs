@@ -66,6 +66,16 @@ fn main() {
         );
         return;
     }
+    // Before the runtime: its threads inherit the policy.
+    if let Some(p) = cfg.realtime_priority {
+        match eac_common::sched::set_fifo(p) {
+            Ok(()) => tracing::info!(priority = p, "running under SCHED_FIFO"),
+            Err(e) => tracing::warn!(
+                priority = p, error = %e,
+                "realtime_priority refused: running under the normal scheduler; on a busy host heartbeats and judgements may come late"
+            ),
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

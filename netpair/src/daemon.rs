@@ -714,22 +714,6 @@ fn is_copy(e: &ProtoError) -> bool {
     }
 }
 
-/// Puts the calling thread (the daemon's only runtime thread; threads it starts later
-/// inherit the policy) under SCHED_FIFO at `prio`.
-fn set_fifo(prio: u8) -> std::io::Result<()> {
-    let param = libc::sched_param {
-        sched_priority: i32::from(prio),
-    };
-    // SAFETY: `param` is a live, initialised sched_param for the duration of the call; pid 0
-    // is the calling thread; the call reads the struct and changes nothing in our memory.
-    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// CLOCK_MONOTONIC in ns, the clock `bpf_ktime_get_ns` uses.
 fn mono_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
@@ -832,7 +816,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         sched: "normal (SCHED_OTHER)".into(),
     };
     if let Some(prio) = st.cfg.realtime_priority {
-        match set_fifo(prio) {
+        match eac_common::sched::set_fifo(prio) {
             Ok(()) => {
                 st.sched = format!("SCHED_FIFO priority {prio}");
                 st.event("info", format!("running under SCHED_FIFO, priority {prio}"));

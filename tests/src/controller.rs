@@ -118,18 +118,7 @@ impl ControllerProc {
             .map_err(io_err(format!("open {}", host.log_path.display())))?;
         let log2 = log.try_clone().map_err(io_err("dup log"))?;
         let bin = workspace_bin("eac-controller");
-        // As deployed (docs/operations.md): under SCHED_FIFO 10, as corosync runs, so a busy
-        // host (TCG guests, CPU hogs) cannot delay heartbeats past the timeouts.
-        // EAC_LAB_CONTROLLER_RT=0 runs it under the normal scheduler.
-        let rt = std::env::var("EAC_LAB_CONTROLLER_RT").map_or(true, |v| v != "0");
-        let mut cmd = if rt {
-            let mut c = Command::new("chrt");
-            c.args(["-f", "10", "nsenter"]);
-            c
-        } else {
-            Command::new("nsenter")
-        };
-        let child = cmd
+        let child = Command::new("nsenter")
             .arg(format!("--net={}", netns_path.display()))
             .arg("--")
             .arg(&bin)
@@ -372,6 +361,12 @@ impl ControllerLab {
         let _ = writeln!(s, "api_socket = \"{}\"", host.api_socket.display());
         let _ = writeln!(s, "api_listen = \"0.0.0.0:{API_PORT}\"");
         let _ = writeln!(s, "libvirt_uri = \"{}\"", host.libvirt.uri());
+        // As deployed (docs/operations.md): under SCHED_FIFO 10, as corosync runs, so a busy
+        // host (TCG guests, CPU hogs) cannot delay heartbeats past the timeouts.
+        // EAC_LAB_CONTROLLER_RT=0 runs it under the normal scheduler.
+        if std::env::var("EAC_LAB_CONTROLLER_RT").map_or(true, |v| v != "0") {
+            let _ = writeln!(s, "realtime_priority = 10");
+        }
         if !self.opts.timeouts.is_empty() {
             let _ = writeln!(s, "\n[timeouts]");
             for (k, v) in &self.opts.timeouts {

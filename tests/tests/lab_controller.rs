@@ -48,7 +48,26 @@ fn up(opts: Options) -> ControllerLab {
         })
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    // `realtime_priority = 10` took effect (the lab's configuration sets it).
+    if std::env::var("EAC_LAB_CONTROLLER_RT").map_or(true, |v| v != "0") {
+        for h in ["a", "b"] {
+            let pid = lab.host_mut(h).controller().expect("controller").pid();
+            assert_eq!(
+                sched_policy(pid),
+                Some(1),
+                "host {h}'s controller is not under SCHED_FIFO"
+            );
+        }
+    }
     lab
+}
+
+/// The scheduling policy of process `pid` (field 41 of /proc/PID/stat; 1 = SCHED_FIFO).
+fn sched_policy(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = stat.rsplit_once(')')?.1;
+    // Fields after the command start with field 3 (state): policy is field 41.
+    after_comm.split_whitespace().nth(41 - 3)?.parse().ok()
 }
 
 fn host_state(status: &Value, host: &str) -> Option<String> {
