@@ -285,7 +285,9 @@ phase step1; wait_host step1
 lap step1_compare
 
 # --- (2) kill -9 the replica mid-run, restart it, resync
-fio --name=s2 --filename="$DEV" $FIO --offset=8M --size=8M --output=fio2.txt > /dev/null 2>&1 &
+# Four passes over the 8 MiB (each written, then verified): the workload must outlast the
+# time the primary takes to notice the kill (a single pass ended first once writes got faster).
+fio --name=s2 --filename="$DEV" $FIO --offset=8M --size=8M --loops=4 --output=fio2.txt > /dev/null 2>&1 &
 FIOPID=$!
 wait_writes 200
 phase kill-replica; wait_host kill-replica
