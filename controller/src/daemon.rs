@@ -2351,6 +2351,8 @@ impl Ctl {
             hosts,
             protected_guests: st.pool.guests.len(),
             isolated: sv.isolated,
+            // The API runs on the runtime's threads, which inherit the process's policy.
+            realtime: Some(eac_common::sched::is_fifo()),
             fencing: fence_state_name(st.fencer.state()).into(),
             redundancy_ok: lost.is_empty(),
             redundancy_lost: lost,

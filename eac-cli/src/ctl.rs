@@ -250,6 +250,12 @@ pub fn render_pool_status(s: &PoolStatus) -> String {
             format!(" fencing: {}", s.fencing)
         }
     );
+    if s.realtime == Some(false) {
+        let _ = writeln!(
+            o,
+            "scheduling: normal — on a busy host heartbeats and judgements may come late; set realtime_priority (docs/operations.md)"
+        );
+    }
     if s.redundancy_ok {
         let _ = writeln!(o, "redundancy: ok (every channel to every peer works)");
     } else {
@@ -432,6 +438,7 @@ mod tests {
             hosts: vec![host("a", "self", true), host("b", "alive", false)],
             protected_guests: 1,
             isolated: false,
+            realtime: Some(false),
             fencing: "normal".into(),
             redundancy_ok: false,
             redundancy_lost: vec!["b: mgmt down".into()],
@@ -446,6 +453,12 @@ mod tests {
         assert!(t.contains("redundancy: LOST — b: mgmt down"), "{t}");
         assert!(t.contains("mgmt DOWN, statefile up"), "{t}");
         assert!(t.contains("160/1024"), "{t}");
+        assert!(t.contains("scheduling: normal"), "{t}");
+        let rt = PoolStatus {
+            realtime: Some(true),
+            ..s
+        };
+        assert!(!render_pool_status(&rt).contains("scheduling:"));
     }
 
     #[test]

@@ -52,8 +52,13 @@ pub struct PoolStatus {
     pub host_failures_to_tolerate: u32,
     pub hosts: Vec<HostView>,
     pub protected_guests: usize,
-    /// This host hears no peer and cannot use the state-file.
+    /// This host lost quorum (contact with a majority of the pool; in a pool of two, with
+    /// its peer and the state-file) for `isolation_after`.
     pub isolated: bool,
+    /// The answering controller runs under SCHED_FIFO (`realtime_priority`); `None` from a
+    /// controller that does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub realtime: Option<bool>,
     /// `normal`, `fencing` or `fenced`.
     pub fencing: String,
     /// Every channel to every peer works.
