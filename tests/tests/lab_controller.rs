@@ -57,6 +57,8 @@ fn up(opts: Options) -> ControllerLab {
                 Some(1),
                 "host {h}'s controller is not under SCHED_FIFO"
             );
+            let st = lab.eac(h, &["pool", "status", "--json"]).json().unwrap();
+            assert_eq!(st["realtime"], true, "pool status of {h}: {st}");
         }
     }
     lab
