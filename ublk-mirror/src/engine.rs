@@ -2859,23 +2859,33 @@ mod tests {
         (m, rep, tasks, addrs[0], rd, rm, pm)
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn freeze_holds_writes_that_miss_the_peer_until_the_owner_is_confirmed() {
-        let d = dir("freeze");
-        let (m, rep, tasks, _, _, _, pm) = frozen_pair(&d.0).await;
-        let gen_before = pm.lock().unwrap().superblock().r#gen;
+    /// The replica goes away (listeners too); a write is issued and, past `peer_timeout`
+    /// (1.5 s), is on the local disk but not completed. Returns the held write.
+    async fn lose_replica_and_write(
+        m: &Mirror,
+        rep: Replica,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+    ) -> tokio::task::JoinHandle<IoResult<()>> {
         for t in tasks {
             t.abort();
         }
         rep.shutdown().await;
         let m2 = m.clone();
         let held = tokio::spawn(async move { m2.write(4096, pattern(1, 0), false).await });
-        // Past peer_timeout (1.5 s): the write is on the local disk but not completed.
         tokio::time::sleep(Duration::from_millis(2500)).await;
         assert!(
             !held.is_finished(),
             "a write that missed the peer completed while frozen"
         );
+        held
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn freeze_holds_writes_that_miss_the_peer_until_the_owner_is_confirmed() {
+        let d = dir("freeze");
+        let (m, rep, tasks, _, _, _, pm) = frozen_pair(&d.0).await;
+        let gen_before = pm.lock().unwrap().superblock().r#gen;
+        let held = lose_replica_and_write(&m, rep, tasks).await;
         let st = m.status();
         assert_eq!(st["io_frozen"]["held_writes"], 1, "{st}");
         assert_eq!(st["sync"], "degraded", "{st}");
@@ -2906,14 +2916,7 @@ mod tests {
         let d = dir("freeze-back");
         let (m, rep, tasks, addr, rd, rm, pm) = frozen_pair(&d.0).await;
         let gen_before = pm.lock().unwrap().superblock().r#gen;
-        for t in tasks {
-            t.abort();
-        }
-        rep.shutdown().await;
-        let m2 = m.clone();
-        let held = tokio::spawn(async move { m2.write(4096, pattern(1, 0), false).await });
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        assert!(!held.is_finished());
+        let held = lose_replica_and_write(&m, rep, tasks).await;
         let (rep2, _t) = replica(&[addr], rd, rm).await;
         tokio::time::timeout(Duration::from_secs(10), held)
             .await
@@ -2955,14 +2958,7 @@ mod tests {
     async fn stopping_while_frozen_fails_the_held_writes_and_does_not_hang() {
         let d = dir("freeze-stop");
         let (m, rep, tasks, _, _, _, _) = frozen_pair(&d.0).await;
-        for t in tasks {
-            t.abort();
-        }
-        rep.shutdown().await;
-        let m2 = m.clone();
-        let held = tokio::spawn(async move { m2.write(4096, pattern(1, 0), false).await });
-        tokio::time::sleep(Duration::from_millis(2500)).await;
-        assert!(!held.is_finished());
+        let held = lose_replica_and_write(&m, rep, tasks).await;
         tokio::time::timeout(Duration::from_secs(5), m.shutdown())
             .await
             .expect("shutdown does not hang on held writes");
